@@ -1,0 +1,47 @@
+# Two commands on a fresh machine:  make demo  |  make test
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+BIN := $(abspath $(VENV)/bin)
+export PATH := $(BIN):$(PATH)
+export GX_ANALYTICS_ENABLED := false
+# pip prints a warning per package for this machine's local mirrors; keep real messages only
+PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: demo test install data repro summary ui clean
+.DEFAULT_GOAL := demo
+
+$(PYTHON):
+	python3 -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PYTHON)
+	@echo "installing into $(VENV) (first time: a few minutes)"
+	@time ($(PYTHON) -m pip install -q --upgrade pip 2>&1 | $(PIP_FILTER))
+	@time ($(PYTHON) -m pip install -q -e ".[test,export]" 2>&1 | $(PIP_FILTER))
+	@touch $@
+
+install: $(VENV)/.installed
+
+data/images.dvc: | install
+	$(PYTHON) -m stages.demo_data --out data/images
+	dvc add -q data/images
+
+data: data/images.dvc
+
+repro: install data
+	@time dvc repro
+
+summary: | install
+	@$(PYTHON) -m stages.summary
+
+demo: repro summary
+
+test: install
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+ui: | install
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+clean:
+	rm -rf data/manifest.csv data/splits data/prepared data/features models reports checkpoints mlflow.db mlartifacts

@@ -1,0 +1,76 @@
+"""augment: decode and resize every split once into data/prepared/, and preview the augmentation.
+
+The cache holds uint8 arrays at the model's input size (`model.image_size`, else the model's
+pretrained size), resized with the model's own interpolation. The online augmentation policy
+(`augment` params) is applied later, per batch, by the trainer; reports/augment_preview.png
+shows what the model will see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from stages.lib import setup_logging
+from stages.lib.augmentation import preview_grid, train_transform
+from stages.lib.backbones import data_config
+from stages.lib.images import load_rgb, read_labelled_csv, resample_filter
+from stages.lib.params import load_params
+from stages.lib.prepared import save_split
+from stages.lib.tracking import stage_run
+
+log = logging.getLogger("augment")
+SPLITS = ("train", "val", "test")
+
+
+def decode_split(paths: list[str], size: int, interpolation: str) -> np.ndarray:
+    """Decode and resize each file once: uint8 (N, size, size, 3)."""
+    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    resample = resample_filter(interpolation)
+    for index, path in enumerate(tqdm(paths, desc="decode", unit="img", mininterval=2)):
+        images[index] = load_rgb(path, size, resample)
+    return images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--splits", type=Path, required=True, help="folder with train/val/test.csv")
+    parser.add_argument("--out", type=Path, required=True, help="the prepared cache folder")
+    parser.add_argument("--preview", type=Path, required=True, help="PNG grid of augmented images")
+    args = parser.parse_args()
+    setup_logging()
+    params = load_params()
+
+    with stage_run("augment", params, ["base", "model", "augment"], upstream=["split"]):
+        import mlflow
+
+        config = data_config(params.model.name, params.model.image_size)
+        size = config["input_size"][-1]
+        frames = {split: read_labelled_csv(args.splits / f"{split}.csv") for split in SPLITS}
+        classes = sorted(set(frames["train"]["label"]))
+        index_of = {label: i for i, label in enumerate(classes)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        for split, frame in frames.items():
+            images = decode_split(frame["path"].tolist(), size, config["interpolation"])
+            save_split(args.out, split, images, frame["label"].map(index_of).to_numpy())
+            if split == "train":
+                train_images = images
+        meta = {"classes": classes, "image_size": size, "data_config": config,
+                "counts": {split: len(frame) for split, frame in frames.items()}}
+        (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+        args.preview.parent.mkdir(parents=True, exist_ok=True)
+        preview_grid(train_images, train_transform(params.augment), params.augment.preview_images,
+                     args.preview, params.base.seed)
+        mlflow.log_artifact(str(args.preview))
+        mlflow.log_dict(meta, "prepared_meta.json")
+    log.info("cached %s images at %dpx in %s", meta["counts"], size, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""finetune: staged fine-tuning from the linear probe (LP-FT), phase by phase.
+
+The classifier starts as the probe from the features stage; each phase in `finetune.phases`
+trains the groups it names (head, the top N timm block groups, or all) with a fresh optimizer
+and warmup + cosine schedule, stops early on val loss, and the best epoch's weights are kept.
+A checkpoint after every epoch (checkpoints/finetune/last.pt) lets a killed run resume.
+
+Writes models/finetuned/ (weights, config with classes and data config), metrics/finetune.json,
+plots/finetune_history.csv; logs the model to MLflow and registers a version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from stages.lib import setup_logging
+from stages.lib.augmentation import train_transform
+from stages.lib.backbones import NormalizedClassifier, classifier_prefix, create_backbone, data_config
+from stages.lib.metrics import line_figure
+from stages.lib.params import Params, load_params
+from stages.lib.prepared import PreparedDataset, load_meta
+from stages.lib.tracking import stage_run, write_metrics
+from stages.lib.training import run_phases
+
+log = logging.getLogger("finetune")
+CHECKPOINT = Path("checkpoints/finetune/last.pt")
+
+
+def start_from_probe(model: torch.nn.Module, head_file: Path) -> None:
+    """Copy the linear probe into the classifier (LP-FT)."""
+    head = torch.load(head_file, map_location="cpu", weights_only=True)
+    classifier = model.get_classifier()
+    with torch.no_grad():
+        classifier.weight.copy_(head["weight"])
+        classifier.bias.copy_(head["bias"])
+
+
+def fingerprint(params: Params, meta: dict, head_file: Path) -> str:
+    """What a checkpoint must match to be resumed: the settings and the inputs."""
+    settings = {name: params.section(name) for name in ("base", "model", "augment", "finetune")}
+    blob = json.dumps([settings, meta], sort_keys=True).encode() + head_file.read_bytes()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def log_model(model: NormalizedClassifier, size: int, classes: list[str], registered_name: str):
+    """Log the normalised model to MLflow (signature, input example) and register a version."""
+    import mlflow
+    import timm
+    from mlflow.models import infer_signature
+
+    example = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    with torch.inference_mode():
+        output = model.eval()(torch.from_numpy(example)).numpy()
+    info = mlflow.pytorch.log_model(
+        model, name="model", signature=infer_signature(example, output), input_example=example,
+        registered_model_name=registered_name, metadata={"classes": classes},
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"])
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--baseline", type=Path, required=True, help="folder with the probe head")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the fine-tuned model")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--history", type=Path, required=True, help="per-epoch CSV (DVC plot)")
+    args = parser.parse_args()
+    setup_logging()
+    params = load_params()
+    settings = params.finetune
+
+    with stage_run("finetune", params, ["base", "model", "augment", "finetune"], upstream=["features"]) as run:
+        import mlflow
+
+        meta = load_meta(args.prepared)
+        classes, size = meta["classes"], meta["image_size"]
+        config = data_config(params.model.name, size)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = create_backbone(params.model.name, params.model.weights, len(classes), params.model.drop_rate)
+        start_from_probe(model, args.baseline / "head.pt")
+        model = model.to(device, memory_format=torch.channels_last)
+
+        train_loader = DataLoader(PreparedDataset(args.prepared, "train", train_transform(params.augment)),
+                                  batch_size=settings.batch_size, shuffle=True, generator=torch.Generator(),
+                                  pin_memory=device.type == "cuda")
+        val_loader = DataLoader(PreparedDataset(args.prepared, "val"), batch_size=settings.batch_size * 2)
+        started = time.perf_counter()
+        state = run_phases(model, settings.phases, settings, train_loader, val_loader, config["mean"], config["std"],
+                           params.base.seed, CHECKPOINT, fingerprint(params, meta, args.baseline / "head.pt"),
+                           on_epoch=lambda row: mlflow.log_metrics(
+                               {k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=row["epoch"]))
+        seconds = time.perf_counter() - started
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        model = model.cpu().to(memory_format=torch.contiguous_format)
+        torch.save(model.state_dict(), args.out / "model.pt")
+        (args.out / "config.json").write_text(json.dumps({
+            "model": params.model.name, "num_classes": len(classes), "classes": classes, "data_config": config,
+            "classifier": classifier_prefix(model), "best_epoch": state.best_epoch}, indent=2) + "\n")
+        args.history.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.history, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(state.history[0]))
+            writer.writeheader()
+            writer.writerows(state.history)
+        best = state.history[state.best_epoch - 1]
+        write_metrics(args.metrics, {"best_epoch": state.best_epoch, "epochs": state.epoch,
+                                     "best_val_loss": best["val_loss"], "best_val_accuracy": best["val_accuracy"],
+                                     "train_seconds": round(seconds, 1)})
+        phase_ends = [i for i, row in enumerate(state.history[:-1]) if row["phase"] != state.history[i + 1]["phase"]]
+        curves = args.out / "learning_curves.png"
+        line_figure(state.history, "epoch", ["train_loss", "val_loss", "val_accuracy"], curves,
+                    "fine-tuning (dashed: phase boundaries)", [i + 1 for i in phase_ends])
+        mlflow.log_artifact(str(curves))
+        info = log_model(NormalizedClassifier(model, config["mean"], config["std"]), size, classes,
+                         params.mlflow.registered_model)
+        (args.out / "mlflow.json").write_text(json.dumps({
+            "run_id": run.info.run_id, "model_uri": info.model_uri,
+            "registered_model": params.mlflow.registered_model,
+            "version": str(info.registered_model_version)}, indent=2) + "\n")
+    CHECKPOINT.unlink(missing_ok=True)
+    log.info("best epoch %d: val loss %.4f, val accuracy %.4f (%.0f s)", state.best_epoch, best["val_loss"],
+             best["val_accuracy"], seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Classification metrics (scikit-learn) and the figures reviewers look at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> tuple[float, list[dict]]:
+    """ECE over equal-width confidence bins, and the per-bin rows of a reliability diagram."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece, rows = 0.0, []
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if not inside.any():
+            continue
+        accuracy, mean_confidence = float(correct[inside].mean()), float(confidence[inside].mean())
+        ece += inside.mean() * abs(accuracy - mean_confidence)
+        rows.append({"confidence": round(mean_confidence, 4), "accuracy": round(accuracy, 4), "count": int(inside.sum())})
+    return float(ece), rows
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro precision/recall/F1, log loss, ECE."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, precision_recall_fscore_support
+
+    predicted = probabilities.argmax(axis=1)
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, average="macro", zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "macro_precision": float(precision),
+        "macro_recall": float(recall),
+        "macro_f1": float(f1),
+        "log_loss": float(log_loss(labels, probabilities, labels=np.arange(probabilities.shape[1]))),
+        "ece": expected_calibration_error(probabilities, labels)[0],
+    }
+
+
+def confusion_figure(labels: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(5, 0.5 * len(classes) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay.from_predictions(labels, predicted, labels=np.arange(len(classes)),
+                                            display_labels=classes, ax=axes, colorbar=False, cmap="Blues")
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def line_figure(rows: list[dict], x: str, series: list[str], path: Path, title: str, boundaries: list[int] = ()) -> None:
+    """A line chart of the given columns against x (learning curves), with phase boundaries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name in series:
+        axes.plot([row[x] for row in rows], [row[name] for row in rows], marker="o", label=name)
+    for boundary in boundaries:
+        axes.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=1)
+    axes.set_xlabel(x)
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def error_gallery(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
+                  count: int, path: Path) -> int:
+    """The most confidently wrong images (uint8 NHWC) with true and predicted labels; returns how many."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    predicted = probabilities.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:count]
+    columns = max(1, min(8, len(wrong)))
+    rows = max(1, int(np.ceil(len(wrong) / columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.3 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, wrong):
+        axis.imshow(images[index])
+        axis.set_title(f"true {classes[labels[index]]}\npred {classes[predicted[index]]} "
+                       f"({probabilities[index, predicted[index]]:.2f})", fontsize=8)
+    if not len(wrong):
+        axes.flat[0].text(0.5, 0.5, "no errors", ha="center", va="center")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return len(wrong)

