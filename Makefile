@@ -23,11 +23,12 @@ $(VENV)/.installed: pyproject.toml | $(PYTHON)
 
 install: $(VENV)/.installed
 
-data/images.dvc: | install
+# The demo data set: scikit-learn's digits as an image folder. Your own folder at data/images is left as it is.
+data/images: | install
 	$(PYTHON) -m stages.demo_data --out data/images
 	dvc add -q data/images
 
-data: data/images.dvc
+data: data/images
 
 repro: install data
 	@time dvc repro

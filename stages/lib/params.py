@@ -13,12 +13,14 @@ from typing import Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stages.lib import PipelineError
+
 
 CheckName = Literal["label_set", "image_size", "unique_content", "min_images_per_class",
                     "max_imbalance_ratio", "max_excluded_fraction"]
 
 
-class ParamsError(ValueError):
+class ParamsError(PipelineError, ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the keys."""
 
 

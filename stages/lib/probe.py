@@ -22,7 +22,7 @@ def extract_embeddings(model: nn.Module, images: np.ndarray, mean, std, batch_si
     model = model.to(memory_format=torch.channels_last)
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="embed", unit="batch", mininterval=2):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
+        batch = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
         features = model.forward_head(model.forward_features(normalize(batch, mean, std)), pre_logits=True)
         chunks.append(features.float().numpy())
     return np.concatenate(chunks)

@@ -25,7 +25,7 @@ def champion_score(client, name: str, metric: str) -> tuple[str | None, float | 
     except MlflowException:
         return None, None
     score = champion.tags.get(f"test_{metric}")
-    return champion.version, (float(score) if score is not None else None)
+    return str(champion.version), (float(score) if score is not None else None)
 
 
 def record_evaluation(name: str, version: str, metrics: dict[str, float], metric: str, min_improvement: float) -> dict:

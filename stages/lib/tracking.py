@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from stages.lib import PipelineError
 from stages.lib.params import Params
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ LINEAGE_DIR = Path("reports/lineage")  # one <stage>.json per stage: the run tha
 PIPELINE_TAG = "pipeline.execution"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(PipelineError, RuntimeError):
     """The MLflow store cannot be reached or used."""
 
 
@@ -152,7 +153,7 @@ def pipeline_execution_key() -> str | None:
     return None
 
 
-def _parent_run_id(experiment_id: str) -> str | None:
+def _parent_run_id(experiment_id: str, tags: dict[str, str]) -> str | None:
     from mlflow import MlflowClient
 
     key = pipeline_execution_key()
@@ -163,7 +164,8 @@ def _parent_run_id(experiment_id: str) -> str | None:
     if found:
         return found[0].info.run_id
     name = os.environ.get("DVC_EXP_NAME") or time.strftime("pipeline %Y-%m-%d %H:%M:%S")
-    parent = client.create_run(experiment_id, run_name=name, tags={PIPELINE_TAG: key, "stage": "pipeline"})
+    shared = {k: v for k, v in tags.items() if k != "stage" and not k.startswith("upstream.")}
+    parent = client.create_run(experiment_id, run_name=name, tags=shared | {PIPELINE_TAG: key, "stage": "pipeline"})
     client.set_terminated(parent.info.run_id)
     return parent.info.run_id
 
@@ -190,7 +192,7 @@ def stage_run(stage: str, params: Params, sections: list[str], upstream: list[st
 
     experiment_id = configure(params)
     tags = run_tags(stage, params) | upstream_tags(list(upstream))
-    parent = _parent_run_id(experiment_id)
+    parent = _parent_run_id(experiment_id, tags)
     if parent:
         tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(run_name=stage, tags=tags) as run:

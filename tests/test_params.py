@@ -1,0 +1,44 @@
+"""params.yaml is checked before any work, and errors name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.lib.params import ParamsError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_the_committed_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.finetune.phases[0].trainable == "head"
+    assert params.section("validate")["min_images_per_class"] >= 1
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p.update(fintune=p.pop("finetune")), "fintune: unknown key (did you mean 'finetune'?)"),
+    (lambda p: p["finetune"]["phases"][1].update(lr=-1), "finetune.phases.1.lr: Input should be greater than 0"),
+    (lambda p: p["finetune"]["phases"][0].update(trainable="top"), "finetune.phases.0.trainable"),
+    (lambda p: p["split"].update(val_size=0.5, test_size=0.45), "val_size + test_size must leave"),
+    (lambda p: p["model"].update(imag_size=64), "model.imag_size: unknown key (did you mean 'image_size'?)"),
+    (lambda p: p["validate"].update(fail_on=["nonsense"]), "validate.fail_on.0"),
+])
+def test_bad_params_fail_naming_the_key(mutate, message):
+    params = repo_params()
+    mutate(params)
+    with pytest.raises(ParamsError) as error:
+        parse_params(params)
+    assert message in str(error.value)
+
+
+def test_missing_and_malformed_files_are_reported(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("finetune: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")

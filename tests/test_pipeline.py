@@ -1,0 +1,114 @@
+"""The whole pipeline through `dvc repro`, as a user runs it: outs, MLflow runs, caching, experiments."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import dvc, mlflow_runs
+
+STAGES = ["validate", "split", "augment", "features", "finetune", "evaluate"]
+OUTS = [
+    "data/manifest.csv", "reports/validation/validation.md", "metrics/validation.json",
+    "data/splits/train.csv", "data/splits/val.csv", "data/splits/test.csv", "metrics/split.json",
+    "data/prepared/train_images.npy", "data/prepared/meta.json", "reports/augment_preview.png",
+    "data/features/tf_efficientnet_lite0.npz", "models/baseline/head.pt", "metrics/baseline.json",
+    "models/finetuned/model.pt", "models/finetuned/config.json", "metrics/finetune.json", "plots/finetune_history.csv",
+    "metrics/evaluate.json", "plots/confusion.csv", "reports/evaluate/confusion_finetuned.png",
+]
+
+
+def copy_project(project: Path, destination: Path) -> Path:
+    """An independent copy (workspace, git, DVC cache, MLflow store) to change freely."""
+    shutil.copytree(project, destination, symlinks=True)
+    return destination
+
+
+def stages_run(output: str) -> list[str]:
+    return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
+
+
+def test_every_out_exists(tiny_pipeline):
+    missing = [out for out in OUTS if not (tiny_pipeline / out).exists()]
+    assert not missing
+    results = json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())
+    for model in ("baseline", "finetuned"):
+        assert 0.0 <= results[model]["accuracy"] <= 1.0
+        assert {"macro_precision", "macro_recall", "macro_f1"} <= set(results[model])
+
+
+def test_one_tagged_mlflow_run_per_stage_grouped_under_a_parent(tiny_pipeline):
+    runs = mlflow_runs(tiny_pipeline)
+    stage_runs = runs[runs["tags.stage"].isin(STAGES)]
+    assert sorted(stage_runs["tags.stage"]) == sorted(STAGES)
+    data_md5 = yaml.safe_load((tiny_pipeline / "data/images.dvc").read_text())["outs"][0]["md5"]
+    assert set(stage_runs["tags.data.version"]) == {data_md5}
+    assert stage_runs["tags.git.commit"].str.fullmatch(r"[0-9a-f]{40}").all()
+    assert set(stage_runs["tags.git.dirty"]) <= {"true", "false"}
+    # one pipeline execution, one parent run
+    parents = set(stage_runs["tags.mlflow.parentRunId"])
+    assert len(parents) == 1 and parents <= set(runs["run_id"])
+    # every stage names the runs that produced its inputs
+    by_stage = stage_runs.set_index("tags.stage")
+    assert by_stage.loc["split", "tags.upstream.validate"] == by_stage.loc["validate", "run_id"]
+    assert by_stage.loc["finetune", "tags.upstream.features"] == by_stage.loc["features", "run_id"]
+    assert by_stage.loc["evaluate", "tags.upstream.finetune"] == by_stage.loc["finetune", "run_id"]
+    # params sections are logged
+    assert by_stage.loc["finetune", "params.finetune.phases.0.name"] == "head"
+
+
+def test_finetuned_model_is_registered_and_aliased(tiny_pipeline):
+    from mlflow import MlflowClient
+
+    mlflow_runs(tiny_pipeline)  # points MLflow at the project's store
+    registered = json.loads((tiny_pipeline / "models/finetuned/mlflow.json").read_text())
+    version = MlflowClient().get_model_version_by_alias(registered["registered_model"], "challenger")
+    assert str(version.version) == registered["version"]
+    assert float(version.tags["test_accuracy"]) == pytest.approx(
+        json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())["finetuned"]["accuracy"], abs=1e-6)
+
+
+def test_second_repro_runs_nothing(tiny_pipeline):
+    result = dvc(tiny_pipeline, "repro")
+    assert stages_run(result.stdout) == []
+    assert "up to date" in dvc(tiny_pipeline, "status").stdout
+
+
+def test_finetune_change_reruns_only_finetune_and_evaluate(tiny_pipeline, tmp_path):
+    project = copy_project(tiny_pipeline, tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune"]["phases"][1]["lr"] = 2.0e-4
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(dvc(project, "repro").stdout) == ["finetune", "evaluate"]
+
+
+def test_exp_run_in_a_temporary_copy_logs_to_the_root_store(tiny_pipeline, tmp_path):
+    project = copy_project(tiny_pipeline, tmp_path / "project")
+    dvc(project, "exp", "run", "--temp", "-n", "lower-lr", "-S", "finetune.phases.1.lr=3e-4")
+    runs = mlflow_runs(project)
+    experiment_runs = runs[runs.get("tags.dvc.exp_name") == "lower-lr"]
+    assert sorted(experiment_runs["tags.stage"]) == ["evaluate", "finetune", "pipeline"]
+    parent = experiment_runs.loc[experiment_runs["tags.stage"] == "pipeline", "run_id"].item()
+    assert set(experiment_runs["tags.mlflow.parentRunId"].dropna()) == {parent}
+    assert not list((project / ".dvc/tmp/exps").glob("**/mlflow.db"))
+
+
+def test_params_typo_fails_before_any_work(tiny_pipeline, tmp_path):
+    project = copy_project(tiny_pipeline, tmp_path / "project")
+    good = (project / "params.yaml").read_text()
+    params = yaml.safe_load(good)
+    params["finetune"]["phases"][0]["epoch"] = params["finetune"]["phases"][0].pop("epochs")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = dvc(project, "repro", check=False)
+    assert result.returncode != 0
+    assert "finetune.phases.0.epoch: unknown key (did you mean 'epochs'?)" in result.stdout + result.stderr
+    assert "Updating lock file" not in result.stdout
+    # nothing is lost: with the typo fixed, the previous results come back from DVC's cache, untrained
+    (project / "params.yaml").write_text(good)
+    restored = dvc(project, "repro")
+    assert stages_run(restored.stdout) == []
+    assert (project / "models/finetuned/model.pt").exists()
