@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 LINEAGE_DIR = Path("reports/lineage")  # one <stage>.json per stage: the run that made its outs
 PIPELINE_TAG = "pipeline.execution"
+PIPELINE_WRITES = ("dvc.lock", "metrics", "plots", "**/.gitignore")  # git-tracked files that stages rewrite
 
 
 class TrackingError(PipelineError, RuntimeError):
@@ -106,7 +107,8 @@ def data_version(images_dir: str) -> str:
 
 def run_tags(stage: str, params: Params) -> dict[str, str]:
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD") or "unknown"
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    # what the pipeline itself rewrites (dvc.lock, metrics, plots) does not make the code dirty
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *[f":!{path}" for path in PIPELINE_WRITES])
     tags = {
         "stage": stage,
         "git.commit": commit,
