@@ -1,0 +1,37 @@
+"""Where MLflow runs go, and what fails fast."""
+
+import socket
+
+import pytest
+
+from stages.lib.params import parse_params
+from stages.lib.tracking import TrackingError, configure, data_version, flatten, repo_root, tracking_uri
+
+
+def test_store_is_under_the_real_repository_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert repo_root() == tmp_path.resolve()
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking_uri() == "http://mlflow.example:5000"
+
+
+def test_unreachable_tracking_server_fails_fast(monkeypatch):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(TrackingError, match=f"http://127.0.0.1:{port} is unreachable"):
+        configure(parse_params({"finetune": {"phases": [{"name": "a", "epochs": 1, "lr": 0.1}]}}))
+
+
+def test_data_version_is_the_dvc_md5(tmp_path):
+    (tmp_path / "images.dvc").write_text("outs:\n- md5: abc123.dir\n  path: images\n")
+    assert data_version(str(tmp_path / "images")) == "abc123.dir"
+    assert data_version(str(tmp_path / "other")) == "untracked"
+
+
+def test_flatten_names_nested_params_like_dvc():
+    flat = flatten({"finetune": {"phases": [{"lr": 0.1}, {"lr": 0.01}], "scale": [0.9, 1.1]}})
+    assert flat == {"finetune.phases.0.lr": 0.1, "finetune.phases.1.lr": 0.01, "finetune.scale": [0.9, 1.1]}
