@@ -58,7 +58,7 @@ def train_transform(settings) -> v2.Compose:
         steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
     if settings.random_erasing:
         steps.append(v2.RandomErasing(p=settings.random_erasing, value=0))
-    return v2.Compose(steps)
+    return v2.Compose(steps or [v2.Identity()])  # every step off: images pass unchanged
 
 
 def augment_batch(transform, images: torch.Tensor) -> torch.Tensor:

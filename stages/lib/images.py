@@ -9,9 +9,11 @@ The pixel bound (`max_pixels`) is checked on the header, before any pixel is dec
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import stat
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +72,7 @@ class ManifestRow:
         self.note = f"{self.note}; {note}" if self.note else note
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # shallow: every field is a str or an int
 
 
 def reason_code(reason: str) -> str:
@@ -105,22 +107,29 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _read_file_facts(row: ManifestRow, path: Path) -> bool:
-    """Size and hash; False (row excluded) when the file cannot be read."""
+def _read_file(row: ManifestRow, path: Path, in_memory_limit: int = 64 << 20) -> io.BytesIO | Path | None:
+    """Size and hash of one file; what to decode from (its bytes, read once, or for a file over
+    in_memory_limit its path), or None with the row excluded when it cannot be read."""
     try:
-        if not path.is_file():
-            reason = "missing: broken symlink" if path.is_symlink() else "missing: no such file"
-            row.exclude(reason if not path.exists() else "not an image: a folder, not a file")
-            return False
-        row.bytes = path.stat().st_size
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            row.exclude("not an image: a folder or device, not a file")
+            return None
+        row.bytes = info.st_size
         if row.bytes == 0:
             row.exclude("empty file: 0 bytes")
-            return False
-        row.sha256 = sha256_of(path)
+            return None
+        if row.bytes > in_memory_limit:
+            row.sha256 = sha256_of(path)
+            return path
+        data = path.read_bytes()
+        row.sha256 = hashlib.sha256(data).hexdigest()
+        return io.BytesIO(data)
+    except FileNotFoundError:
+        row.exclude("missing: broken symlink" if path.is_symlink() else "missing: no such file")
     except OSError as error:
         row.exclude(f"unreadable: {(error.strerror or str(error)).lower()}")
-        return False
-    return True
+    return None
 
 
 def inspect_image(row: ManifestRow, min_side: int, max_pixels: int) -> ManifestRow:
@@ -132,17 +141,18 @@ def inspect_image(row: ManifestRow, min_side: int, max_pixels: int) -> ManifestR
     when its mode is not RGB or L, so that the augment stage cannot fail on it later.
     """
     path = Path(row.path)
-    if not _read_file_facts(row, path):
+    source = _read_file(row, path)
+    if source is None:
         return row
     try:
-        with header_only_limits(), Image.open(path) as image:
+        with header_only_limits(), Image.open(source) as image:
             row.width, row.height = image.size
             row.mode, row.format = image.mode, image.format or ""
             if row.width * row.height > max_pixels:
                 return row.exclude(f"too large: {row.width}x{row.height} = {row.width * row.height} pixels "
                                    f"> max_pixels {max_pixels} (not decoded)")
-            orientation = _orientation(image)
             image.load()
+            orientation = _orientation(image)  # after load: PNG keeps EXIF after the pixel data
             if image.mode not in ("RGB", "L"):
                 try:
                     to_rgb(image)
