@@ -36,10 +36,12 @@ def test_csv_manifest_rows_are_resolved_against_the_image_folder(tmp_path):
         "pics/3.png,,\n"                                   # no label
         "pics/0.png,cat,holdout\n"                         # not a split name
         "../elsewhere.png,cat,\n"                          # outside the folder DVC tracks
-        "pics/missing.png,cat,\n")
+        "pics/missing.png,cat,\n"
+        "pics/1.png,dog,\n")                               # the same line twice
     manifest = manifest_of(read_manifest_csv(images / "labels.csv", images))
     reasons = [reason_code(reason) or status for reason, status in zip(manifest["reason"], manifest["status"])]
-    assert reasons == ["ok", "ok", "ok", "no label", "bad split", "outside images folder", "missing"]
+    assert reasons == ["ok", "ok", "ok", "no label", "bad split", "outside images folder", "missing", "duplicate"]
+    assert manifest["reason"].iloc[-1] == "duplicate: listed twice"
     assert manifest["label"].tolist()[:3] == ["cat", "dog", "dog"]
     assert manifest["split"].tolist()[:3] == ["train", "", "test"]
     assert manifest.loc[2, "path"] == (images / "pics/2.png").as_posix()

@@ -49,7 +49,7 @@ EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".png": "P
 _TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
-@dataclass
+@dataclass(slots=True)
 class ManifestRow:
     path: str
     label: str
@@ -70,9 +70,6 @@ class ManifestRow:
 
     def add_note(self, note: str) -> None:
         self.note = f"{self.note}; {note}" if self.note else note
-
-    def as_dict(self) -> dict:
-        return dict(vars(self))  # shallow: every field is a str or an int
 
 
 def reason_code(reason: str) -> str:

@@ -131,7 +131,8 @@ def mark_duplicates(rows: list[ManifestRow]) -> None:
                 row.exclude(f"label conflict: same image in classes {', '.join(labels)} (also {others})")
             continue
         for row in copies[1:]:
-            row.exclude(f"duplicate: same content as {copies[0].path}")
+            row.exclude("duplicate: listed twice" if row.path == copies[0].path
+                        else f"duplicate: same content as {copies[0].path}")
 
 
 def build_manifest(rows: Iterable[ManifestRow], min_side: int, max_pixels: int) -> pd.DataFrame:
@@ -141,4 +142,4 @@ def build_manifest(rows: Iterable[ManifestRow], min_side: int, max_pixels: int) 
         if row.status == "ok":
             inspect_image(row, min_side, max_pixels)
     mark_duplicates(rows)
-    return pd.DataFrame([row.as_dict() for row in rows], columns=MANIFEST_COLUMNS)
+    return pd.DataFrame({column: [getattr(row, column) for row in rows] for column in MANIFEST_COLUMNS})
