@@ -1,9 +1,10 @@
 """augment: decode and resize every split once into data/prepared/, and preview the augmentation.
 
 The cache holds uint8 arrays at the model's input size (`model.image_size`, else the model's
-pretrained size), resized with the model's own interpolation. The online augmentation policy
-(`augment` params) is applied later, per batch, by the trainer; reports/augment_preview.png
-shows what the model will see.
+pretrained size), resized with the model's own interpolation. With `augment.oversample` the
+cache also holds a class-balanced training index (train_index.npy). The online augmentation
+policy (`augment` params) is applied later by the trainer; reports/augment_preview.png shows
+what the model will see.
 """
 
 from __future__ import annotations
@@ -21,20 +22,19 @@ from stages.lib.augmentation import preview_grid, train_transform
 from stages.lib.backbones import data_config
 from stages.lib.images import load_rgb, read_labelled_csv, resample_filter
 from stages.lib.params import load_params
-from stages.lib.prepared import save_split
+from stages.lib.prepared import create_images, oversampled_index, save_labels, save_train_index
 from stages.lib.tracking import stage_run
 
 log = logging.getLogger("augment")
 SPLITS = ("train", "val", "test")
 
 
-def decode_split(paths: list[str], size: int, interpolation: str) -> np.ndarray:
-    """Decode and resize each file once: uint8 (N, size, size, 3)."""
-    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+def decode_split(paths: list[str], images: np.ndarray, interpolation: str) -> None:
+    """Decode and resize each file once into `images` (uint8 (N, size, size, 3), on disk)."""
     resample = resample_filter(interpolation)
     for index, path in enumerate(tqdm(paths, desc="decode", unit="img", mininterval=2)):
-        images[index] = load_rgb(path, size, resample)
-    return images
+        images[index] = load_rgb(path, images.shape[1], resample)
+    images.flush()
 
 
 def main() -> None:
@@ -56,17 +56,24 @@ def main() -> None:
         index_of = {label: i for i, label in enumerate(classes)}
         args.out.mkdir(parents=True, exist_ok=True)
         for split, frame in frames.items():
-            images = decode_split(frame["path"].tolist(), size, config["interpolation"])
-            save_split(args.out, split, images, frame["label"].map(index_of).to_numpy())
+            images, labels = create_images(args.out, split, len(frame), size), frame["label"].map(index_of).to_numpy()
+            decode_split(frame["path"].tolist(), images, config["interpolation"])
+            save_labels(args.out, split, labels)
             if split == "train":
-                train_images = images
+                train_images, train_labels = images, labels
         meta = {"classes": classes, "image_size": size, "data_config": config,
-                "counts": {split: len(frame) for split, frame in frames.items()}}
+                "counts": {split: len(frame) for split, frame in frames.items()}, "oversampled": False}
+        index = None
+        if params.augment.oversample:
+            index = oversampled_index(train_labels, params.base.seed)
+            save_train_index(args.out, index)
+            meta |= {"oversampled": True, "train_samples_per_epoch": len(index)}
+            log.info("oversampling: %d training samples per epoch from %d images", len(index), len(train_labels))
         (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
         args.preview.parent.mkdir(parents=True, exist_ok=True)
         preview_grid(train_images, train_transform(params.augment), params.augment.preview_images,
-                     args.preview, params.base.seed)
+                     args.preview, params.base.seed, indexes=index)
         mlflow.log_artifact(str(args.preview))
         mlflow.log_dict(meta, "prepared_meta.json")
     log.info("cached %s images at %dpx in %s", meta["counts"], size, args.out)

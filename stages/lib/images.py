@@ -1,26 +1,55 @@
-"""Finding, inspecting and decoding images. Reads the user's files, never writes them.
+"""Inspecting and decoding one image file. Reads the user's files, never writes them.
 
-`scan_image_folder` lists every file under `<images_dir>/<class>/`, `inspect_image` turns one
-file into a manifest row (ok, or excluded with a reason), and `load_rgb` decodes an ok file
-upright (EXIF), as 8-bit RGB, resized to a square.
+`inspect_image` turns one file into a manifest row: ok (with hash, size, mode, format and a
+note on anything normalised), or excluded with a reason that starts with a fixed code
+(`REASONS`). `load_rgb` decodes an ok file upright (EXIF), as 8-bit RGB, resized to a square.
+The pixel bound (`max_pixels`) is checked on the header, before any pixel is decoded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import warnings
-from dataclasses import asdict, dataclass
+import stat
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
-MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "mode", "format", "bytes", "status", "reason"]
-OS_LITTER = {".DS_Store", "Thumbs.db", "desktop.ini", "._.DS_Store"}
+MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "mode", "format", "bytes", "status", "reason",
+                    "split", "note"]
+
+# The code before the colon in `reason`; the report and metrics count files per code.
+REASONS = {
+    "hidden or OS file": ".DS_Store, Thumbs.db, names starting with a dot, __MACOSX/ ...",
+    "not in a class folder": "a file directly under the image folder has no label",
+    "unreadable folder": "a folder that cannot be listed (permissions)",
+    "symlink loop": "a folder reached again through a symlink; scanned once",
+    "missing": "no such file (or a broken symlink)",
+    "unreadable": "the file cannot be read (permissions, I/O error)",
+    "empty file": "zero bytes",
+    "not an image": "no image format recognised (a text file named .jpg, ...)",
+    "corrupt image": "the header is readable but the pixel data is truncated or broken",
+    "too large": "more pixels than validate.max_pixels (a possible decompression bomb); not decoded",
+    "too small": "shorter side below validate.min_side",
+    "unsupported mode": "a pixel format that cannot be turned into RGB",
+    "duplicate": "the same content (sha256) as an earlier file of the same class; kept once",
+    "label conflict": "the same content under two or more classes; every copy is left out",
+    "no label": "a manifest row without a label",
+    "bad split": "a manifest split value other than train, val or test",
+    "outside images folder": "a manifest path outside data.images_dir (DVC would not track it)",
+}
+
+# What an extension promises; a mismatch is kept (the content decides) and noted.
+EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
+                     ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
+_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
-@dataclass
+@dataclass(slots=True)
 class ManifestRow:
     path: str
     label: str
@@ -32,42 +61,20 @@ class ManifestRow:
     bytes: int = 0
     status: str = "ok"
     reason: str = ""
+    split: str = ""  # train/val/test when a CSV manifest pins it, else empty
+    note: str = ""   # what was normalised in a usable file (format, mode, orientation)
 
     def exclude(self, reason: str) -> "ManifestRow":
         self.status, self.reason = "excluded", reason
         return self
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def add_note(self, note: str) -> None:
+        self.note = f"{self.note}; {note}" if self.note else note
 
 
-def scan_image_folder(images_dir: str | Path) -> list[ManifestRow]:
-    """Every file below images_dir, sorted; the class is the first folder below images_dir.
-
-    Hidden files, OS litter and files with no class folder are listed as excluded, so the
-    report accounts for every file. Symlinks are followed; a directory loop is visited once.
-    """
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"{images_dir}: image folder not found")
-    rows, seen_dirs = [], set()
-    for folder, dirnames, filenames in os.walk(images_dir, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen_dirs:
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(folder) / name
-            parts = path.relative_to(images_dir).parts
-            row = ManifestRow(path=path.as_posix(), label=parts[0] if len(parts) > 1 else "")
-            if name in OS_LITTER or any(part.startswith(".") for part in parts):
-                row.exclude("hidden or OS file")
-            elif len(parts) == 1:
-                row.exclude("not in a class folder")
-            rows.append(row)
-    return rows
+def reason_code(reason: str) -> str:
+    """'too small: 4x4 < min_side 8' -> 'too small'."""
+    return reason.split(":", 1)[0]
 
 
 def sha256_of(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -78,35 +85,88 @@ def sha256_of(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def header_only_limits():
+    """Lift Pillow's own decompression-bomb guard while reading headers: `inspect_image` applies
+    `max_pixels` itself, before decoding, and names the size in the reason."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1) or 1)
+    except Exception:  # a broken EXIF block: the image is still usable, unrotated
+        return 1
+
+
+def _read_file(row: ManifestRow, path: Path, in_memory_limit: int = 64 << 20) -> io.BytesIO | Path | None:
+    """Size and hash of one file; what to decode from (its bytes, read once, or for a file over
+    in_memory_limit its path), or None with the row excluded when it cannot be read."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            row.exclude("not an image: a folder or device, not a file")
+            return None
+        row.bytes = info.st_size
+        if row.bytes == 0:
+            row.exclude("empty file: 0 bytes")
+            return None
+        if row.bytes > in_memory_limit:
+            row.sha256 = sha256_of(path)
+            return path
+        data = path.read_bytes()
+        row.sha256 = hashlib.sha256(data).hexdigest()
+        return io.BytesIO(data)
+    except FileNotFoundError:
+        row.exclude("missing: broken symlink" if path.is_symlink() else "missing: no such file")
+    except OSError as error:
+        row.exclude(f"unreadable: {(error.strerror or str(error)).lower()}")
+    return None
+
+
 def inspect_image(row: ManifestRow, min_side: int, max_pixels: int) -> ManifestRow:
     """Fill size, mode, format and hash of one file; exclude it with a reason if unusable.
 
-    The header is read first so an oversized image is rejected before any pixel is decoded;
-    then the image is fully decoded once to catch truncated or corrupt data.
+    min_side: shorter side, in pixels, below which a file is excluded.
+    max_pixels: width x height above which a file is excluded from its header alone (never decoded).
+    A usable file is decoded once, fully, to catch truncated or corrupt data, and converted to RGB
+    when its mode is not RGB or L, so that the augment stage cannot fail on it later.
     """
     path = Path(row.path)
+    source = _read_file(row, path)
+    if source is None:
+        return row
     try:
-        row.bytes = path.stat().st_size
-        if row.bytes == 0:
-            return row.exclude("empty file")
-        row.sha256 = sha256_of(path)
-    except OSError as error:
-        return row.exclude(f"unreadable: {error.strerror or error}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                row.width, row.height = image.size
-                row.mode, row.format = image.mode, image.format or ""
-                if row.width * row.height > max_pixels:
-                    return row.exclude(f"too large: {row.width}x{row.height} pixels > max_pixels {max_pixels}")
-                image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return row.exclude(f"too large: decompression-bomb guard ({row.width}x{row.height})")
+        with header_only_limits(), Image.open(source) as image:
+            row.width, row.height = image.size
+            row.mode, row.format = image.mode, image.format or ""
+            if row.width * row.height > max_pixels:
+                return row.exclude(f"too large: {row.width}x{row.height} = {row.width * row.height} pixels "
+                                   f"> max_pixels {max_pixels} (not decoded)")
+            image.load()
+            orientation = _orientation(image)  # after load: PNG keeps EXIF after the pixel data
+            if image.mode not in ("RGB", "L"):
+                try:
+                    to_rgb(image)
+                except (ValueError, OSError) as error:
+                    return row.exclude(f"unsupported mode: {image.mode} ({error})")
+                row.add_note(f"{image.mode} converted to RGB")
     except Image.UnidentifiedImageError:
-        return row.exclude("not an image")
-    except (OSError, SyntaxError, ValueError) as error:
+        return row.exclude(f"not an image: no image format recognised ({path.suffix or 'no extension'})")
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         return row.exclude(f"corrupt image: {error}")
+    if orientation in _TRANSPOSED:
+        row.width, row.height = row.height, row.width
+    if orientation != 1:
+        row.add_note(f"EXIF orientation {orientation}: loaded upright")
+    promised = EXTENSION_FORMATS.get(path.suffix.lower())
+    if promised and row.format and promised != row.format:
+        row.add_note(f"extension {path.suffix} but {row.format} content")
     if min(row.width, row.height) < min_side:
         return row.exclude(f"too small: {row.width}x{row.height} < min_side {min_side}")
     return row
@@ -114,22 +174,34 @@ def inspect_image(row: ManifestRow, min_side: int, max_pixels: int) -> ManifestR
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB: transparency over white, 16-bit scaled down, CMYK converted."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float64) / 65535.0 * 255.0
+        image = Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), mode="L")
+    elif image.mode in ("I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+        top = 1.0 if image.mode == "F" and array.max() <= 1.0 else (65535.0 if array.max() > 255 else 255.0)
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert("RGB")
 
 
 def load_rgb(path: str | Path, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
-    """Decode upright as RGB, resize the shorter side to `size`, centre-crop: uint8 (size, size, 3)."""
+    """Decode upright as RGB, resize the shorter side to `size`, centre-crop: uint8 (size, size, 3).
+
+    JPEGs are decoded at a reduced scale when they are much larger than `size` (Pillow's draft mode).
+    Pillow's own decompression-bomb guard stays on here: this may be called on files validate never saw.
+    """
     with Image.open(path) as image:
-        image = to_rgb(ImageOps.exif_transpose(image))
+        image.draft("RGB", (size, size))
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # a broken EXIF block: keep the stored orientation
+            image.load()
+        image = to_rgb(image)
     scale = size / min(image.size)
     resized = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), resample)
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
@@ -146,25 +218,19 @@ def resample_filter(interpolation: str) -> Image.Resampling:
     }.get(interpolation, Image.Resampling.BICUBIC)
 
 
-def mark_duplicates(rows: list[ManifestRow]) -> None:
-    """Exclude repeated content: copies within a class keep the first file; the same content
-    under two or more classes is a label conflict, and every copy is left out."""
-    by_hash: dict[str, list[ManifestRow]] = {}
-    for row in rows:
-        if row.status == "ok":
-            by_hash.setdefault(row.sha256, []).append(row)
-    for copies in by_hash.values():
-        labels = sorted({row.label for row in copies})
-        if len(labels) > 1:
-            for row in copies:
-                row.exclude(f"label conflict: same image in classes {', '.join(labels)}")
-            continue
-        for row in copies[1:]:
-            row.exclude(f"duplicate of {copies[0].path}")
-
-
 def read_labelled_csv(path: str | Path) -> "pd.DataFrame":
-    """A manifest or split CSV with path/label/sha256 kept as text ('0' stays a class name, not a number)."""
+    """A manifest or split CSV with every column as text ('0' stays a class name, not a number);
+    numeric manifest columns (width, height, bytes) are parsed as integers."""
     import pandas as pd
 
-    return pd.read_csv(path, dtype={"path": str, "label": str, "sha256": str, "reason": str}, keep_default_na=False)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column in ("width", "height", "bytes"):
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").fillna(0).astype(int)
+    return frame
+
+
+def is_within(path: str | Path, folder: str | Path) -> bool:
+    """True when path (symlinks left as written) lies inside folder."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder

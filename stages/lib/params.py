@@ -34,12 +34,13 @@ class Base(Section):
 
 class Data(Section):
     images_dir: str = "data/images"
+    manifest: str | None = None  # CSV of path,label[,split] inside images_dir; None: the folder's classes
 
 
 class Validate(Section):
     min_images_per_class: int = Field(5, ge=1)
     min_side: int = Field(8, ge=1)
-    max_pixels: int = Field(40_000_000, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1, le=178_956_970)  # Pillow refuses to decode more
     max_imbalance_ratio: float = Field(20.0, ge=1.0)
     max_excluded_fraction: float = Field(0.2, ge=0.0, le=1.0)
     classes: list[str] | None = None
@@ -66,12 +67,18 @@ class Model(Section):
 
 
 class Augment(Section):
+    crop_scale: tuple[float, float] | None = None  # random-resized-crop area fraction; None: no crop
     rotation: float = Field(10.0, ge=0.0, le=180.0)
     translate: float = Field(0.1, ge=0.0, lt=1.0)
     scale: tuple[float, float] = (0.9, 1.1)
     hflip: float = Field(0.0, ge=0.0, le=1.0)
-    color_jitter: float = Field(0.0, ge=0.0)
+    vflip: float = Field(0.0, ge=0.0, le=1.0)
+    auto_augment: Literal["randaugment", "trivialaugment"] | None = None
+    randaugment_ops: int = Field(2, ge=1, le=10)
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    color_jitter: float = Field(0.0, ge=0.0, le=1.0)
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)
+    oversample: bool = False
     preview_images: int = Field(32, ge=1, le=256)
 
     @field_validator("scale")
@@ -80,6 +87,13 @@ class Augment(Section):
         if not 0 < scale[0] <= scale[1]:
             raise ValueError("scale must be [low, high] with 0 < low <= high")
         return scale
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _fraction(cls, crop_scale: tuple[float, float] | None) -> tuple[float, float] | None:
+        if crop_scale is not None and not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError("crop_scale must be [low, high] with 0 < low <= high <= 1")
+        return crop_scale
 
 
 class Features(Section):

@@ -1,0 +1,173 @@
+"""Throughput and peak memory of the validate stage's file inspection, against a plain loop.
+
+    python benchmarks/validate.py [--sizes 2000 10000] [--repeats 2]
+
+Builds image folders of small generated PNGs (10 classes) in a temporary directory, then, each in
+a fresh process:
+- pipeline: `build_manifest(scan_image_folder(folder), ...)`, the code the validate stage runs per
+  file (scan, stat, sha256, header check, full decode, mode/EXIF/format checks, duplicates);
+- plain: a loop that only opens, decodes and hashes the same files (`sha256(read_bytes())`,
+  `Image.open(path).load()`).
+Reports files/s of both, their ratio, the Great Expectations checks' time on the manifest, and
+the peak memory (process max RSS, and Python's tracemalloc peak in a separate run) at each size:
+flat peak memory across sizes means the files are streamed, not held. Writes
+benchmarks/results/validate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+SIDE = 64  # pixels: 12 KB decoded per image, so holding images would show in the memory figures
+
+
+def build_folder(folder: Path, count: int, classes: int = 10, side: int = SIDE) -> None:
+    """count distinct small RGB PNGs under folder/<class>/ (a smooth gradient plus noise, like photos)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = np.linspace(0, 200, side, dtype=np.float32)[None, :, None] + np.zeros((side, side, 3), np.float32)
+    for index in range(count):
+        label = f"class_{index % classes}"
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / label / f"{index:06d}.png")
+
+
+def plain_loop(folder: Path) -> int:
+    from PIL import Image
+
+    count = 0
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            path = Path(root) / name
+            hashlib.sha256(path.read_bytes()).hexdigest()
+            with Image.open(path) as image:
+                image.load()
+            count += 1
+    return count
+
+
+def pipeline(folder: Path) -> int:
+    from stages.lib.manifest import build_manifest, scan_image_folder
+
+    manifest = build_manifest(scan_image_folder(folder), min_side=8, max_pixels=40_000_000)
+    assert (manifest["status"] == "ok").all(), manifest[manifest["status"] != "ok"].head()
+    return len(manifest)
+
+
+def checks_seconds(folder: Path) -> float:
+    from stages.lib.checks import run_checks
+    from stages.lib.manifest import build_manifest, scan_image_folder
+    from stages.lib.params import Validate
+
+    manifest = build_manifest(scan_image_folder(folder), 8, 40_000_000)
+    import great_expectations  # noqa: F401  (import time is not part of the checks)
+
+    started = time.perf_counter()
+    run_checks(manifest, Validate())
+    return time.perf_counter() - started
+
+
+def worker(kind: str, folder: Path, trace: bool) -> dict:
+    """One measurement in this (fresh) process."""
+    import pandas  # noqa: F401  (imports are not part of the measurement)
+    from PIL import Image  # noqa: F401
+
+    if kind == "checks":
+        return {"seconds": checks_seconds(folder)}
+    run = {"pipeline": pipeline, "plain": plain_loop}[kind]
+    if trace:
+        tracemalloc.start()
+    before_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    files = run(folder)
+    seconds = time.perf_counter() - started
+    result = {"files": files, "seconds": seconds, "files_per_s": files / seconds,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_rss) / 1024}
+    if trace:
+        result["tracemalloc_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
+    return result
+
+
+def measure(kind: str, folder: Path, trace: bool = False) -> dict:
+    env = os.environ | {"PYTHONWARNINGS": "ignore", "GX_ANALYTICS_ENABLED": "false", "TQDM_DISABLE": "1"}
+    command = [sys.executable, __file__, "--worker", kind, "--folder", str(folder)] + (["--trace"] if trace else [])
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env, cwd=ROOT).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000])
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per side; the fastest counts")
+    parser.add_argument("--worker", choices=["pipeline", "plain", "checks"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.folder, args.trace)))
+        return
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-validate-") as temporary:
+        for size in args.sizes:
+            folder = Path(temporary) / f"images_{size}"
+            build_folder(folder, size)
+            plain_loop(folder)  # warm the page cache once, for both sides alike
+            runs = {kind: [] for kind in ("pipeline", "plain")}
+            for _ in range(args.repeats):
+                for kind in runs:  # interleaved, so contention hits both sides alike
+                    runs[kind].append(measure(kind, folder))
+            best = {kind: max(results, key=lambda r: r["files_per_s"]) for kind, results in runs.items()}
+            traced = measure("pipeline", folder, trace=True)
+            rows.append({
+                "files": size,
+                "pipeline_files_per_s": round(best["pipeline"]["files_per_s"], 1),
+                "plain_files_per_s": round(best["plain"]["files_per_s"], 1),
+                "ratio": round(best["pipeline"]["files_per_s"] / best["plain"]["files_per_s"], 3),
+                "pipeline_peak_rss_mb": round(best["pipeline"]["peak_rss_mb"], 1),
+                "pipeline_rss_growth_mb": round(best["pipeline"]["rss_growth_mb"], 1),
+                "plain_peak_rss_mb": round(best["plain"]["peak_rss_mb"], 1),
+                "pipeline_tracemalloc_peak_mb": round(traced["tracemalloc_peak_mb"], 2),
+                "checks_seconds": round(measure("checks", folder)["seconds"], 2),
+            })
+
+    header = ["files", "pipeline f/s", "plain f/s", "ratio", "peak RSS MB", "RSS growth MB", "plain RSS MB",
+              "tracemalloc MB", "GX checks s"]
+    print(" | ".join(f"{h:>13}" for h in header))
+    for row in rows:
+        print(" | ".join(f"{value:>13}" for value in row.values()))
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        per_file_kb = (last["pipeline_tracemalloc_peak_mb"] - first["pipeline_tracemalloc_peak_mb"]) * 1024 / (
+            last["files"] - first["files"])
+        rss_kb = (last["pipeline_peak_rss_mb"] - first["pipeline_peak_rss_mb"]) * 1024 / (last["files"] - first["files"])
+        print(f"peak RSS {first['pipeline_peak_rss_mb']} MB at {first['files']} files, "
+              f"{last['pipeline_peak_rss_mb']} MB at {last['files']}: {rss_kb:.2f} KB per extra file (Python heap: "
+              f"{per_file_kb:.2f} KB, the manifest row), against {SIDE * SIDE * 3 / 1024:.0f} KB per decoded image")
+    out = ROOT / "benchmarks/results/validate.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Train/val/test assignment of the manifest's usable images: stratified, seeded, leak-free.
+
+Images with identical content (same sha256) form one group and land in one split together.
+Rows whose `split` column is set (a CSV manifest's own split) keep it; the other rows are split
+by `split.val_size` / `split.test_size`, stratified by label. Every class must end up in train.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from stages.lib import PipelineError
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+class SplitError(PipelineError, ValueError):
+    """The usable images cannot be split as the params ask."""
+
+
+def check_class_sizes(groups: pd.DataFrame, val_size: float, test_size: float) -> None:
+    """Each class needs at least one content group in every split; say which class cannot."""
+    smallest_share = min(val_size, test_size, 1 - val_size - test_size)
+    needed = max(3, int(-(-1 // smallest_share)))  # ceil(1 / smallest share)
+    counts = groups["label"].value_counts()
+    too_small = counts[counts < needed].sort_index()
+    if len(too_small):
+        listed = ", ".join(f"{label} ({count})" for label, count in too_small.items())
+        raise SplitError(f"split: classes too small for val_size={val_size}, test_size={test_size} "
+                         f"(need {needed} distinct images each): {listed}")
+
+
+def random_split(groups: pd.DataFrame, val_size: float, test_size: float, seed: int) -> pd.Series:
+    """Content groups (sha256, label) -> their split name, stratified by label."""
+    groups = groups.sort_values("sha256").reset_index(drop=True)
+    check_class_sizes(groups, val_size, test_size)
+    rest, test = train_test_split(groups, test_size=test_size, stratify=groups["label"], random_state=seed)
+    train, val = train_test_split(rest, test_size=val_size / (1 - test_size), stratify=rest["label"],
+                                  random_state=seed)
+    return pd.concat([part["sha256"].to_frame().assign(split=name)
+                      for name, part in zip(SPLITS, (train, val, test))]).set_index("sha256")["split"]
+
+
+def split_manifest(manifest: pd.DataFrame, settings, seed: int) -> dict[str, pd.DataFrame]:
+    """Usable rows -> {'train','val','test'}: DataFrames of path, label, sha256 sorted by path.
+
+    settings: the `split` params (val_size, test_size, max_per_class; the cap applies to the rows
+    split here, not to rows whose split the manifest pins).
+    """
+    usable = manifest[manifest["status"] == "ok"].copy()
+    if "split" not in usable:
+        usable["split"] = ""
+    groups = usable.groupby("sha256", sort=True).agg(label=("label", "first"), split=("split", "first")).reset_index()
+    pinned, free = groups[groups["split"] != ""], groups[groups["split"] == ""]
+    if settings.max_per_class:
+        free = free.sample(frac=1.0, random_state=seed).groupby("label").head(settings.max_per_class)
+    assignment = pinned.set_index("sha256")["split"]
+    if len(free):
+        assignment = pd.concat([assignment, random_split(free, settings.val_size, settings.test_size, seed)])
+    if len(pinned):
+        log.info("%d images keep the split the manifest gives them; %d are split by ratio", len(pinned), len(free))
+    usable = usable[usable["sha256"].isin(assignment.index)]
+    usable["split"] = usable["sha256"].map(assignment)
+    splits = {name: usable.loc[usable["split"] == name, ["path", "label", "sha256"]].sort_values("path")
+              .reset_index(drop=True) for name in SPLITS}
+    check_coverage(splits, sorted(set(usable["label"])))
+    return splits
+
+
+def check_coverage(splits: dict[str, pd.DataFrame], classes: list[str]) -> None:
+    """Every class in train and no split empty (errors); a class missing from val or test (warning)."""
+    empty = [name for name in SPLITS if splits[name].empty]
+    if empty:
+        raise SplitError(f"split: no images in {', '.join(empty)}; give some rows that split in the manifest's "
+                         f"split column, or leave it empty for some rows")
+    untrained = sorted(set(classes) - set(splits["train"]["label"]))
+    if untrained:
+        raise SplitError(f"split: classes with no training image: {', '.join(untrained)} (check the manifest's "
+                         f"split column)")
+    for name in ("val", "test"):
+        absent = sorted(set(classes) - set(splits[name]["label"]))
+        if absent:
+            log.warning("split: classes with no %s image: %s", name, ", ".join(absent))
+
+
+def split_counts(splits: dict[str, pd.DataFrame]) -> dict:
+    """metrics/split.json: images per split and per class per split."""
+    metrics: dict = {name: len(frame) for name, frame in splits.items()}
+    metrics["per_class"] = {name: {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()}
+                            for name, frame in splits.items()}
+    return metrics
