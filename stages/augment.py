@@ -1,7 +1,7 @@
 """augment: decode and resize every split once into data/prepared/, and preview the augmentation.
 
-The cache holds uint8 arrays at the model's input size (`model.image_size`, else the model's
-pretrained size), resized with the model's own interpolation. The online augmentation policy
+The cache holds uint8 arrays at `model.image_size`, resized with `model.interpolation`: one
+cache for every candidate backbone of the features stage. The online augmentation policy
 (`augment` params) is applied later, per batch, by the trainer; reports/augment_preview.png
 shows what the model will see.
 """
@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from stages.lib import setup_logging
 from stages.lib.augmentation import preview_grid, train_transform
-from stages.lib.backbones import data_config
 from stages.lib.images import load_rgb, read_labelled_csv, resample_filter
 from stages.lib.params import load_params
 from stages.lib.prepared import save_split
@@ -49,18 +48,17 @@ def main() -> None:
     with stage_run("augment", params, ["base", "model", "augment"], upstream=["split"]):
         import mlflow
 
-        config = data_config(params.model.name, params.model.image_size)
-        size = config["input_size"][-1]
+        size, interpolation = params.model.image_size, params.model.interpolation
         frames = {split: read_labelled_csv(args.splits / f"{split}.csv") for split in SPLITS}
         classes = sorted(set(frames["train"]["label"]))
         index_of = {label: i for i, label in enumerate(classes)}
         args.out.mkdir(parents=True, exist_ok=True)
         for split, frame in frames.items():
-            images = decode_split(frame["path"].tolist(), size, config["interpolation"])
+            images = decode_split(frame["path"].tolist(), size, interpolation)
             save_split(args.out, split, images, frame["label"].map(index_of).to_numpy())
             if split == "train":
                 train_images = images
-        meta = {"classes": classes, "image_size": size, "data_config": config,
+        meta = {"classes": classes, "image_size": size, "interpolation": interpolation,
                 "counts": {split: len(frame) for split, frame in frames.items()}}
         (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
