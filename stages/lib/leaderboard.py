@@ -16,6 +16,7 @@ Selection (`features.select.rule`):
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from torch import nn
 from stages.lib import PipelineError
 from stages.lib.backbones import WeightsError, classifier_prefix, create_backbone, data_config, pypi_checkpoint
 from stages.lib.metrics import classification_metrics, softmax
-from stages.lib.probe import cache_file, cache_key, embed_splits, fit_probe, load_cached, probe_logits, save_cached
+from stages.lib.prepared import load_meta
+from stages.lib.probe import (cache_file, cache_key, embed_splits, file_stem, fit_probe, load_cached, probe_logits,
+                               save_cached)
 
 log = logging.getLogger(__name__)
 LATENCY_SECONDS = 0.5  # measuring time per candidate
@@ -98,22 +101,31 @@ def latency_ms(model: nn.Module, image_size: int) -> float:
         return round(timer.blocked_autorange(min_run_time=LATENCY_SECONDS).median * 1000.0, 3)
 
 
-def probe_candidate(name: str, weights: str, prepared: Path, cache: Path, meta: dict, settings,
-                    seed: int, data_digest: str, device: torch.device) -> Entry:
-    """Embeddings (from the cache, or extracted and cached), probe, test metrics and costs of one candidate."""
+def probe_candidate(candidate, prepared: Path, data_digest: str, cache: Path, out: Path, settings, seed: int,
+                    device: torch.device) -> Entry:
+    """Probe one of `features.candidates` on the prepared cache (whose digest is `data_digest`).
+
+    Its embeddings come from `cache` or are extracted and cached, then copied to `out/<name>.npz`;
+    `settings` is the `features` params section. Returns its leaderboard entry with the probe head.
+    """
+    name, weights = candidate.name, candidate.weights
+    meta = load_meta(prepared)
     size, classes = meta["image_size"], meta["classes"]
     torch.manual_seed(seed)  # random weights (`none`) do not depend on the candidate's position
     model = create_backbone(name, weights, num_classes=len(classes))
     config = data_config(name, size)
     precision = "bf16" if device.type == "cuda" else "fp32"
-    path = cache_file(cache, cache_key(name, weights, size, settings.fusion_stages, data_digest, seed, precision))
-    arrays = load_cached(path)
+    cached = cache_file(cache, cache_key(name, weights, size, settings.fusion_stages, data_digest, seed, precision))
+    arrays = load_cached(cached)
     if arrays is None:
-        log.info("%s: extracting embeddings -> %s", name, path)
+        log.info("%s: extracting embeddings -> %s", name, cached)
         arrays = embed_splits(model, prepared, config, settings.batch_size, settings.fusion_stages, device)
-        save_cached(path, arrays)
+        save_cached(cached, arrays)
     else:
-        log.info("%s: embeddings from the cache %s", name, path)
+        log.info("%s: embeddings from the cache %s", name, cached)
+    path = out / f"{file_stem(name)}.npz"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, path)
     probe = fit_probe(arrays["train_x"], arrays["train_y"], arrays["val_x"], arrays["val_y"],
                       settings.C, settings.max_iter, seed)
     test = classification_metrics(arrays["test_y"], softmax(probe_logits(arrays["test_x"], probe["weight"], probe["bias"])))

@@ -5,9 +5,14 @@ of its classifier). With fusion (`fusion_stages` K > 0) they are concatenated wi
 global-average-pooled outputs of the backbone's last K feature stages (timm's
 `forward_intermediates`): dimension `num_features` + the channels of those K stages.
 
-Cache: one .npz per candidate (arrays train_x/train_y/val_x/val_y/test_x/test_y), named by a digest
-of everything the embeddings depend on (`cache_key`). The folder is a DVC out with `persist: true`,
-so it survives between runs: adding a candidate extracts only that one.
+Cache: one .npz per candidate (arrays train_x/train_y/val_x/val_y/test_x/test_y) under
+`<cache>/<prepared data digest>/`, named by a digest of everything the embeddings depend on
+(`cache_key`), so adding a candidate or switching fusion back and forth extracts nothing twice.
+The cache is not a DVC out (DVC would delete it before each run, and a `persist: true` out takes
+the stage out of DVC's run cache): it is a plain folder under the real repository root, shared by
+`dvc exp run --temp/--queue` copies. The stage copies the current candidates' files into its out
+(data/features/<candidate>.npz), which DVC tracks. Only the `KEEP_DATA_VERSIONS` most recently
+used prepared-data versions are kept.
 
 The probe is scikit-learn's logistic regression on standardised embeddings, its regularisation
 tuned on val. The scaler is folded into the weights, so the probe is exactly a linear layer on raw
@@ -21,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1  # bump when the extraction code changes what it computes
 BUILTIN_WEIGHTS = ("pypi", "imagenet", "none")
+KEEP_DATA_VERSIONS = 3
 
 
 # ------------------------------------------------------------------------------ extraction
@@ -115,12 +122,22 @@ def cache_key(name: str, weights: str, image_size: int, fusion_stages: int, data
     return key
 
 
-def cache_file(folder: Path, key: dict) -> Path:
-    """<model>-<weights>-<size>px-fusion<K>-<digest of the key>.npz, readable and unique."""
+def file_stem(name: str) -> str:
+    """A timm name as a file name (`hf-hub:org/model` has a slash)."""
+    return re.sub(r"[^\w.-]", "_", name)
+
+
+def cache_file(cache: Path, key: dict) -> Path:
+    """<cache>/<data digest>/<model>-<weights>-<size>px-fusion<K>-<digest of the key>.npz."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     source = key["weights"] if key["weights"] in BUILTIN_WEIGHTS else "file"
-    model = re.sub(r"[^\w.-]", "_", key["model"])
-    return Path(folder) / f"{model}-{source}-{key['image_size']}px-fusion{key['fusion_stages']}-{digest}.npz"
+    name = f"{file_stem(key['model'])}-{source}-{key['image_size']}px-fusion{key['fusion_stages']}-{digest}.npz"
+    return data_folder(cache, key["data"]) / name
+
+
+def data_folder(cache: Path, data_digest: str) -> Path:
+    """The cache's folder for one version of the prepared data."""
+    return Path(cache) / data_digest[:16]
 
 
 def load_cached(path: Path) -> dict[str, np.ndarray] | None:
@@ -144,12 +161,16 @@ def save_cached(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(partial, path)
 
 
-def prune_cache(folder: Path, keep: list[Path]) -> list[Path]:
-    """Delete cached files no current candidate uses (stale keys, dropped candidates)."""
-    keep = {Path(path).name for path in keep}
-    removed = [path for path in sorted(Path(folder).glob("*")) if path.is_file() and path.name not in keep]
-    for path in removed:
-        path.unlink()
+def prune_cache(cache: Path, data_digest: str, keep: int = KEEP_DATA_VERSIONS) -> list[Path]:
+    """Mark the current data version's folder as just used; delete all but the `keep` most recent."""
+    current = data_folder(cache, data_digest)
+    if current.is_dir():
+        os.utime(current)
+    folders = sorted((path for path in Path(cache).iterdir() if path.is_dir()), key=lambda p: p.stat().st_mtime,
+                     reverse=True)
+    removed = [folder for folder in folders[keep:] if folder != current]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
     return removed
 
 
