@@ -118,7 +118,8 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "model": args.model, "images": args.images, "size": args.size, "batch_size": args.batch_size,
         "threads": args.threads, "device": str(device), "amp": args.amp, "fusion_stages": args.fusion_stages,
-        "repeats": args.repeats, "seconds": seconds, "img_per_s": throughput, "ratio": ratio, "ratio_channels_last": ratio_channels_last,
+        "repeats": args.repeats, "seconds": seconds, "img_per_s": throughput, "ratio": ratio,
+        "ratio_channels_last": ratio_channels_last,
         "same_embeddings": same, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
     }, indent=2) + "\n")
     print(f"wrote {args.out}")

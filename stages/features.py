@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from stages.lib import setup_logging
-from stages.lib.leaderboard import check_candidates, choose, leaderboard, leaderboard_figure, log_leaderboard, probe_candidate
+from stages.lib.leaderboard import (check_candidates, choose, leaderboard, leaderboard_figure, log_leaderboard,
+                                    probe_candidate)
 from stages.lib.params import load_params
 from stages.lib.prepared import load_meta
 from stages.lib.probe import prepared_digest, prune_cache

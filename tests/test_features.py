@@ -112,8 +112,10 @@ def test_fixed_takes_the_named_candidate_whatever_its_rank():
 @pytest.mark.parametrize("features, message", [
     ({"select": {"rule": "fixed", "name": "resnet50"}}, "select.rule fixed needs select.name, one of: tf_efficientnet_lite0"),
     ({"select": {"rule": "latency_budget"}}, "needs select.latency_budget_ms"),
-    ({"candidates": [{"name": "resnet18"}, {"name": "resnet18", "weights": "none"}]}, "each name once (repeated: resnet18)"),
-    ({"candidates": [{"name": "resnet18", "weight": "none"}]}, "features.candidates.0.weight: unknown key (did you mean 'weights'?)"),
+    ({"candidates": [{"name": "resnet18"}, {"name": "resnet18", "weights": "none"}]},
+     "each name once (repeated: resnet18)"),
+    ({"candidates": [{"name": "resnet18", "weight": "none"}]},
+     "features.candidates.0.weight: unknown key (did you mean 'weights'?)"),
     ({"fusion_stages": -1}, "features.fusion_stages"),
 ])
 def test_bad_features_params_fail_naming_the_key(features, message):

@@ -60,7 +60,7 @@ class Entry:
         return {k: v for k, v in asdict(self).items() if k not in ("head", "data_config")}
 
 
-# ---------------------------------------------------------------------------- measuring
+# ------------------------------------------------------------------- probing, measuring
 def check_candidates(candidates) -> None:
     """Fail before any work when a candidate's timm name or weight source is unusable."""
     import difflib
@@ -128,7 +128,8 @@ def probe_candidate(candidate, prepared: Path, data_digest: str, cache: Path, ou
     shutil.copyfile(cached, path)
     probe = fit_probe(arrays["train_x"], arrays["train_y"], arrays["val_x"], arrays["val_y"],
                       settings.C, settings.max_iter, seed)
-    test = classification_metrics(arrays["test_y"], softmax(probe_logits(arrays["test_x"], probe["weight"], probe["bias"])))
+    test_logits = probe_logits(arrays["test_x"], probe["weight"], probe["bias"])
+    test = classification_metrics(arrays["test_y"], softmax(test_logits))
     entry = Entry(name=name, weights=weights, val_accuracy=probe["val_accuracy"], val_log_loss=probe["val_log_loss"],
                   test_accuracy=test["accuracy"], test_macro_f1=test["macro_f1"], C=probe["C"],
                   params=backbone_params(model), embedding_dim=int(arrays["train_x"].shape[1]),
