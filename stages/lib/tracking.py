@@ -115,7 +115,6 @@ def run_tags(stage: str, params: Params) -> dict[str, str]:
         "mlflow.source.git.commit": commit,
         "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
         "data.version": data_version(params.data.images_dir),
-        "model.name": params.model.name,
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]

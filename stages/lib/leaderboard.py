@@ -1,0 +1,219 @@
+"""Choosing the backbone: probe each candidate, rank them, and pick the one finetune uses.
+
+Per candidate (`features.candidates`): frozen embeddings (cached per candidate, see probe.py), a
+linear probe tuned on val, test accuracy and macro F1, the backbone's parameter count (without the
+classifier), the embedding dimension, and CPU latency per image (batch 1 at the cache's image
+size, one thread, median of `torch.utils.benchmark`, the whole classifier, fusion or not).
+
+Ranking: val accuracy (higher first), then val log loss (lower), then parameters (fewer).
+Selection (`features.select.rule`):
+- `best_val`: the first of the ranking.
+- `latency_budget`: the first of the ranking whose latency is at most `latency_budget_ms`
+  (measured on this machine: the choice follows the machine the stage runs on).
+- `fixed`: the candidate named `select.name`, whatever its rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stages.lib import PipelineError
+from stages.lib.backbones import WeightsError, classifier_prefix, create_backbone, data_config, pypi_checkpoint
+from stages.lib.metrics import classification_metrics, softmax
+from stages.lib.prepared import load_meta
+from stages.lib.probe import (cache_file, cache_key, embed_splits, file_stem, fit_probe, load_cached, probe_logits,
+                               save_cached)
+
+log = logging.getLogger(__name__)
+LATENCY_SECONDS = 0.5  # measuring time per candidate
+
+
+class SelectionError(PipelineError, ValueError):
+    """No candidate satisfies the selection rule."""
+
+
+@dataclass
+class Entry:
+    """One candidate's row of the leaderboard; `head` and `data_config` stay out of the table."""
+    name: str
+    weights: str
+    val_accuracy: float
+    val_log_loss: float
+    test_accuracy: float
+    test_macro_f1: float
+    C: float
+    params: int
+    embedding_dim: int
+    latency_ms: float
+    features: str
+    head: dict = field(default_factory=dict, repr=False)
+    data_config: dict = field(default_factory=dict, repr=False)
+
+    def row(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("head", "data_config")}
+
+
+# ------------------------------------------------------------------- probing, measuring
+def check_candidates(candidates) -> None:
+    """Fail before any work when a candidate's timm name or weight source is unusable."""
+    import difflib
+
+    import timm
+
+    for candidate in candidates:
+        if not timm.is_model(candidate.name):
+            close = difflib.get_close_matches(candidate.name, timm.list_models(), n=1)
+            raise PipelineError(f"features.candidates: '{candidate.name}' is not a timm model"
+                                + (f" (did you mean '{close[0]}'?)" if close else ""))
+        try:
+            if candidate.weights == "pypi":
+                pypi_checkpoint(candidate.name)
+            elif candidate.weights not in ("imagenet", "none") and not Path(candidate.weights).is_file():
+                raise WeightsError(f"'{candidate.weights}' is not one of pypi, imagenet, none, nor an existing file")
+        except WeightsError as error:
+            raise WeightsError(f"features.candidates {candidate.name}: {error}") from None
+
+
+def backbone_params(model: nn.Module) -> int:
+    """Parameters of the backbone, without the classifier."""
+    head = classifier_prefix(model)
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(head))
+
+
+def latency_ms(model: nn.Module, image_size: int) -> float:
+    """Median CPU milliseconds of one image through the model: batch 1, channels_last, one thread
+    (multi-threaded timings of one small image are dominated by scheduling noise on a shared machine)."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" on CPU machines
+    from torch.utils.benchmark import Timer
+
+    model = model.eval().to("cpu", memory_format=torch.channels_last)
+    image = torch.randn(1, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model(image)  # warm-up
+        timer = Timer("model(image)", globals={"model": model, "image": image}, num_threads=1)
+        return round(timer.blocked_autorange(min_run_time=LATENCY_SECONDS).median * 1000.0, 3)
+
+
+def probe_candidate(candidate, prepared: Path, data_digest: str, cache: Path, out: Path, settings, seed: int,
+                    device: torch.device) -> Entry:
+    """Probe one of `features.candidates` on the prepared cache (whose digest is `data_digest`).
+
+    Its embeddings come from `cache` or are extracted and cached, then copied to `out/<name>.npz`;
+    `settings` is the `features` params section. Returns its leaderboard entry with the probe head.
+    """
+    name, weights = candidate.name, candidate.weights
+    meta = load_meta(prepared)
+    size, classes = meta["image_size"], meta["classes"]
+    torch.manual_seed(seed)  # random weights (`none`) do not depend on the candidate's position
+    model = create_backbone(name, weights, num_classes=len(classes))
+    config = data_config(name, size)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    cached = cache_file(cache, cache_key(name, weights, size, settings.fusion_stages, data_digest, seed, precision))
+    arrays = load_cached(cached)
+    if arrays is None:
+        log.info("%s: extracting embeddings -> %s", name, cached)
+        arrays = embed_splits(model, prepared, config, settings.batch_size, settings.fusion_stages, device)
+        save_cached(cached, arrays)
+    else:
+        log.info("%s: embeddings from the cache %s", name, cached)
+    path = out / f"{file_stem(name)}.npz"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, path)
+    probe = fit_probe(arrays["train_x"], arrays["train_y"], arrays["val_x"], arrays["val_y"],
+                      settings.C, settings.max_iter, seed)
+    test_logits = probe_logits(arrays["test_x"], probe["weight"], probe["bias"])
+    test = classification_metrics(arrays["test_y"], softmax(test_logits))
+    entry = Entry(name=name, weights=weights, val_accuracy=probe["val_accuracy"], val_log_loss=probe["val_log_loss"],
+                  test_accuracy=test["accuracy"], test_macro_f1=test["macro_f1"], C=probe["C"],
+                  params=backbone_params(model), embedding_dim=int(arrays["train_x"].shape[1]),
+                  latency_ms=latency_ms(model, size), features=str(path), head=probe, data_config=config)
+    log.info("%s: probe val %.4f, test %.4f, %d-d, %.1f ms/img", name, entry.val_accuracy, entry.test_accuracy,
+             entry.embedding_dim, entry.latency_ms)
+    return entry
+
+
+# ----------------------------------------------------------------------- ranking, choosing
+def rank(entries: list[Entry]) -> list[Entry]:
+    return sorted(entries, key=lambda e: (-e.val_accuracy, e.val_log_loss, e.params))
+
+
+def choose(entries: list[Entry], select) -> Entry:
+    """The candidate the rule in `features.select` picks (see the module docstring)."""
+    ranked = rank(entries)
+    if select.rule == "fixed":
+        return next(entry for entry in ranked if entry.name == select.name)
+    if select.rule == "latency_budget":
+        within = [entry for entry in ranked if entry.latency_ms <= select.latency_budget_ms]
+        if not within:
+            fastest = min(entries, key=lambda e: e.latency_ms)
+            raise SelectionError(f"features.select.latency_budget_ms={select.latency_budget_ms}: no candidate is "
+                                 f"that fast here (fastest: {fastest.name}, {fastest.latency_ms:.1f} ms)")
+        return within[0]
+    return ranked[0]
+
+
+def leaderboard(entries: list[Entry], winner: Entry, select) -> dict:
+    """metrics/leaderboard.json: the rule, the winner and one row per candidate (with its rank)."""
+    rows = {entry.name: {"rank": position} | entry.row() for position, entry in enumerate(rank(entries), start=1)}
+    for row in rows.values():
+        del row["name"]
+    return {"rule": select.rule, "winner": winner.name, "candidates": rows}
+
+
+# ---------------------------------------------------------------------------------- figure
+def leaderboard_figure(entries: list[Entry], winner: Entry, path: Path, budget_ms: float | None = None) -> None:
+    """Two panels: probe accuracy per candidate; val accuracy against latency (marker area ~ parameters)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranked = rank(entries)
+    names = [entry.name for entry in ranked]
+    figure, (bars, scatter) = plt.subplots(1, 2, figsize=(13, max(4.0, 0.5 * len(ranked) + 2.5)))
+    positions = np.arange(len(ranked))
+    bars.barh(positions - 0.2, [e.val_accuracy for e in ranked], height=0.4, label="val")
+    bars.barh(positions + 0.2, [e.test_accuracy for e in ranked], height=0.4, label="test")
+    bars.set_yticks(positions, [f"{n} *" if n == winner.name else n for n in names])
+    bars.invert_yaxis()
+    low = min(min(e.val_accuracy, e.test_accuracy) for e in ranked)
+    bars.set_xlim(max(0.0, low - 0.05), 1.0)
+    bars.set_xlabel("linear-probe accuracy")
+    bars.set_title("candidates by val accuracy (* chosen)")
+    bars.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    largest = max(e.params for e in ranked)
+    for entry in ranked:
+        chosen = entry.name == winner.name
+        scatter.scatter(entry.latency_ms, entry.val_accuracy, s=60 + 600 * entry.params / largest, alpha=0.6,
+                        edgecolors="black" if chosen else "none", linewidths=2)
+        scatter.annotate(f"{entry.name}\n{entry.params / 1e6:.1f}M params, {entry.embedding_dim}-d",
+                         (entry.latency_ms, entry.val_accuracy), fontsize=8, xytext=(6, 6), textcoords="offset points")
+    if budget_ms is not None:
+        scatter.axvline(budget_ms, color="grey", linestyle="--", label=f"budget {budget_ms:g} ms")
+        scatter.legend(loc="lower right")
+    scatter.margins(x=0.35, y=0.3)
+    scatter.set_xlabel("CPU latency per image, batch 1, one thread (ms)")
+    scatter.set_ylabel("val accuracy")
+    scatter.set_title("accuracy against cost (area ~ parameters)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def log_leaderboard(board: dict, figure: Path) -> None:
+    """The leaderboard as an MLflow table (sortable in the UI) and the figure as an artifact."""
+    import mlflow
+    import pandas as pd
+
+    table = pd.DataFrame([{"candidate": name} | row for name, row in board["candidates"].items()])
+    mlflow.log_table(table, artifact_file="leaderboard/leaderboard.json")
+    mlflow.log_artifact(str(figure), artifact_path="leaderboard")
+    mlflow.set_tags({"model.name": board["winner"], "features.rule": board["rule"]})

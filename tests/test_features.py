@@ -1,0 +1,205 @@
+"""Choosing the backbone: fusion, the embedding cache per candidate, the selection rule, the outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import dvc, mlflow_runs
+from stages.lib import PipelineError
+from stages.lib.backbones import create_backbone
+from stages.lib.leaderboard import Entry, SelectionError, choose, leaderboard
+from stages.lib.params import ParamsError, Select, parse_params
+from stages.lib.probe import cache_file, cache_key, extract_embeddings, prune_cache
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CANDIDATES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
+
+
+# ---------------------------------------------------------------------------------- fusion
+@pytest.fixture(scope="module")
+def lite0():
+    torch.manual_seed(0)
+    return create_backbone("tf_efficientnet_lite0", "none", num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+
+
+def test_fusion_appends_the_pooled_last_stages(lite0, images):
+    plain = extract_embeddings(lite0, images, [0.5] * 3, [0.5] * 3, batch_size=2)
+    fused = extract_embeddings(lite0, images, [0.5] * 3, [0.5] * 3, batch_size=2, fusion_stages=2)
+    stage_channels = [info["num_chs"] for info in lite0.feature_info]  # 16, 24, 40, 112, 320
+    assert plain.shape == (5, lite0.num_features)
+    assert fused.shape == (5, lite0.num_features + sum(stage_channels[-2:]))
+    np.testing.assert_allclose(fused[:, :lite0.num_features], plain, rtol=1e-4, atol=1e-5)
+    everything = extract_embeddings(lite0, images, [0.5] * 3, [0.5] * 3, batch_size=5, fusion_stages=5)
+    assert everything.shape[1] == lite0.num_features + sum(stage_channels)
+
+
+def test_fusion_beyond_the_backbone_stages_names_the_param(lite0, images):
+    with pytest.raises(PipelineError, match=r"features.fusion_stages=6: .* has only 5 feature stages"):
+        extract_embeddings(lite0, images, [0.5] * 3, [0.5] * 3, batch_size=2, fusion_stages=6)
+
+
+# ----------------------------------------------------------------------------------- cache
+def test_cache_key_follows_what_the_embeddings_depend_on(tmp_path):
+    def path(name="tf_efficientnet_lite0", weights="pypi", fusion=0, data="d1", seed=42):
+        return cache_file(tmp_path, cache_key(name, weights, 64, fusion, data, seed, "fp32"))
+
+    assert path() == path()
+    assert path().name.startswith("tf_efficientnet_lite0-pypi-64px-fusion0-") and path().parent.name == "d1"
+    assert len({path(), path(fusion=2), path(data="d2"), path(weights="none"), path(name="tf_efficientnet_lite1")}) == 5
+    assert path(seed=1) == path()  # pretrained weights do not depend on the seed ...
+    assert path(weights="none", seed=1) != path(weights="none")  # ... random ones do
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"one")
+    before = path(weights=str(weights))
+    weights.write_bytes(b"two")
+    assert path(weights=str(weights)) != before  # a weights file counts by its content
+
+
+def test_prune_keeps_the_most_recently_used_data_versions(tmp_path):
+    for age, digest in enumerate(["d4", "d3", "d2", "d1"]):  # d1 is the oldest
+        (tmp_path / digest).mkdir()
+        (tmp_path / digest / "model.npz").write_bytes(b"x")
+        os.utime(tmp_path / digest, (1e9 - age * 100, 1e9 - age * 100))
+    removed = prune_cache(tmp_path, "d1", keep=2)  # d1 is the one in use now
+    assert sorted(p.name for p in removed) == ["d2", "d3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d1", "d4"]
+
+
+# ------------------------------------------------------------------------------- selection
+def entry(name, val, loss=0.5, params=1_000_000, latency=10.0) -> Entry:
+    return Entry(name=name, weights="pypi", val_accuracy=val, val_log_loss=loss, test_accuracy=val,
+                 test_macro_f1=val, C=1.0, params=params, embedding_dim=8, latency_ms=latency, features=f"{name}.npz")
+
+
+BOARD = [entry("small", 0.90, latency=4.0), entry("medium", 0.95, latency=8.0),
+         entry("large", 0.97, latency=20.0), entry("large_twin", 0.97, loss=0.3, latency=21.0)]
+
+
+def test_best_val_wins_and_ties_go_to_the_lower_val_loss():
+    assert choose(BOARD, Select(rule="best_val")).name == "large_twin"
+    ranking = leaderboard(BOARD, choose(BOARD, Select()), Select())
+    assert ranking["winner"] == "large_twin"
+    assert [ranking["candidates"][n]["rank"] for n in ("large_twin", "large", "medium", "small")] == [1, 2, 3, 4]
+    tied = [entry("big", 0.9, params=9_000_000), entry("tiny", 0.9, params=1_000)]
+    assert choose(tied, Select()).name == "tiny"  # same accuracy and loss: fewer parameters
+
+
+def test_latency_budget_takes_the_best_that_is_fast_enough():
+    assert choose(BOARD, Select(rule="latency_budget", latency_budget_ms=10.0)).name == "medium"
+    assert choose(BOARD, Select(rule="latency_budget", latency_budget_ms=4.0)).name == "small"
+    with pytest.raises(SelectionError, match=r"latency_budget_ms=1.0: .*fastest: small, 4.0 ms"):
+        choose(BOARD, Select(rule="latency_budget", latency_budget_ms=1.0))
+
+
+def test_fixed_takes_the_named_candidate_whatever_its_rank():
+    assert choose(BOARD, Select(rule="fixed", name="small")).name == "small"
+
+
+@pytest.mark.parametrize("features, message", [
+    ({"select": {"rule": "fixed", "name": "resnet50"}}, "select.rule fixed needs select.name, one of: tf_efficientnet_lite0"),
+    ({"select": {"rule": "latency_budget"}}, "needs select.latency_budget_ms"),
+    ({"candidates": [{"name": "resnet18"}, {"name": "resnet18", "weights": "none"}]},
+     "each name once (repeated: resnet18)"),
+    ({"candidates": [{"name": "resnet18", "weight": "none"}]},
+     "features.candidates.0.weight: unknown key (did you mean 'weights'?)"),
+    ({"fusion_stages": -1}, "features.fusion_stages"),
+])
+def test_bad_features_params_fail_naming_the_key(features, message):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["features"].update(features)
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw)
+    assert message in str(error.value)
+
+
+def test_the_default_probes_the_three_offline_backbones_and_takes_the_best():
+    features = parse_params(yaml.safe_load((REPO / "params.yaml").read_text())).features
+    assert [(c.name, c.weights) for c in features.candidates] == [(name, "pypi") for name in DEFAULT_CANDIDATES]
+    assert features.select.rule == "best_val" and features.fusion_stages == 0
+
+
+# --------------------------------------------------------------------------- LP-FT contract
+def test_a_fused_probe_head_leaves_a_fresh_classifier(tmp_path, caplog):
+    from stages.finetune import start_from_probe
+
+    model = create_backbone("tf_efficientnet_lite0", "none", num_classes=10)
+    fresh = model.get_classifier().weight.detach().clone()
+    torch.save({"weight": torch.ones(10, 1712), "bias": torch.zeros(10)}, tmp_path / "head.pt")
+    with caplog.at_level(logging.WARNING):
+        start_from_probe(model, tmp_path / "head.pt")
+    assert torch.equal(model.get_classifier().weight, fresh)
+    assert "fresh head" in caplog.text
+    torch.save({"weight": torch.ones(10, 1280), "bias": torch.zeros(10)}, tmp_path / "head.pt")
+    start_from_probe(model, tmp_path / "head.pt")
+    assert torch.equal(model.get_classifier().weight, torch.ones(10, 1280))
+
+
+# ----------------------------------------------------------------------- through dvc repro
+def test_leaderboard_and_the_winner_probe(tiny_pipeline):
+    board = json.loads((tiny_pipeline / "metrics/leaderboard.json").read_text())
+    assert sorted(board["candidates"]) == DEFAULT_CANDIDATES
+    for row in board["candidates"].values():
+        assert 0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
+        assert row["embedding_dim"] == 1280 and row["params"] > 1_000_000 and row["latency_ms"] > 0
+    best = max(board["candidates"].values(), key=lambda row: row["val_accuracy"])
+    assert board["candidates"][board["winner"]]["val_accuracy"] == best["val_accuracy"]
+    assert board["candidates"][board["winner"]]["rank"] == 1
+    assert (tiny_pipeline / "reports/leaderboard.png").stat().st_size > 10_000
+
+    probe = json.loads((tiny_pipeline / "models/baseline/probe.json").read_text())
+    assert {"model", "weights", "classes", "features", "data_config", "embedding_dim"} <= set(probe)
+    assert (probe["model"], probe["weights"]) == (board["winner"], "pypi")
+    assert probe["features"] == f"data/features/{probe['model']}.npz"
+    assert sorted(p.name for p in (tiny_pipeline / "data/features").iterdir()) == [f"{n}.npz" for n in DEFAULT_CANDIDATES]
+    arrays = np.load(tiny_pipeline / probe["features"])
+    head = torch.load(tiny_pipeline / "models/baseline/head.pt", weights_only=True)
+    assert arrays["train_x"].shape[1] == probe["embedding_dim"] == head["weight"].shape[1]
+    baseline = json.loads((tiny_pipeline / "metrics/baseline.json").read_text())
+    assert baseline["val_accuracy"] == board["candidates"][board["winner"]]["val_accuracy"]
+    # finetune built the chosen backbone
+    assert json.loads((tiny_pipeline / "models/finetuned/config.json").read_text())["model"] == probe["model"]
+
+    runs = mlflow_runs(tiny_pipeline)
+    features_run = runs[runs["tags.stage"] == "features"].iloc[0]
+    assert features_run["tags.model.name"] == probe["model"]
+    assert features_run[f"metrics.candidates.{probe['model']}.val_accuracy"] == pytest.approx(best["val_accuracy"])
+    from mlflow.artifacts import load_dict
+
+    table = load_dict(f"runs:/{features_run['run_id']}/leaderboard/leaderboard.json")  # mlflow.log_table's format
+    candidates = [row[table["columns"].index("candidate")] for row in table["data"]]
+    assert sorted(candidates) == DEFAULT_CANDIDATES
+
+
+def test_adding_a_candidate_extracts_only_that_one(tiny_pipeline, tmp_path):
+    project = Path(shutil.copytree(tiny_pipeline, tmp_path / "project", symlinks=True))
+    cached = lambda: {p.name: p.stat().st_mtime_ns for p in (project / ".cache/features").glob("*/*.npz")}  # noqa: E731
+    before = cached()
+    assert len(before) == 3
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["features"]["candidates"].append({"name": "mobilenetv3_small_050", "weights": "none"})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    result = dvc(project, "repro", "features")
+    log = result.stdout + result.stderr
+    assert log.count("extracting embeddings") == 1 and "mobilenetv3_small_050: extracting" in log
+    assert log.count("embeddings from the cache") == 3
+    after = cached()
+    assert {name: after[name] for name in before} == before
+    assert [name for name in after if name not in before][0].startswith("mobilenetv3_small_050-none-32px-")
+    assert (project / "data/features/mobilenetv3_small_050.npz").is_file()
+    board = json.loads((project / "metrics/leaderboard.json").read_text())
+    assert len(board["candidates"]) == 4 and board["candidates"]["mobilenetv3_small_050"]["embedding_dim"] == 1024
