@@ -203,3 +203,17 @@ def test_adding_a_candidate_extracts_only_that_one(tiny_pipeline, tmp_path):
     assert (project / "data/features/mobilenetv3_small_050.npz").is_file()
     board = json.loads((project / "metrics/leaderboard.json").read_text())
     assert len(board["candidates"]) == 4 and board["candidates"]["mobilenetv3_small_050"]["embedding_dim"] == 1024
+
+
+def test_probe_head_is_exact_and_tame_with_near_constant_features():
+    """The folded head reproduces the probe's predictions; a near-dead feature cannot blow up its weights."""
+    from stages.lib.probe import fit_probe, probe_logits
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    features = rng.normal(size=(120, 6)) + labels[:, None] * 0.8
+    features[:, 5] = 1e-6 * rng.normal(size=120)  # a unit that (almost) never fires
+    probe = fit_probe(features[::2], labels[::2], features[1::2], labels[1::2], [1.0], 1000, seed=0)
+    assert np.abs(probe["weight"]).max() < 50
+    predicted = probe_logits(features[1::2], probe["weight"], probe["bias"]).argmax(1)
+    assert (predicted == labels[1::2]).mean() == pytest.approx(probe["val_accuracy"])

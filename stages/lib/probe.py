@@ -175,6 +175,19 @@ def prune_cache(cache: Path, data_digest: str, keep: int = KEEP_DATA_VERSIONS) -
 
 
 # ----------------------------------------------------------------------------------- probe
+def standardiser(train_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) per feature, the scale floored at a tenth of the median feature's.
+
+    Pooled CNN features include near-constant channels (ReLU6 units that never fire on small
+    images); dividing by their tiny spread gives the probe weights in the thousands, which
+    wrecks fine-tuning from that head (LP-FT) and int8 export. The floor keeps weights O(1).
+    """
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x)
+    return scaler.mean_, np.maximum(scaler.scale_, 0.1 * np.median(scaler.scale_))
+
+
 def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
               c_grid: list[float], max_iter: int, seed: int) -> dict:
     """Logistic regression for each C; keep the best val accuracy (ties: lower val log loss).
@@ -184,10 +197,9 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
-    from sklearn.preprocessing import StandardScaler
 
-    scaler = StandardScaler().fit(train_x)
-    train_s, val_s = scaler.transform(train_x), scaler.transform(val_x)
+    mean, scale = standardiser(train_x)
+    train_s, val_s = (train_x - mean) / scale, (val_x - mean) / scale
     labels = np.arange(int(max(train_y.max(), val_y.max())) + 1)
     best, grid = None, []
     for c in c_grid:
@@ -200,9 +212,8 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     clf, accuracy, loss, c = best
     if len(clf.classes_) != len(labels):
         raise ValueError("every class must appear in the training split")
-    scale = scaler.scale_
     weight = clf.coef_ / scale
-    bias = clf.intercept_ - weight @ scaler.mean_
+    bias = clf.intercept_ - weight @ mean
     return {"C": c, "weight": weight.astype(np.float32), "bias": bias.astype(np.float32),
             "val_accuracy": accuracy, "val_log_loss": loss, "grid": grid}
 
