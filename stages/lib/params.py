@@ -130,7 +130,7 @@ ExportVariant = Literal["onnx", "onnx_fp16", "onnx_int8", "torchscript"]
 class Export(Section):
     variants: list[ExportVariant] = Field(default_factory=lambda: ["onnx", "onnx_fp16", "onnx_int8", "torchscript"],
                                           min_length=1)
-    opset: int = Field(17, ge=13, le=21)
+    opset: int = Field(17, ge=13, le=20)  # the TorchScript-based ONNX exporter writes up to 20
     batch_size: int = Field(64, ge=1)
     latency_batches: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
     latency_repeats: int = Field(20, ge=1)
