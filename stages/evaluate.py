@@ -49,6 +49,16 @@ def finetuned_probabilities(model_dir: Path, prepared: Path, batch_size: int) ->
     return torch.softmax(logits, dim=1).numpy()
 
 
+def description(results: dict, evaluate_run: str, finetune_run: str) -> str:
+    """The registered version's description: what it scored and where that was measured."""
+    finetuned, baseline = results["finetuned"], results["baseline"]
+    return (f"Test split: accuracy {finetuned['accuracy']:.4f} (linear probe {baseline['accuracy']:.4f}), "
+            f"macro F1 {finetuned['macro_f1']:.4f}, top-k accuracy {finetuned['top_k_accuracy']:.4f}, "
+            f"log loss {finetuned['log_loss']:.4f}, ECE {finetuned['ece']:.4f}. "
+            f"Trained in run {finetune_run}, evaluated in run {evaluate_run}. "
+            "Input: encoded image files (column `image`); output: label, probability, probabilities, error.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", type=Path, required=True)
@@ -62,7 +72,7 @@ def main() -> None:
     params = load_params()
     settings = params.evaluate
 
-    with stage_run("evaluate", params, ["evaluate"], upstream=["features", "finetune"]):
+    with stage_run("evaluate", params, ["evaluate"], upstream=["features", "finetune"]) as run:
         import mlflow
 
         probe = json.loads((args.baseline / "probe.json").read_text())
@@ -96,8 +106,12 @@ def main() -> None:
         mlflow.log_artifacts(str(args.reports), artifact_path="evaluation")
 
         registered = json.loads((args.finetuned / "mlflow.json").read_text())
+        if registered["model_uri"].startswith("models:/m-"):  # the test metrics on the logged model's page too
+            mlflow.log_metrics({f"test_{k}": v for k, v in results["finetuned"].items()},
+                               model_id=registered["model_uri"].removeprefix("models:/"))
         promotion = record_evaluation(registered["registered_model"], registered["version"], results["finetuned"],
-                                      settings.champion_metric, settings.min_improvement)
+                                      settings.champion_metric, settings.min_improvement,
+                                      description(results, run.info.run_id, registered["run_id"]))
         (args.reports / "registry.json").write_text(json.dumps(promotion | registered, indent=2) + "\n")
         mlflow.set_tags({"registered.version": registered["version"], "registered.champion": str(promotion["champion"])})
     log.info("test accuracy: baseline %.4f, fine-tuned %.4f", results["baseline"]["accuracy"],

@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import mlflow_runs
 from stages.lib.backbones import NormalizedClassifier, create_backbone
-from stages.lib.export import FILES, as_input, export_all, logits_of, parity, preprocessing, pytorch_runner, runner
+from stages.lib.export import (FILES, as_input, as_metadata, export_all, logits_of, parity, preprocessing,
+                               pytorch_runner, runner)
 
 SIZE = 32
 CONFIG = {"model": "tf_efficientnet_lite0", "classes": ["china", "flower"],
@@ -92,12 +93,13 @@ def test_onnx_files_record_the_preprocessing_and_take_any_batch(exported):
     import onnxruntime
 
     model, images, _, files = exported
-    expected = preprocessing(CONFIG)
+    expected = as_metadata(preprocessing(CONFIG))
     for variant in ("onnx", "onnx_fp16", "onnx_int8"):
         metadata = {prop.key: prop.value for prop in onnx.load(str(files[variant])).metadata_props}
         assert metadata == expected
     assert json.loads(expected["classes"]) == CONFIG["classes"] and expected["image_size"] == str(SIZE)
-    assert json.loads(expected["mean"]) == [0.5] * 3
+    assert json.loads(expected["mean"]) == [0.5] * 3 and json.loads(expected["std"]) == [0.5] * 3
+    assert "do not normalise again" in expected["normalization"]
     session = onnxruntime.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
     assert [node.name for node in session.get_inputs()] == ["image"]
     for batch in (1, 5):
@@ -127,11 +129,11 @@ def test_export_stage_outputs(tiny_pipeline):
     classifier = ImageClassifier.from_folder(tiny_pipeline / "models/finetuned")
     expected = classifier.predict([image_file.read_bytes()]).loc[0, "probabilities"]
     metadata = json.loads((tiny_pipeline / "models/export/preprocessing.json").read_text())
-    size = int(metadata["image_size"])
+    size = metadata["image_size"]
     pixels = np.asarray(Image.open(image_file).convert("RGB").resize((size, size), Image.BICUBIC))
     session = onnxruntime.InferenceSession(str(tiny_pipeline / "models/export/model.onnx"))
     logits = session.run(["logits"], {"image": as_input(pixels[None])})[0][0]
-    assert json.loads(metadata["classes"])[logits.argmax()] == classifier.classes[int(np.argmax(expected))]
+    assert metadata["classes"][logits.argmax()] == classifier.classes[int(np.argmax(expected))]
     # the files are in the export stage's MLflow run
     runs = mlflow_runs(tiny_pipeline)
     run_id = runs.loc[runs["tags.stage"] == "export", "run_id"].item()

@@ -92,6 +92,12 @@ def test_registered_version_is_an_image_pyfunc(tiny_pipeline):
     assert {column.name for column in info.signature.outputs} == {"label", "probability", "probabilities", "error"}
     classes = json.loads((tiny_pipeline / "models/finetuned/config.json").read_text())["classes"]
     assert info.metadata["classes"] == classes
+    # the evaluation is visible on the version and on the logged model
+    version = mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion")
+    accuracy = json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())["finetuned"]["accuracy"]
+    assert version.description.startswith(f"Test split: accuracy {accuracy:.4f}")
+    logged = {metric.key: metric.value for metric in mlflow.get_logged_model(info.model_id).metrics}
+    assert logged["test_accuracy"] == pytest.approx(accuracy)
     model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     image = sorted((tiny_pipeline / "data/images").glob("*/*.png"))[0].read_bytes()
     import pandas as pd

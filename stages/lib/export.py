@@ -35,22 +35,27 @@ FILES = {"onnx": "model.onnx", "onnx_fp16": "model_fp16.onnx", "onnx_int8": "mod
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW in [0, 1] -> logits
 
 
-def preprocessing(config: dict) -> dict[str, str]:
-    """What a caller must do before the model, from finetune's config.json, as string metadata."""
+def preprocessing(config: dict) -> dict:
+    """What a caller must do before the model and how to read its output, from finetune's config.json."""
     data = config["data_config"]
     size = data["input_size"][-1]
     return {
         "model": config["model"],
-        "classes": json.dumps(config["classes"]),
-        "image_size": str(size),
+        "classes": config["classes"],
+        "image_size": size,
         "interpolation": data["interpolation"],
-        "mean": json.dumps(data["mean"]),
-        "std": json.dumps(data["std"]),
+        "mean": data["mean"],
+        "std": data["std"],
         "input": f"float32 NCHW RGB in [0, 1], {size}x{size}: decode upright (EXIF), convert to RGB, resize the "
                  f"shorter side to {size} ({data['interpolation']}), centre-crop, divide by 255",
         "normalization": "inside the model: (x - mean) / std; do not normalise again",
         "output": "logits, one per class in `classes` order (softmax for probabilities)",
     }
+
+
+def as_metadata(values: dict) -> dict[str, str]:
+    """ONNX metadata_props and TorchScript extra files hold strings: lists and numbers as JSON."""
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in values.items()}
 
 
 @contextmanager
@@ -73,8 +78,9 @@ def onnx_metadata(model) -> dict[str, str]:
     return {prop.key: prop.value for prop in model.metadata_props}
 
 
-def export_onnx(model: torch.nn.Module, path: Path, size: int, opset: int, metadata: dict[str, str]) -> None:
-    """ONNX with a dynamic batch axis, input `image`, output `logits`, metadata recorded, checked."""
+def export_onnx(model: torch.nn.Module, path: Path, size: int, opset: int, metadata: dict) -> None:
+    """ONNX with a dynamic batch axis, input `image`, output `logits`, `metadata` recorded
+    (`as_metadata`), checked."""
     import onnx
 
     example = torch.rand(2, 3, size, size)
@@ -83,7 +89,7 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, opset: int, metad
                           input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
     exported = onnx.load(str(path))
-    onnx.helper.set_model_props(exported, metadata)
+    onnx.helper.set_model_props(exported, as_metadata(metadata))
     onnx.checker.check_model(exported)
     onnx.save(exported, str(path))
 
@@ -125,14 +131,14 @@ def to_int8(source: Path, path: Path) -> None:
     onnx.save(quantized, str(path))
 
 
-def export_torchscript(model: torch.nn.Module, path: Path, size: int, metadata: dict[str, str]) -> None:
+def export_torchscript(model: torch.nn.Module, path: Path, size: int, metadata: dict) -> None:
     with _quiet(), torch.inference_mode():
         traced = torch.jit.trace(model.eval(), torch.rand(1, 3, size, size))
         torch.jit.save(traced, str(path), _extra_files={"preprocessing.json": json.dumps(metadata, indent=2)})
 
 
 def export_all(variants: list[str], model: torch.nn.Module, folder: Path, size: int, opset: int,
-               metadata: dict[str, str]) -> dict[str, Path]:
+               metadata: dict) -> dict[str, Path]:
     """Write the requested variants into folder; return {variant: file}. The fp16 and int8 files
     start from model.onnx, which is kept only when `onnx` itself is requested."""
     onnx_path = folder / FILES["onnx"]
