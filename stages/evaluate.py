@@ -1,9 +1,10 @@
 """evaluate: the linear-probe baseline and the fine-tuned model side by side on the test split.
 
-Writes metrics/evaluate.json (accuracy, balanced accuracy, macro precision/recall/F1, log loss,
-ECE for both), plots/confusion.csv and plots/reliability.csv (DVC plots), reports/evaluate/
-(confusion matrices, per-class report, error gallery) and aliases the registered model version:
-@challenger always, @champion when it wins (`evaluate` params).
+Writes metrics/evaluate.json (per model: accuracy, balanced accuracy, macro precision/recall/F1,
+top-k accuracy, log loss, ECE), plots/confusion.csv and plots/reliability.csv (DVC plots),
+reports/evaluate/ (confusion matrices, per-class precision/recall/F1, reliability diagram, error
+gallery) and aliases the registered model version: @challenger always, @champion when it wins
+(`evaluate` params).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 from stages.lib import setup_logging
 from stages.lib.backbones import create_backbone
 from stages.lib.metrics import (classification_metrics, confusion_figure, error_gallery,
-                                expected_calibration_error, softmax)
+                                expected_calibration_error, per_class_table, reliability_figure, softmax)
 from stages.lib.params import load_params
 from stages.lib.prepared import PreparedDataset, load_split
 from stages.lib.probe import probe_logits
@@ -48,12 +49,14 @@ def finetuned_probabilities(model_dir: Path, prepared: Path, batch_size: int) ->
     return torch.softmax(logits, dim=1).numpy()
 
 
-def per_class_report(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    from sklearn.metrics import classification_report
-
-    report = classification_report(labels, probabilities.argmax(1), labels=np.arange(len(classes)),
-                                   target_names=classes, output_dict=True, zero_division=0)
-    return pd.DataFrame(report).T.rename_axis("class").reset_index()
+def description(results: dict, evaluate_run: str, finetune_run: str) -> str:
+    """The registered version's description: what it scored and where that was measured."""
+    finetuned, baseline = results["finetuned"], results["baseline"]
+    return (f"Test split: accuracy {finetuned['accuracy']:.4f} (linear probe {baseline['accuracy']:.4f}), "
+            f"macro F1 {finetuned['macro_f1']:.4f}, top-k accuracy {finetuned['top_k_accuracy']:.4f}, "
+            f"log loss {finetuned['log_loss']:.4f}, ECE {finetuned['ece']:.4f}. "
+            f"Trained in run {finetune_run}, evaluated in run {evaluate_run}. "
+            "Input: encoded image files (column `image`); output: label, probability, probabilities, error.")
 
 
 def main() -> None:
@@ -69,7 +72,7 @@ def main() -> None:
     params = load_params()
     settings = params.evaluate
 
-    with stage_run("evaluate", params, ["evaluate"], upstream=["features", "finetune"]):
+    with stage_run("evaluate", params, ["evaluate"], upstream=["features", "finetune"]) as run:
         import mlflow
 
         probe = json.loads((args.baseline / "probe.json").read_text())
@@ -79,8 +82,9 @@ def main() -> None:
             "baseline": baseline_probabilities(Path(probe["features"]), args.baseline / "head.pt"),
             "finetuned": finetuned_probabilities(args.finetuned, args.prepared, settings.batch_size),
         }
-        results = {name: classification_metrics(labels, probs) for name, probs in probabilities.items()}
-        results["gain"] = {"accuracy": results["finetuned"]["accuracy"] - results["baseline"]["accuracy"]}
+        results = {name: classification_metrics(labels, probs, settings.top_k) for name, probs in probabilities.items()}
+        results["gain"] = {key: results["finetuned"][key] - results["baseline"][key]
+                           for key in ("accuracy", "macro_f1", "log_loss")}
         write_metrics(args.metrics, results)
 
         args.reports.mkdir(parents=True, exist_ok=True)
@@ -88,18 +92,26 @@ def main() -> None:
         finetuned = probabilities["finetuned"]
         pd.DataFrame({"actual": [classes[i] for i in labels], "predicted": [classes[i] for i in finetuned.argmax(1)]}
                      ).to_csv(args.plots / "confusion.csv", index=False)
-        pd.DataFrame(expected_calibration_error(finetuned, labels)[1]).to_csv(args.plots / "reliability.csv", index=False)
+        calibration = {name: expected_calibration_error(probs, labels) for name, probs in probabilities.items()}
+        pd.DataFrame(calibration["finetuned"][1]).to_csv(args.plots / "reliability.csv", index=False)
+        reliability_figure({name: (rows, ece) for name, (ece, rows) in calibration.items()},
+                           args.reports / "reliability.png")
         for name, probs in probabilities.items():
             confusion_figure(labels, probs.argmax(1), classes, args.reports / f"confusion_{name}.png",
                              f"{name}: test accuracy {results[name]['accuracy']:.4f}")
-            per_class_report(labels, probs, classes).to_csv(args.reports / f"per_class_{name}.csv", index=False)
+        per_class_table(labels, {name: probs.argmax(1) for name, probs in probabilities.items()}, classes
+                        ).to_csv(args.reports / "per_class.csv", index=False, float_format="%.4f")
         if settings.error_gallery:
             error_gallery(images, labels, finetuned, classes, settings.error_gallery, args.reports / "error_gallery.png")
         mlflow.log_artifacts(str(args.reports), artifact_path="evaluation")
 
         registered = json.loads((args.finetuned / "mlflow.json").read_text())
+        if registered["model_uri"].startswith("models:/m-"):  # the test metrics on the logged model's page too
+            mlflow.log_metrics({f"test_{k}": v for k, v in results["finetuned"].items()},
+                               model_id=registered["model_uri"].removeprefix("models:/"))
         promotion = record_evaluation(registered["registered_model"], registered["version"], results["finetuned"],
-                                      settings.champion_metric, settings.min_improvement)
+                                      settings.champion_metric, settings.min_improvement,
+                                      description(results, run.info.run_id, registered["run_id"]))
         (args.reports / "registry.json").write_text(json.dumps(promotion | registered, indent=2) + "\n")
         mlflow.set_tags({"registered.version": registered["version"], "registered.champion": str(promotion["champion"])})
     log.info("test accuracy: baseline %.4f, fine-tuned %.4f", results["baseline"]["accuracy"],

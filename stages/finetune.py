@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from stages.lib import setup_logging
 from stages.lib.augmentation import train_transform
-from stages.lib.backbones import NormalizedClassifier, classifier_prefix, create_backbone, data_config
+from stages.lib.backbones import classifier_prefix, create_backbone, data_config
 from stages.lib.metrics import line_figure
 from stages.lib.params import Params, load_params
 from stages.lib.prepared import PreparedDataset, load_meta
@@ -57,20 +57,13 @@ def fingerprint(params: Params, meta: dict, head_file: Path) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def log_model(model: NormalizedClassifier, size: int, classes: list[str], registered_name: str):
-    """Log the normalised model to MLflow (signature, input example) and register a version."""
-    import mlflow
-    import timm
-    from mlflow.models import infer_signature
+def log_model(model_dir: Path, example: np.ndarray, registered_name: str):
+    """Log the model in model_dir to MLflow as a pyfunc that takes encoded images and does its own
+    preprocessing (stages/lib/serving.py), and register a version; example (uint8 HWC) is its
+    input example."""
+    from stages.lib.serving import log_image_classifier
 
-    example = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
-    with torch.inference_mode():
-        output = model.eval()(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        model, name="model", signature=infer_signature(example, output), input_example=example,
-        registered_model_name=registered_name, metadata={"classes": classes},
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"])
-    return info
+    return log_image_classifier(model_dir, example, registered_name)
 
 
 def main() -> None:
@@ -129,8 +122,7 @@ def main() -> None:
         line_figure(state.history, "epoch", ["train_loss", "val_loss", "val_accuracy"], curves,
                     "fine-tuning (dashed: phase boundaries)", [i + 1 for i in phase_ends])
         mlflow.log_artifact(str(curves))
-        info = log_model(NormalizedClassifier(model, config["mean"], config["std"]), size, classes,
-                         params.mlflow.registered_model)
+        info = log_model(args.out, np.asarray(val_loader.dataset.images[0]), params.mlflow.registered_model)
         (args.out / "mlflow.json").write_text(json.dumps({
             "run_id": run.info.run_id, "model_uri": info.model_uri,
             "registered_model": params.mlflow.registered_model,

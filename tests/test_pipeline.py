@@ -11,7 +11,7 @@ import yaml
 
 from conftest import dvc, mlflow_runs
 
-STAGES = ["validate", "split", "augment", "features", "finetune", "evaluate"]
+STAGES = ["validate", "split", "augment", "features", "finetune", "evaluate", "export"]
 OUTS = [
     "data/manifest.csv", "reports/validation/validation.md", "metrics/validation.json",
     "data/splits/train.csv", "data/splits/val.csv", "data/splits/test.csv", "metrics/split.json",
@@ -78,12 +78,12 @@ def test_second_repro_runs_nothing(tiny_pipeline):
     assert "up to date" in dvc(tiny_pipeline, "status").stdout
 
 
-def test_finetune_change_reruns_only_finetune_and_evaluate(tiny_pipeline, tmp_path):
+def test_finetune_change_reruns_only_finetune_and_downstream(tiny_pipeline, tmp_path):
     project = copy_project(tiny_pipeline, tmp_path / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["finetune"]["phases"][1]["lr"] = 2.0e-4
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(dvc(project, "repro").stdout) == ["finetune", "evaluate"]
+    assert stages_run(dvc(project, "repro").stdout) == ["finetune", "evaluate", "export"]
 
 
 def test_exp_run_in_a_temporary_copy_logs_to_the_root_store(tiny_pipeline, tmp_path):
@@ -91,7 +91,7 @@ def test_exp_run_in_a_temporary_copy_logs_to_the_root_store(tiny_pipeline, tmp_p
     dvc(project, "exp", "run", "--temp", "-n", "lower-lr", "-S", "finetune.phases.1.lr=3e-4")
     runs = mlflow_runs(project)
     experiment_runs = runs[runs.get("tags.dvc.exp_name") == "lower-lr"]
-    assert sorted(experiment_runs["tags.stage"]) == ["evaluate", "finetune", "pipeline"]
+    assert sorted(experiment_runs["tags.stage"]) == ["evaluate", "export", "finetune", "pipeline"]
     parent = experiment_runs.loc[experiment_runs["tags.stage"] == "pipeline", "run_id"].item()
     assert set(experiment_runs["tags.mlflow.parentRunId"].dropna()) == {parent}
     assert not list((project / ".dvc/tmp/exps").glob("**/mlflow.db"))

@@ -29,8 +29,23 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     return float(ece), rows
 
 
-def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    """Accuracy, balanced accuracy, macro precision/recall/F1, log loss, ECE."""
+def top_k_accuracy(labels: np.ndarray, probabilities: np.ndarray, k: int) -> float:
+    """Fraction of samples whose true class is among the k most probable (k capped at the class count)."""
+    from sklearn.metrics import top_k_accuracy_score
+
+    classes = probabilities.shape[1]
+    if k >= classes:
+        return 1.0
+    scores = probabilities[:, 1] if classes == 2 else probabilities  # sklearn's binary form
+    return float(top_k_accuracy_score(labels, scores, k=k, labels=np.arange(classes)))
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, top_k: int = 3) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro precision/recall/F1, top-k accuracy, log loss, ECE.
+
+    labels: int (N,) class indexes; probabilities: (N, classes), rows summing to 1.
+    `top_k_accuracy` uses k = top_k (the key stays the same when k changes, for `dvc metrics diff`).
+    """
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, precision_recall_fscore_support
 
     predicted = probabilities.argmax(axis=1)
@@ -41,9 +56,27 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
         "macro_precision": float(precision),
         "macro_recall": float(recall),
         "macro_f1": float(f1),
+        "top_k_accuracy": top_k_accuracy(labels, probabilities, top_k),
         "log_loss": float(log_loss(labels, probabilities, labels=np.arange(probabilities.shape[1]))),
         "ece": expected_calibration_error(probabilities, labels)[0],
     }
+
+
+def per_class_table(labels: np.ndarray, predictions: dict[str, np.ndarray], classes: list[str]) -> "pd.DataFrame":
+    """Precision, recall and F1 per class, models side by side: one row per class.
+
+    predictions: model name -> predicted class indexes (N,). Columns: class, support, then
+    `<model>_precision`, `<model>_recall`, `<model>_f1` for each model.
+    """
+    import pandas as pd
+    from sklearn.metrics import precision_recall_fscore_support
+
+    indexes = np.arange(len(classes))
+    table = pd.DataFrame({"class": classes, "support": np.bincount(labels, minlength=len(classes))})
+    for name, predicted in predictions.items():
+        precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, labels=indexes, zero_division=0)
+        table[f"{name}_precision"], table[f"{name}_recall"], table[f"{name}_f1"] = precision, recall, f1
+    return table
 
 
 def confusion_figure(labels: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path, title: str) -> None:
@@ -58,6 +91,27 @@ def confusion_figure(labels: np.ndarray, predicted: np.ndarray, classes: list[st
     ConfusionMatrixDisplay.from_predictions(labels, predicted, labels=np.arange(len(classes)),
                                             display_labels=classes, ax=axes, colorbar=False, cmap="Blues")
     axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def reliability_figure(curves: dict[str, tuple[list[dict], float]], path: Path) -> None:
+    """A reliability diagram: per model, the bins of `expected_calibration_error` as accuracy
+    against mean confidence. curves: model name -> (bin rows, ECE)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 5))
+    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for name, (rows, ece) in curves.items():
+        axes.plot([row["confidence"] for row in rows], [row["accuracy"] for row in rows], marker="o",
+                  label=f"{name} (ECE {ece:.3f})")
+    axes.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="confidence (bin mean)", ylabel="accuracy in bin",
+             title="reliability on the test split")
+    axes.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

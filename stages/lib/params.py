@@ -161,9 +161,63 @@ class Finetune(Section):
 
 class Evaluate(Section):
     batch_size: int = Field(256, ge=1)
-    champion_metric: Literal["accuracy", "balanced_accuracy", "macro_f1"] = "accuracy"
+    top_k: int = Field(3, ge=1)
+    champion_metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "top_k_accuracy"] = "accuracy"
     min_improvement: float = Field(0.0, ge=0.0)
     error_gallery: int = Field(16, ge=0, le=100)
+
+
+ExportVariant = Literal["onnx", "onnx_fp16", "onnx_int8", "torchscript"]
+
+
+class Export(Section):
+    variants: list[ExportVariant] = Field(default_factory=lambda: ["onnx", "onnx_fp16", "onnx_int8", "torchscript"],
+                                          min_length=1)
+    opset: int = Field(17, ge=13, le=20)  # the TorchScript-based ONNX exporter writes up to 20
+    batch_size: int = Field(64, ge=1)
+    latency_batches: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    latency_repeats: int = Field(20, ge=1)
+    threads: int = Field(1, ge=1)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, variants: list[str]) -> list[str]:
+        if len(set(variants)) != len(variants):
+            raise ValueError("variants must not repeat")
+        return variants
+
+    @field_validator("latency_batches")
+    @classmethod
+    def _positive(cls, batches: list[int]) -> list[int]:
+        if min(batches) < 1:
+            raise ValueError("latency batch sizes must be positive")
+        return batches
+
+
+class GateCheck(Section):
+    min: float | None = None                        # absolute floor
+    max: float | None = None                        # absolute ceiling (lower-is-better metrics)
+    max_drop: float | None = Field(None, ge=0.0)    # largest allowed decrease from the reference
+    max_rise: float | None = Field(None, ge=0.0)    # largest allowed increase from the reference
+
+    @model_validator(mode="after")
+    def _has_a_threshold(self) -> "GateCheck":
+        if all(value is None for value in (self.min, self.max, self.max_drop, self.max_rise)):
+            raise ValueError("give at least one of min, max, max_drop, max_rise")
+        return self
+
+
+class Gate(Section):
+    metrics_dir: str = "metrics"
+    checks: dict[str, GateCheck] = Field(default_factory=dict)
+
+    @field_validator("checks")
+    @classmethod
+    def _file_and_key(cls, checks: dict[str, GateCheck]) -> dict[str, GateCheck]:
+        for name in checks:
+            if "." not in name.strip("."):
+                raise ValueError(f"'{name}': name a metric as <file stem>.<key>, e.g. evaluate.finetuned.accuracy")
+        return checks
 
 
 class Mlflow(Section):
@@ -181,6 +235,8 @@ class Params(Section):
     features: Features = Features()
     finetune: Finetune
     evaluate: Evaluate = Evaluate()
+    export: Export = Export()
+    gate: Gate = Gate()
     mlflow: Mlflow = Mlflow()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -28,13 +28,16 @@ def champion_score(client, name: str, metric: str) -> tuple[str | None, float | 
     return str(champion.version), (float(score) if score is not None else None)
 
 
-def record_evaluation(name: str, version: str, metrics: dict[str, float], metric: str, min_improvement: float) -> dict:
-    """Tag the version with its test metrics, alias it challenger, promote it if it wins."""
+def record_evaluation(name: str, version: str, metrics: dict[str, float], metric: str, min_improvement: float,
+                      description: str | None = None) -> dict:
+    """Tag the version with its test metrics (and describe it), alias it challenger, promote it if it wins."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     for key, value in metrics.items():
         client.set_model_version_tag(name, version, f"test_{key}", f"{value:.6f}")
+    if description:
+        client.update_model_version(name, version, description=description)
     client.set_registered_model_alias(name, "challenger", version)
     champion_version, score = champion_score(client, name, metric)
     promoted = champion_version == version or should_promote(metrics[metric], score, min_improvement)

@@ -1,0 +1,229 @@
+"""Deployable files of the fine-tuned model, and how far each one may be trusted.
+
+Every variant takes what `NormalizedClassifier` takes (float32 RGB in [0, 1], NCHW, the model's
+input size; normalisation is inside the graph) and returns logits:
+- `onnx`: the legacy TorchScript-based exporter (`dynamo=False`: the dynamo exporter needs
+  onnxscript), dynamic batch axis; the preprocessing (size, interpolation, mean, std, classes)
+  is recorded in the model's metadata_props.
+- `onnx_fp16`: weights and compute in float16, float32 inputs/outputs
+  (onnxruntime.transformers.float16).
+- `onnx_int8`: dynamic int8 quantization of the weights (onnxruntime.quantization.quantize_dynamic).
+- `torchscript`: `torch.jit.trace`, with the same preprocessing JSON as an extra file.
+`parity` compares a variant's logits on the test split with PyTorch's; `latency_ms` times it on
+the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import statistics
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FILES = {"onnx": "model.onnx", "onnx_fp16": "model_fp16.onnx", "onnx_int8": "model_int8.onnx",
+         "torchscript": "model_torchscript.pt"}
+Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW in [0, 1] -> logits
+
+
+def preprocessing(config: dict) -> dict:
+    """What a caller must do before the model and how to read its output, from finetune's config.json."""
+    data = config["data_config"]
+    size = data["input_size"][-1]
+    return {
+        "model": config["model"],
+        "classes": config["classes"],
+        "image_size": size,
+        "interpolation": data["interpolation"],
+        "mean": data["mean"],
+        "std": data["std"],
+        "input": f"float32 NCHW RGB in [0, 1], {size}x{size}: decode upright (EXIF), convert to RGB, resize the "
+                 f"shorter side to {size} ({data['interpolation']}), centre-crop, divide by 255",
+        "normalization": "inside the model: (x - mean) / std; do not normalise again",
+        "output": "logits, one per class in `classes` order (softmax for probabilities)",
+    }
+
+
+def as_metadata(values: dict) -> dict[str, str]:
+    """ONNX metadata_props and TorchScript extra files hold strings: lists and numbers as JSON."""
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in values.items()}
+
+
+@contextmanager
+def _quiet():
+    """Silence the exporters' deprecation notices and onnxruntime's root-logger chatter."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(legacy TorchScript-based ONNX|torch.jit|deprecated).*")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def onnx_metadata(model) -> dict[str, str]:
+    """The metadata_props of an onnx.ModelProto as a dict."""
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def export_onnx(model: torch.nn.Module, path: Path, size: int, opset: int, metadata: dict) -> None:
+    """ONNX with a dynamic batch axis, input `image`, output `logits`, `metadata` recorded
+    (`as_metadata`), checked."""
+    import onnx
+
+    example = torch.rand(2, 3, size, size)
+    with _quiet(), torch.inference_mode():
+        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    exported = onnx.load(str(path))
+    onnx.helper.set_model_props(exported, as_metadata(metadata))
+    onnx.checker.check_model(exported)
+    onnx.save(exported, str(path))
+
+
+def to_fp16(source: Path, path: Path) -> None:
+    """float16 weights and compute; inputs and outputs stay float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    original = onnx.load(str(source))
+    with _quiet():
+        converted = convert_float_to_float16(original, keep_io_types=True)
+    onnx.helper.set_model_props(converted, onnx_metadata(original))
+    onnx.save(converted, str(path))
+
+
+def to_int8(source: Path, path: Path) -> None:
+    """Dynamic quantization: int8 weights, activations quantized on the fly (after onnxruntime's
+    recommended pre-processing: shape inference and graph optimisation).
+
+    The classifier (the node writing `logits`) stays float32: it is a tiny share of the weights,
+    and a head started from a linear probe can hold a few very large weights next to many
+    small ones, which one int8 scale per tensor rounds to zero (every image then gets the
+    same logits)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = path.with_suffix(".pre.onnx")
+    with _quiet():
+        quant_pre_process(str(source), str(prepared))
+        head = [node.name for node in onnx.load(str(prepared)).graph.node if "logits" in node.output]
+        # the quantizer renames a Gemm it splits into MatMul + Add: exclude both names
+        quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8,
+                         nodes_to_exclude=head + [f"{name}_MatMul" for name in head])
+    prepared.unlink()
+    quantized = onnx.load(str(path))
+    onnx.helper.set_model_props(quantized, onnx_metadata(onnx.load(str(source))))
+    onnx.save(quantized, str(path))
+
+
+def export_torchscript(model: torch.nn.Module, path: Path, size: int, metadata: dict) -> None:
+    with _quiet(), torch.inference_mode():
+        traced = torch.jit.trace(model.eval(), torch.rand(1, 3, size, size))
+        torch.jit.save(traced, str(path), _extra_files={"preprocessing.json": json.dumps(metadata, indent=2)})
+
+
+def export_all(variants: list[str], model: torch.nn.Module, folder: Path, size: int, opset: int,
+               metadata: dict) -> dict[str, Path]:
+    """Write the requested variants into folder; return {variant: file}. The fp16 and int8 files
+    start from model.onnx, which is kept only when `onnx` itself is requested."""
+    onnx_path = folder / FILES["onnx"]
+    if any(variant.startswith("onnx") for variant in variants):
+        export_onnx(model, onnx_path, size, opset, metadata)
+    convert = {"onnx": lambda path: None, "onnx_fp16": lambda path: to_fp16(onnx_path, path),
+               "onnx_int8": lambda path: to_int8(onnx_path, path),
+               "torchscript": lambda path: export_torchscript(model, path, size, metadata)}
+    paths = {}
+    for variant in variants:
+        paths[variant] = folder / FILES[variant]
+        convert[variant](paths[variant])
+    if "onnx" not in variants:
+        onnx_path.unlink(missing_ok=True)
+    return paths
+
+
+def runner(variant: str, path: Path, threads: int) -> Runner:
+    """A function running the exported file on the CPU with `threads` threads."""
+    if variant == "torchscript":
+        with _quiet():
+            module = torch.jit.load(str(path)).eval()
+
+        def run_torchscript(batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return module(torch.from_numpy(batch)).numpy()
+
+        return run_torchscript
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(["logits"], {"image": batch})[0].astype(np.float32)
+
+
+def pytorch_runner(model: torch.nn.Module) -> Runner:
+    def run_pytorch(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch)).numpy()
+
+    return run_pytorch
+
+
+def as_input(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW in [0, 1], contiguous: what every variant takes."""
+    return np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+
+
+def logits_of(run: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([run(as_input(images[start:start + batch_size]))
+                           for start in range(0, len(images), batch_size)])
+
+
+def parity(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """How a variant's logits compare with PyTorch's on the same images."""
+    accuracy = float((logits.argmax(1) == labels).mean())
+    return {
+        "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+        "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
+        "accuracy": accuracy,
+        "accuracy_delta": accuracy - float((reference.argmax(1) == labels).mean()),
+    }
+
+
+def latency_ms(run: Runner, images: np.ndarray, batch: int, repeats: int) -> float:
+    """Median wall time per image (ms) of `repeats` runs on a batch of `batch` test images, after a warm-up."""
+    picks = np.resize(np.arange(len(images)), batch)
+    inputs = as_input(images[picks])
+    for _ in range(3):  # warm-up: allocations, and TorchScript's profiling runs
+        run(inputs)
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run(inputs)
+        timings.append(time.perf_counter() - started)
+    return 1000.0 * statistics.median(timings) / batch
+
+
+def size_mb(path: Path) -> float:
+    return path.stat().st_size / 2**20
+
+
+def state_dict_mb(model: torch.nn.Module) -> float:
+    """Size of the model's weights as torch.save writes them (the PyTorch reference)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell() / 2**20

@@ -1,0 +1,261 @@
+"""Inference on encoded image files: the fine-tuned model with its own preprocessing, and the
+MLflow pyfunc registered by finetune, which `mlflow models serve` and `stages.predict` use.
+
+- `decode_image`: bytes of any image file -> uint8 (size, size, 3), exactly as the augment stage
+  prepares training images (`images.load_rgb`: upright, RGB, shorter side resized with the
+  model's interpolation, centre crop). Unreadable data raises `ImageDecodeError`.
+- `ImageClassifier`: a model folder (model.pt + config.json, as finetune writes it) ->
+  `predict(list of bytes)`: a DataFrame with one row per image: `label`, `probability` (of that
+  label), `probabilities` (every class, in `classes` order) and `error` (empty when the image
+  was read; otherwise the reason, and the other columns are null). A bad image never fails
+  the batch.
+- `ImageClassifierModel`: the MLflow pyfunc around it. Input: a DataFrame with a binary column
+  `image` (over REST: base64 strings in `dataframe_split`). `log_image_classifier` logs and
+  registers it with this package's code, so the model loads without the project installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from stages.lib import PipelineError
+from stages.lib.images import load_rgb, resample_filter
+
+log = logging.getLogger(__name__)
+OUTPUT_COLUMNS = ["label", "probability", "probabilities", "error"]
+PACKAGE = Path(__file__).resolve().parents[1]  # the `stages` package, shipped with the model
+
+
+class ImageDecodeError(PipelineError, ValueError):
+    """One input is not a readable image."""
+
+
+def as_bytes(value) -> bytes:
+    """Raw bytes of one input value: bytes as they are; a str is taken as base64."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageDecodeError("a text value must be base64-encoded image bytes") from None
+    raise ImageDecodeError(f"expected encoded image bytes, got {type(value).__name__}")
+
+
+def decode_image(data: bytes, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """One encoded image -> uint8 (size, size, 3), prepared as the augment stage prepares training data."""
+    if not data:
+        raise ImageDecodeError("empty input (no image bytes; over REST send the file base64-encoded)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return load_rgb(io.BytesIO(data), size, resample_filter(interpolation))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError("image too large (decompression-bomb guard)") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageDecodeError(f"corrupt image: {error}") from None
+
+
+class ImageClassifier:
+    """The fine-tuned model of a folder with model.pt and config.json, ready for encoded images."""
+
+    def __init__(self, weights: Path, config: Path, batch_size: int = 64):
+        import torch
+
+        from stages.lib.backbones import NormalizedClassifier, create_backbone
+
+        self.config = json.loads(Path(config).read_text())
+        self.classes: list[str] = self.config["classes"]
+        self.size: int = self.config["data_config"]["input_size"][-1]
+        self.interpolation: str = self.config["data_config"]["interpolation"]
+        self.batch_size = batch_size
+        backbone = create_backbone(self.config["model"], "none", self.config["num_classes"])
+        backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        mean, std = self.config["data_config"]["mean"], self.config["data_config"]["std"]
+        self.model = NormalizedClassifier(backbone, mean, std).eval()
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, batch_size: int = 64) -> "ImageClassifier":
+        folder = Path(folder)
+        for name in ("model.pt", "config.json"):
+            if not (folder / name).is_file():
+                raise PipelineError(f"{folder}: no {name} (expected a model folder written by the finetune stage)")
+        return cls(folder / "model.pt", folder / "config.json", batch_size)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, size, size, 3) -> class probabilities (N, classes)."""
+        import torch
+
+        from stages.lib.prepared import to_float_batch
+
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                logits = self.model(to_float_batch(images[start:start + self.batch_size]))
+                outputs.append(torch.softmax(logits.float(), dim=1).numpy())
+        return np.concatenate(outputs) if outputs else np.empty((0, len(self.classes)), dtype=np.float32)
+
+    def predict(self, values) -> pd.DataFrame:
+        """Encoded images (bytes, or base64 text) -> one row each: label, probability, probabilities, error."""
+        rows = [{"label": None, "probability": None, "probabilities": None, "error": ""} for _ in values]
+        decoded, positions = [], []
+        for position, value in enumerate(values):
+            try:
+                decoded.append(decode_image(as_bytes(value), self.size, self.interpolation))
+                positions.append(position)
+            except ImageDecodeError as error:
+                rows[position]["error"] = str(error)
+        if decoded:
+            for position, probs in zip(positions, self.probabilities(np.stack(decoded))):
+                best = int(probs.argmax())
+                rows[position].update(label=self.classes[best], probability=float(probs[best]),
+                                      probabilities=[float(p) for p in probs])
+        # object columns keep None as None, so a failed row is null in JSON, never NaN
+        return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)
+
+
+class ImageClassifierModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc: a DataFrame with a binary `image` column -> `ImageClassifier.predict`'s rows."""
+
+    def load_context(self, context):
+        self.classifier = ImageClassifier(Path(context.artifacts["weights"]), Path(context.artifacts["config"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        if isinstance(model_input, pd.DataFrame):
+            if "image" not in model_input.columns:
+                raise PipelineError(f"expected a column 'image' of encoded images, got {list(model_input.columns)}")
+            values = model_input["image"].tolist()
+        else:
+            values = list(model_input)
+        return self.classifier.predict(values)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+MODEL_CODE = """# The model's entry point (MLflow "models from code"): the pyfunc in stages/lib/serving.py.
+import mlflow
+from stages.lib.serving import ImageClassifierModel
+
+mlflow.models.set_model(ImageClassifierModel())
+"""
+
+
+def _package_copy(destination: Path) -> Path:
+    """This project's shared library (stages/__init__.py, stages/lib/) without caches, to ship inside the model."""
+    target = destination / "stages"
+    shutil.copytree(PACKAGE / "lib", target / "lib", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(PACKAGE / "__init__.py", target / "__init__.py")
+    return target
+
+
+def log_image_classifier(model_dir: Path, example_image: np.ndarray, registered_name: str):
+    """Log the model of model_dir (model.pt, config.json) as an `ImageClassifierModel` pyfunc in
+    the active run, with signature, an input example (example_image, uint8 HWC, PNG-encoded) and
+    the class list in its metadata, and register it as a new version of registered_name."""
+    import PIL
+    import timm
+    import torch
+    from mlflow.models import infer_signature
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    example = pd.DataFrame({"image": [encode_png(example_image)]})
+    output = ImageClassifier.from_folder(model_dir).predict(example["image"].tolist())
+    with tempfile.TemporaryDirectory() as scratch:
+        entry_point = Path(scratch) / "image_classifier.py"
+        entry_point.write_text(MODEL_CODE)
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(entry_point),
+            artifacts={"weights": str(model_dir / "model.pt"), "config": str(model_dir / "config.json")},
+            code_paths=[str(_package_copy(Path(scratch)))],
+            signature=infer_signature(example, output), input_example=example,
+            registered_model_name=registered_name,
+            metadata={"classes": config["classes"], "data_config": config["data_config"], "input": "encoded image"},
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}",
+                              f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}", f"numpy=={np.__version__}"])
+
+
+# ------------------------------------------------------------------------ batch prediction
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """The files to predict: each file as given, each folder's files recursively (sorted, hidden
+    files skipped). A path that does not exist is kept, so that it is reported, not dropped."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*")
+                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        else:
+            files.append(path)
+    return files
+
+
+def load_predictor(model: str):
+    """(predict function: list of bytes -> DataFrame as `ImageClassifier.predict`, class names) for
+    a model folder written by finetune, a local MLflow model folder, or an MLflow model URI such
+    as `models:/<name>@champion` (resolved in the pipeline's MLflow store)."""
+    if "://" in model or model.startswith("models:/") or (Path(model) / "MLmodel").is_file():
+        import mlflow
+
+        from stages.lib.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        try:
+            pyfunc = mlflow.pyfunc.load_model(model)
+        except mlflow.exceptions.MlflowException as error:
+            raise PipelineError(f"{model}: cannot load the model: {error.message}") from None
+        classes = (pyfunc.metadata.metadata or {}).get("classes")
+        if not classes:
+            raise PipelineError(f"{model}: not an image classifier logged by this pipeline (no classes in its metadata)")
+        return (lambda values: pyfunc.predict(pd.DataFrame({"image": values}))), classes
+    classifier = ImageClassifier.from_folder(model)
+    return classifier.predict, classifier.classes
+
+
+def read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def predict_files(files: list[Path], predict, classes: list[str], top_k: int, chunk: int = 64) -> pd.DataFrame:
+    """One row per file: path, error (empty when read), pred_1, prob_1, ... pred_k, prob_k."""
+    from tqdm import tqdm
+
+    k = min(top_k, len(classes))
+    rows = []
+    for start in tqdm(range(0, len(files), chunk), desc="predict", unit="batch", disable=len(files) <= chunk):
+        batch = files[start:start + chunk]
+        contents = [read_bytes(path) for path in batch]
+        readable = [i for i, data in enumerate(contents) if data is not None]
+        frame = predict([contents[i] for i in readable]) if readable else pd.DataFrame(columns=OUTPUT_COLUMNS)
+        results = dict(zip(readable, frame.to_dict(orient="records")))
+        for i, path in enumerate(batch):
+            result = results.get(i, {"error": "cannot read the file" if path.exists() else "file not found"})
+            row = {"path": str(path), "error": result.get("error") or ""}
+            if not row["error"]:
+                probs = np.asarray(result["probabilities"])
+                for rank, index in enumerate(np.argsort(-probs, kind="stable")[:k], start=1):
+                    row[f"pred_{rank}"], row[f"prob_{rank}"] = classes[index], round(float(probs[index]), 6)
+            rows.append(row)
+    columns = ["path", "error"] + [f"{name}_{rank}" for rank in range(1, k + 1) for name in ("pred", "prob")]
+    return pd.DataFrame(rows, columns=columns)
