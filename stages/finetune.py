@@ -12,7 +12,6 @@ plots/finetune_history.csv; logs the model to MLflow and registers a version.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import logging
@@ -21,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from stages.lib import setup_logging
+from stages.lib import distributed, setup_logging
 from stages.lib.augmentation import train_transform
 from stages.lib.backbones import NormalizedClassifier, classifier_prefix, create_backbone, data_config
+from stages.lib.distributed import Distributed
 from stages.lib.metrics import line_figure
 from stages.lib.params import Params, load_params
 from stages.lib.prepared import PreparedDataset, load_meta
 from stages.lib.tracking import stage_run, write_metrics
-from stages.lib.training import run_phases
+from stages.lib.training import make_loaders, run_phases, uses_mixup, write_history
 
 log = logging.getLogger("finetune")
 CHECKPOINT = Path("checkpoints/finetune/last.pt")
@@ -68,6 +67,61 @@ def log_model(model: NormalizedClassifier, size: int, classes: list[str], regist
     return info
 
 
+def train(args, params: Params, dist: Distributed, on_epoch=lambda row: None):
+    """Build the model from the probe (LP-FT) and the loaders, run the phases; every process calls this."""
+    settings = params.finetune
+    meta = load_meta(args.prepared)
+    classes, size = meta["classes"], meta["image_size"]
+    config = data_config(params.model.name, size)
+    model = create_backbone(params.model.name, params.model.weights, len(classes), params.model.drop_rate)
+    start_from_probe(model, args.baseline / "head.pt")
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    model = model.to(dist.device, memory_format=memory_format)
+    train_loader, val_loader = make_loaders(
+        PreparedDataset(args.prepared, "train", train_transform(params.augment)), PreparedDataset(args.prepared, "val"),
+        settings.batch_size, dist, params.base.seed, settings.workers, uses_mixup(settings))
+    started = time.perf_counter()
+    state = run_phases(model, settings, train_loader, val_loader, config["mean"], config["std"], params.base.seed,
+                       CHECKPOINT, fingerprint(params, meta, args.baseline / "head.pt"), on_epoch, dist)
+    return model.cpu().to(memory_format=torch.contiguous_format), state, time.perf_counter() - started, meta, config
+
+
+def write_outputs(args, params: Params, model, state, seconds: float, meta: dict, config: dict, run) -> dict:
+    """models/finetuned, the metrics, the history plot and the MLflow model (rank 0)."""
+    import mlflow
+
+    classes, size = meta["classes"], meta["image_size"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), args.out / "model.pt")
+    (args.out / "config.json").write_text(json.dumps({
+        "model": params.model.name, "num_classes": len(classes), "classes": classes, "data_config": config,
+        "classifier": classifier_prefix(model), "best_epoch": state.best_epoch}, indent=2) + "\n")
+    write_history(args.history, state.history)
+    best = state.history[state.best_epoch - 1]
+    write_metrics(args.metrics, {"best_epoch": state.best_epoch, "epochs": state.epoch,
+                                 "best_val_loss": best["val_loss"], "best_val_accuracy": best["val_accuracy"],
+                                 "train_seconds": round(seconds, 1)})
+    phase_starts = [row["epoch"] - 1 for before, row in zip(state.history, state.history[1:])
+                    if row["phase_index"] != before["phase_index"]]
+    curves = args.out / "learning_curves.png"
+    line_figure(state.history, "epoch", ["train_loss", "val_loss", "val_accuracy"], curves,
+                "fine-tuning (dashed: phase boundaries)", phase_starts)
+    mlflow.log_artifact(str(curves))
+    info = log_model(NormalizedClassifier(model, config["mean"], config["std"]), size, classes,
+                     params.mlflow.registered_model)
+    (args.out / "mlflow.json").write_text(json.dumps({
+        "run_id": run.info.run_id, "model_uri": info.model_uri,
+        "registered_model": params.mlflow.registered_model,
+        "version": str(info.registered_model_version)}, indent=2) + "\n")
+    return best
+
+
+def log_epoch(row: dict) -> None:
+    import mlflow
+
+    mlflow.log_metrics({key: value for key, value in row.items() if key not in ("epoch", "phase")}, step=row["epoch"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", type=Path, required=True)
@@ -78,56 +132,19 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     params = load_params()
-    settings = params.finetune
+    dist = distributed.setup()
+    try:
+        if not dist.is_main:  # a torchrun worker: train in step with rank 0, write nothing
+            train(args, params, dist)
+            return
+        with stage_run("finetune", params, ["base", "model", "augment", "finetune"], upstream=["features"]) as run:
+            import mlflow
 
-    with stage_run("finetune", params, ["base", "model", "augment", "finetune"], upstream=["features"]) as run:
-        import mlflow
-
-        meta = load_meta(args.prepared)
-        classes, size = meta["classes"], meta["image_size"]
-        config = data_config(params.model.name, size)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = create_backbone(params.model.name, params.model.weights, len(classes), params.model.drop_rate)
-        start_from_probe(model, args.baseline / "head.pt")
-        model = model.to(device, memory_format=torch.channels_last)
-
-        train_loader = DataLoader(PreparedDataset(args.prepared, "train", train_transform(params.augment)),
-                                  batch_size=settings.batch_size, shuffle=True, generator=torch.Generator(),
-                                  pin_memory=device.type == "cuda")
-        val_loader = DataLoader(PreparedDataset(args.prepared, "val"), batch_size=settings.batch_size * 2)
-        started = time.perf_counter()
-        state = run_phases(model, settings.phases, settings, train_loader, val_loader, config["mean"], config["std"],
-                           params.base.seed, CHECKPOINT, fingerprint(params, meta, args.baseline / "head.pt"),
-                           on_epoch=lambda row: mlflow.log_metrics(
-                               {k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=row["epoch"]))
-        seconds = time.perf_counter() - started
-
-        args.out.mkdir(parents=True, exist_ok=True)
-        model = model.cpu().to(memory_format=torch.contiguous_format)
-        torch.save(model.state_dict(), args.out / "model.pt")
-        (args.out / "config.json").write_text(json.dumps({
-            "model": params.model.name, "num_classes": len(classes), "classes": classes, "data_config": config,
-            "classifier": classifier_prefix(model), "best_epoch": state.best_epoch}, indent=2) + "\n")
-        args.history.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.history, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(state.history[0]))
-            writer.writeheader()
-            writer.writerows(state.history)
-        best = state.history[state.best_epoch - 1]
-        write_metrics(args.metrics, {"best_epoch": state.best_epoch, "epochs": state.epoch,
-                                     "best_val_loss": best["val_loss"], "best_val_accuracy": best["val_accuracy"],
-                                     "train_seconds": round(seconds, 1)})
-        phase_ends = [i for i, row in enumerate(state.history[:-1]) if row["phase"] != state.history[i + 1]["phase"]]
-        curves = args.out / "learning_curves.png"
-        line_figure(state.history, "epoch", ["train_loss", "val_loss", "val_accuracy"], curves,
-                    "fine-tuning (dashed: phase boundaries)", [i + 1 for i in phase_ends])
-        mlflow.log_artifact(str(curves))
-        info = log_model(NormalizedClassifier(model, config["mean"], config["std"]), size, classes,
-                         params.mlflow.registered_model)
-        (args.out / "mlflow.json").write_text(json.dumps({
-            "run_id": run.info.run_id, "model_uri": info.model_uri,
-            "registered_model": params.mlflow.registered_model,
-            "version": str(info.registered_model_version)}, indent=2) + "\n")
+            mlflow.log_params({"world_size": dist.world_size, "device": dist.device.type})
+            model, state, seconds, meta, config = train(args, params, dist, log_epoch)
+            best = write_outputs(args, params, model, state, seconds, meta, config, run)
+    finally:
+        distributed.shutdown(dist)
     CHECKPOINT.unlink(missing_ok=True)
     log.info("best epoch %d: val loss %.4f, val accuracy %.4f (%.0f s)", state.best_epoch, best["val_loss"],
              best["val_accuracy"], seconds)
