@@ -140,7 +140,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         make_images(Path(folder), args.images, args.size)
-        epochs = {"pipeline": pipeline_epoch(args, Path(folder), device), "plain": plain_epoch(args, Path(folder), device)}
+        epochs = {"pipeline": pipeline_epoch(args, Path(folder), device),
+                  "plain": plain_epoch(args, Path(folder), device)}
         for epoch in epochs.values():
             epoch()  # warm-up: allocator, kernels, first-touch of the memory map
         rates = {name: [] for name in epochs}
@@ -151,7 +152,8 @@ def main() -> None:
     best = {name: max(values) for name, values in rates.items()}
     ratio = best["pipeline"] / best["plain"]
     result = {"model": args.model, "images": args.images, "size": args.size, "batch_size": args.batch_size,
-              "device": str(device), "threads": torch.get_num_threads(), "amp": "bfloat16" if device.type == "cuda" else None,
+              "device": str(device), "threads": torch.get_num_threads(),
+              "amp": "bfloat16" if device.type == "cuda" else None,
               "channels_last": True, "img_per_s": {name: round(value, 1) for name, value in best.items()},
               "all_img_per_s": rates, "ratio": round(ratio, 3), "torch": torch.__version__,
               "machine": platform.machine()}

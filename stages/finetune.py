@@ -4,6 +4,8 @@ The classifier starts as the probe from the features stage; each phase in `finet
 trains the groups it names (head, the top N timm block groups, or all) with a fresh optimizer
 and warmup + cosine schedule, stops early on val loss, and the best epoch's weights are kept.
 A checkpoint after every epoch (checkpoints/finetune/last.pt) lets a killed run resume.
+Under `torchrun --nproc_per_node=N -m stages.finetune ...` the N processes train one model
+data-parallel (DDP); rank 0 alone writes the outputs and logs to MLflow.
 
 Writes models/finetuned/ (weights, config with classes and data config), metrics/finetune.json,
 plots/finetune_history.csv; logs the model to MLflow and registers a version.
@@ -16,6 +18,7 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +27,11 @@ import torch
 from stages.lib import distributed, setup_logging
 from stages.lib.augmentation import train_transform
 from stages.lib.backbones import NormalizedClassifier, classifier_prefix, create_backbone, data_config
-from stages.lib.distributed import Distributed
 from stages.lib.metrics import line_figure
 from stages.lib.params import Params, load_params
 from stages.lib.prepared import PreparedDataset, load_meta
 from stages.lib.tracking import stage_run, write_metrics
-from stages.lib.training import make_loaders, run_phases, uses_mixup, write_history
+from stages.lib.training import make_loaders, memory_format, run_phases, uses_mixup, write_history
 
 log = logging.getLogger("finetune")
 CHECKPOINT = Path("checkpoints/finetune/last.pt")
@@ -67,56 +69,8 @@ def log_model(model: NormalizedClassifier, size: int, classes: list[str], regist
     return info
 
 
-def train(args, params: Params, dist: Distributed, on_epoch=lambda row: None):
-    """Build the model from the probe (LP-FT) and the loaders, run the phases; every process calls this."""
-    settings = params.finetune
-    meta = load_meta(args.prepared)
-    classes, size = meta["classes"], meta["image_size"]
-    config = data_config(params.model.name, size)
-    model = create_backbone(params.model.name, params.model.weights, len(classes), params.model.drop_rate)
-    start_from_probe(model, args.baseline / "head.pt")
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model = model.to(dist.device, memory_format=memory_format)
-    train_loader, val_loader = make_loaders(
-        PreparedDataset(args.prepared, "train", train_transform(params.augment)), PreparedDataset(args.prepared, "val"),
-        settings.batch_size, dist, params.base.seed, settings.workers, uses_mixup(settings))
-    started = time.perf_counter()
-    state = run_phases(model, settings, train_loader, val_loader, config["mean"], config["std"], params.base.seed,
-                       CHECKPOINT, fingerprint(params, meta, args.baseline / "head.pt"), on_epoch, dist)
-    return model.cpu().to(memory_format=torch.contiguous_format), state, time.perf_counter() - started, meta, config
-
-
-def write_outputs(args, params: Params, model, state, seconds: float, meta: dict, config: dict, run) -> dict:
-    """models/finetuned, the metrics, the history plot and the MLflow model (rank 0)."""
-    import mlflow
-
-    classes, size = meta["classes"], meta["image_size"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), args.out / "model.pt")
-    (args.out / "config.json").write_text(json.dumps({
-        "model": params.model.name, "num_classes": len(classes), "classes": classes, "data_config": config,
-        "classifier": classifier_prefix(model), "best_epoch": state.best_epoch}, indent=2) + "\n")
-    write_history(args.history, state.history)
-    best = state.history[state.best_epoch - 1]
-    write_metrics(args.metrics, {"best_epoch": state.best_epoch, "epochs": state.epoch,
-                                 "best_val_loss": best["val_loss"], "best_val_accuracy": best["val_accuracy"],
-                                 "train_seconds": round(seconds, 1)})
-    phase_starts = [row["epoch"] - 1 for before, row in zip(state.history, state.history[1:])
-                    if row["phase_index"] != before["phase_index"]]
-    curves = args.out / "learning_curves.png"
-    line_figure(state.history, "epoch", ["train_loss", "val_loss", "val_accuracy"], curves,
-                "fine-tuning (dashed: phase boundaries)", phase_starts)
-    mlflow.log_artifact(str(curves))
-    info = log_model(NormalizedClassifier(model, config["mean"], config["std"]), size, classes,
-                     params.mlflow.registered_model)
-    (args.out / "mlflow.json").write_text(json.dumps({
-        "run_id": run.info.run_id, "model_uri": info.model_uri,
-        "registered_model": params.mlflow.registered_model,
-        "version": str(info.registered_model_version)}, indent=2) + "\n")
-    return best
-
-
 def log_epoch(row: dict) -> None:
+    """One epoch's history row as MLflow step metrics (losses, accuracies, phase, lr per group)."""
     import mlflow
 
     mlflow.log_metrics({key: value for key, value in row.items() if key not in ("epoch", "phase")}, step=row["epoch"])
@@ -132,19 +86,57 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     params = load_params()
-    dist = distributed.setup()
-    try:
-        if not dist.is_main:  # a torchrun worker: train in step with rank 0, write nothing
-            train(args, params, dist)
-            return
-        with stage_run("finetune", params, ["base", "model", "augment", "finetune"], upstream=["features"]) as run:
-            import mlflow
+    settings = params.finetune
+    dist = distributed.setup()  # one process, or this process's rank under torchrun
 
-            mlflow.log_params({"world_size": dist.world_size, "device": dist.device.type})
-            model, state, seconds, meta, config = train(args, params, dist, log_epoch)
-            best = write_outputs(args, params, model, state, seconds, meta, config, run)
-    finally:
+    tracked = stage_run("finetune", params, ["base", "model", "augment", "finetune"], upstream=["features"])
+    with tracked if dist.is_main else nullcontext() as run:  # torchrun workers log nothing
+        import mlflow
+
+        meta = load_meta(args.prepared)
+        classes, size = meta["classes"], meta["image_size"]
+        config = data_config(params.model.name, size)
+        model = create_backbone(params.model.name, params.model.weights, len(classes), params.model.drop_rate)
+        start_from_probe(model, args.baseline / "head.pt")
+        model = model.to(dist.device, memory_format=memory_format(settings.channels_last))
+
+        train_loader, val_loader = make_loaders(
+            PreparedDataset(args.prepared, "train", train_transform(params.augment)),
+            PreparedDataset(args.prepared, "val"), settings.batch_size, dist, params.base.seed, settings.workers,
+            mixup=uses_mixup(settings))
+        started = time.perf_counter()
+        state = run_phases(model, settings, train_loader, val_loader, config["mean"], config["std"],
+                           params.base.seed, CHECKPOINT, fingerprint(params, meta, args.baseline / "head.pt"),
+                           on_epoch=log_epoch if dist.is_main else lambda row: None, dist=dist)
+        seconds = time.perf_counter() - started
         distributed.shutdown(dist)
+        if not dist.is_main:
+            return  # a torchrun worker: it trained in step with rank 0, which writes everything
+
+        mlflow.log_params({"world_size": dist.world_size, "device": dist.device.type})
+        args.out.mkdir(parents=True, exist_ok=True)
+        model = model.cpu().to(memory_format=torch.contiguous_format)
+        torch.save(model.state_dict(), args.out / "model.pt")
+        (args.out / "config.json").write_text(json.dumps({
+            "model": params.model.name, "num_classes": len(classes), "classes": classes, "data_config": config,
+            "classifier": classifier_prefix(model), "best_epoch": state.best_epoch}, indent=2) + "\n")
+        write_history(args.history, state.history)
+        best = state.history[state.best_epoch - 1]
+        write_metrics(args.metrics, {"best_epoch": state.best_epoch, "epochs": state.epoch,
+                                     "best_val_loss": best["val_loss"], "best_val_accuracy": best["val_accuracy"],
+                                     "train_seconds": round(seconds, 1)})
+        phase_ends = [i for i, row in enumerate(state.history[:-1])
+                      if row["phase_index"] != state.history[i + 1]["phase_index"]]
+        curves = args.out / "learning_curves.png"
+        line_figure(state.history, "epoch", ["train_loss", "val_loss", "val_accuracy"], curves,
+                    "fine-tuning (dashed: phase boundaries)", [i + 1 for i in phase_ends])
+        mlflow.log_artifact(str(curves))
+        info = log_model(NormalizedClassifier(model, config["mean"], config["std"]), size, classes,
+                         params.mlflow.registered_model)
+        (args.out / "mlflow.json").write_text(json.dumps({
+            "run_id": run.info.run_id, "model_uri": info.model_uri,
+            "registered_model": params.mlflow.registered_model,
+            "version": str(info.registered_model_version)}, indent=2) + "\n")
     CHECKPOINT.unlink(missing_ok=True)
     log.info("best epoch %d: val loss %.4f, val accuracy %.4f (%.0f s)", state.best_epoch, best["val_loss"],
              best["val_accuracy"], seconds)

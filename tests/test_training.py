@@ -183,10 +183,12 @@ def test_ema_and_mixup_train_and_the_ema_is_what_is_validated_and_kept(tmp_path)
 
 def test_lr_per_block_group_shows_the_phases(tmp_path):
     state = train(tiny_model(), settings(patience=5), tmp_path)
-    columns = list(lr_labels(tiny_model()))
-    assert "lr_classifier" in columns and "lr_conv_stem" in columns and len(columns) == len(set(columns))
+    labels = lr_labels(tiny_model())
+    columns = list(labels)
+    assert columns == ["lr_head"] + [f"lr_top{n}" for n in range(1, len(block_groups(tiny_model())) + 1)]
+    assert labels["lr_top1"] == block_groups(tiny_model())[-1] and labels["lr_head"][0].startswith("classifier")
     head, full = state.history[0], state.history[1]
-    assert head["lr_classifier"] > 0 and all(head[column] == 0 for column in columns if column != "lr_classifier")
+    assert head["lr_head"] > 0 and all(head[column] == 0 for column in columns if column != "lr_head")
     assert all(full[column] > 0 for column in columns)
     assert [row["phase_index"] for row in state.history] == [0, 1, 1]
 

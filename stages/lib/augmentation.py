@@ -26,7 +26,7 @@ def train_transform(settings) -> v2.Compose:
         steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
     if settings.random_erasing:
         steps.append(v2.RandomErasing(p=settings.random_erasing, value=0))
-    return v2.Compose(steps)
+    return v2.Compose(steps) if steps else v2.Identity()  # Compose refuses an empty list
 
 
 def preview_grid(images: np.ndarray, transform, count: int, path: Path, seed: int) -> None:

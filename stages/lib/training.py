@@ -96,6 +96,10 @@ def write_history(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class Inputs:
     """uint8 NCHW batches -> normalised float on the device (channels_last when asked)."""
 
@@ -103,7 +107,7 @@ class Inputs:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
         self.device = device
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = memory_format(channels_last)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).float()
@@ -152,20 +156,12 @@ def build_loss(recipe, num_classes: int):
 
 
 def lr_labels(model: nn.Module) -> dict[str, list[str]]:
-    """Column name (`lr_blocks_3`, `lr_classifier`) -> parameter names, one per timm block group."""
+    """History column -> parameter names: `lr_head` for the classifier, `lr_top1`, `lr_top2`, ... for
+    timm's block groups counted from the top, as `trainable: N` counts them."""
     head = classifier_prefix(model)
-    groups = block_groups(model) + [[name for name, _ in model.named_parameters() if name.startswith(head)]]
-    labels = {}
-    for index, names in enumerate(groups):
-        split = [name.split(".") for name in names]
-        common = []
-        for parts in zip(*split):
-            if len(set(parts)) > 1:
-                break
-            common.append(parts[0])
-        common = common[:min(len(parts) for parts in split) - 1] or split[0][:1]  # a module, not a tensor
-        label = "lr_" + "_".join(common)
-        labels[label if label not in labels else f"{label}_{index}"] = names
+    labels = {"lr_head": [name for name, _ in model.named_parameters() if name.startswith(head)]}
+    for rank, names in enumerate(reversed(block_groups(model)), start=1):
+        labels[f"lr_top{rank}"] = names
     return labels
 
 
@@ -235,7 +231,7 @@ class Trainer:
                 **self._lr_per_group(optimizer, [total / max(steps, 1) for total in lr_sums])}
 
     def _lr_per_group(self, optimizer, group_lrs: list[float]) -> dict[str, float]:
-        """Mean lr over the epoch of each block group (0 for frozen groups): phases show in the plot."""
+        """Mean lr over the epoch of each block group (0 when frozen): the phases show in the plot."""
         lr_of = {id(p): lr for group, lr in zip(optimizer.param_groups, group_lrs) for p in group["params"]}
         named = dict(self.model.named_parameters())
         return {column: max(lr_of.get(id(named[name]), 0.0) for name in names)
@@ -268,7 +264,8 @@ def logits_of(model: nn.Module, loader: DataLoader, inputs: Inputs,
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def predict_logits(model: nn.Module, loader: DataLoader, mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(model: nn.Module, loader: DataLoader, mean, std,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of a loader of uint8 images, normalised with mean and std (lists)."""
     return logits_of(model, loader, Inputs(mean, std, device))
 
