@@ -4,6 +4,8 @@ The classifier starts as the probe from the features stage; each phase in `finet
 trains the groups it names (head, the top N timm block groups, or all) with a fresh optimizer
 and warmup + cosine schedule, stops early on val loss, and the best epoch's weights are kept.
 A checkpoint after every epoch (checkpoints/finetune/last.pt) lets a killed run resume.
+Under `torchrun --nproc_per_node=N -m stages.finetune ...` the N processes train one model
+data-parallel (DDP); rank 0 alone writes the outputs and logs to MLflow.
 
 Writes models/finetuned/ (weights, config with classes and data config), metrics/finetune.json,
 plots/finetune_history.csv; logs the model to MLflow and registers a version.
@@ -12,25 +14,24 @@ plots/finetune_history.csv; logs the model to MLflow and registers a version.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from stages.lib import setup_logging
+from stages.lib import distributed, setup_logging
 from stages.lib.augmentation import train_transform
 from stages.lib.backbones import classifier_prefix, create_backbone, data_config
 from stages.lib.metrics import line_figure
 from stages.lib.params import Params, load_params
-from stages.lib.prepared import PreparedDataset, load_meta
+from stages.lib.prepared import PreparedDataset, load_meta, training_dataset
 from stages.lib.tracking import stage_run, write_metrics
-from stages.lib.training import run_phases
+from stages.lib.training import make_loaders, memory_format, run_phases, uses_mixup, write_history
 
 log = logging.getLogger("finetune")
 CHECKPOINT = Path("checkpoints/finetune/last.pt")
@@ -66,6 +67,13 @@ def log_model(model_dir: Path, example: np.ndarray, registered_name: str):
     return log_image_classifier(model_dir, example, registered_name)
 
 
+def log_epoch(row: dict) -> None:
+    """One epoch's history row as MLflow step metrics (losses, accuracies, phase, lr per group)."""
+    import mlflow
+
+    mlflow.log_metrics({key: value for key, value in row.items() if key not in ("epoch", "phase")}, step=row["epoch"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", type=Path, required=True)
@@ -77,47 +85,49 @@ def main() -> None:
     setup_logging()
     params = load_params()
     settings = params.finetune
+    dist = distributed.setup()  # one process, or this process's rank under torchrun
 
-    with stage_run("finetune", params, ["base", "model", "augment", "finetune"], upstream=["features"]) as run:
+    tracked = stage_run("finetune", params, ["base", "model", "augment", "finetune"], upstream=["features"])
+    with tracked if dist.is_main else nullcontext() as run:  # torchrun workers log nothing
         import mlflow
 
         meta = load_meta(args.prepared)
         classes, size = meta["classes"], meta["image_size"]
         probe = json.loads((args.baseline / "probe.json").read_text())  # the backbone the features stage chose
-        mlflow.set_tag("model.name", probe["model"])
+        if dist.is_main:
+            mlflow.set_tag("model.name", probe["model"])
         config = data_config(probe["model"], size)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = create_backbone(probe["model"], probe["weights"], len(classes), params.model.drop_rate)
         start_from_probe(model, args.baseline / "head.pt")
-        model = model.to(device, memory_format=torch.channels_last)
+        model = model.to(dist.device, memory_format=memory_format(settings.channels_last))
 
-        train_loader = DataLoader(PreparedDataset(args.prepared, "train", train_transform(params.augment)),
-                                  batch_size=settings.batch_size, shuffle=True, generator=torch.Generator(),
-                                  pin_memory=device.type == "cuda")
-        val_loader = DataLoader(PreparedDataset(args.prepared, "val"), batch_size=settings.batch_size * 2)
+        train_loader, val_loader = make_loaders(
+            training_dataset(args.prepared, train_transform(params.augment)),
+            PreparedDataset(args.prepared, "val"), settings.batch_size, dist, params.base.seed, settings.workers,
+            mixup=uses_mixup(settings))
         started = time.perf_counter()
-        state = run_phases(model, settings.phases, settings, train_loader, val_loader, config["mean"], config["std"],
+        state = run_phases(model, settings, train_loader, val_loader, config["mean"], config["std"],
                            params.base.seed, CHECKPOINT, fingerprint(params, meta, args.baseline / "head.pt"),
-                           on_epoch=lambda row: mlflow.log_metrics(
-                               {k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=row["epoch"]))
+                           on_epoch=log_epoch if dist.is_main else lambda row: None, dist=dist)
         seconds = time.perf_counter() - started
+        distributed.shutdown(dist)
+        if not dist.is_main:
+            return  # a torchrun worker: it trained in step with rank 0, which writes everything
 
+        mlflow.log_params({"world_size": dist.world_size, "device": dist.device.type})
         args.out.mkdir(parents=True, exist_ok=True)
         model = model.cpu().to(memory_format=torch.contiguous_format)
         torch.save(model.state_dict(), args.out / "model.pt")
         (args.out / "config.json").write_text(json.dumps({
             "model": probe["model"], "num_classes": len(classes), "classes": classes, "data_config": config,
             "classifier": classifier_prefix(model), "best_epoch": state.best_epoch}, indent=2) + "\n")
-        args.history.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.history, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(state.history[0]))
-            writer.writeheader()
-            writer.writerows(state.history)
+        write_history(args.history, state.history)
         best = state.history[state.best_epoch - 1]
         write_metrics(args.metrics, {"best_epoch": state.best_epoch, "epochs": state.epoch,
                                      "best_val_loss": best["val_loss"], "best_val_accuracy": best["val_accuracy"],
                                      "train_seconds": round(seconds, 1)})
-        phase_ends = [i for i, row in enumerate(state.history[:-1]) if row["phase"] != state.history[i + 1]["phase"]]
+        phase_ends = [i for i, row in enumerate(state.history[:-1])
+                      if row["phase_index"] != state.history[i + 1]["phase_index"]]
         curves = args.out / "learning_curves.png"
         line_figure(state.history, "epoch", ["train_loss", "val_loss", "val_accuracy"], curves,
                     "fine-tuning (dashed: phase boundaries)", [i + 1 for i in phase_ends])

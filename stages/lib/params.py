@@ -131,14 +131,43 @@ class Features(Section):
         return self
 
 
+Sched = Literal["cosine", "tanh", "poly", "step", "constant"]
+
+
+class Recipe(Section):
+    """The training settings (timm's argument names) that every phase inherits unless it sets its own."""
+
+    opt: str = "adamw"                                        # any timm optimizer name
+    weight_decay: float = Field(0.05, ge=0.0)
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)   # lr x layer_decay per block group, top to bottom
+    sched: Sched = "cosine"                                   # timm scheduler, stepped per update
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr: float = Field(1e-6, ge=0.0)
+    smoothing: float = Field(0.1, ge=0.0, lt=1.0)             # label smoothing
+    mixup_alpha: float = Field(0.0, ge=0.0)                   # > 0 turns timm's Mixup on
+    cutmix_alpha: float = Field(0.0, ge=0.0)
+    train_bn: bool = False                                    # trainable BatchNorm updates its statistics
+    patience: int = Field(3, ge=1)                            # epochs without val-loss improvement
+
+
 class Phase(Section):
+    """One phase; a key left out (or null) falls back to the `finetune` value of the same name."""
+
     name: str
     trainable: Union[Literal["head", "all"], int] = "all"
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0.0)
-    warmup_epochs: int = Field(0, ge=0)
-    min_lr: float = Field(1e-6, ge=0.0)
+    opt: str | None = None
+    weight_decay: float | None = Field(None, ge=0.0)
     layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    sched: Sched | None = None
+    warmup_epochs: int | None = Field(None, ge=0)
+    min_lr: float | None = Field(None, ge=0.0)
+    smoothing: float | None = Field(None, ge=0.0, lt=1.0)
+    mixup_alpha: float | None = Field(None, ge=0.0)
+    cutmix_alpha: float | None = Field(None, ge=0.0)
+    train_bn: bool | None = None
+    patience: int | None = Field(None, ge=1)
 
     @field_validator("trainable")
     @classmethod
@@ -148,15 +177,22 @@ class Phase(Section):
         return trainable
 
 
-class Finetune(Section):
-    batch_size: int = Field(64, ge=1)
-    opt: str = "adamw"
-    weight_decay: float = Field(0.05, ge=0.0)
-    smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    clip_grad: float | None = Field(1.0, gt=0.0)
-    train_bn: bool = False
-    patience: int = Field(3, ge=1)
+class Finetune(Recipe):
+    batch_size: int = Field(64, ge=2)                          # global: split across processes under torchrun
+    clip_grad: float | None = Field(1.0, gt=0.0)               # max gradient norm; null disables
+    model_ema: bool = False                                     # keep an EMA of the weights (timm ModelEmaV3)
+    model_ema_decay: float = Field(0.998, gt=0.0, lt=1.0)
+    amp: bool = True                                            # CUDA only: autocast in amp_dtype
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    channels_last: bool = True
+    workers: int = Field(0, ge=0)                               # DataLoader worker processes
     phases: list[Phase] = Field(min_length=1)
+
+    def recipe(self, phase: Phase) -> Recipe:
+        """The settings phase trains with: its own keys over this section's."""
+        own = {key: value for key, value in phase.model_dump(include=set(Recipe.model_fields)).items()
+               if value is not None}
+        return Recipe(**(self.model_dump(include=set(Recipe.model_fields)) | own))
 
 
 class Evaluate(Section):

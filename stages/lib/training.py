@@ -1,16 +1,30 @@
-"""Staged fine-tuning: phases of (trainable groups, epochs, lr), each with a fresh timm optimizer
-and scheduler, early stopping on val loss, the best weights restored, resumable per epoch.
+"""Staged fine-tuning: phases of (trainable groups, epochs, lr, recipe), each with a fresh timm
+optimizer and scheduler, early stopping on val loss, the best weights restored, resumable per epoch,
+the same code on a CPU, a GPU, or N processes under torchrun (DDP).
 
-Determinism: every epoch reseeds torch and the loader's shuffling from (seed, epoch), so a run
-resumed from a checkpoint continues exactly as an uninterrupted one would.
+What each phase does (tests/test_training.py checks each point):
+- trains exactly the groups it names (`head`, the top N of timm's block groups, `all`): a fresh
+  optimizer (`timm.optim.create_optimizer_v2`, optional layer-wise lr decay) over the parameters
+  that require grad, and a fresh warmup + cosine (`sched`) scheduler stepped per update;
+- keeps the BatchNorm of frozen blocks in eval mode; trainable BatchNorm updates its running
+  statistics only with `train_bn`;
+- label smoothing, or timm's Mixup/CutMix with soft targets; gradient clipping; optionally an EMA of
+  the weights (timm's ModelEmaV3), which is then what is validated and kept, as in timm's train.py;
+- stops after `patience` epochs without a new best val loss; the best weights are restored at the end.
+
+Determinism: every epoch reseeds torch, numpy, random and the sampler from (seed, epoch, rank), so
+the random state at an epoch follows from its number, and a run resumed from the checkpoint written
+after each epoch (model, optimizer, scheduler, EMA, loss scaler, progress, best weights) continues
+exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
 
-import copy
+import csv
 import logging
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,11 +32,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from stages.lib.backbones import apply_batchnorm_policy, set_trainable
-from stages.lib.prepared import normalize
+from stages.lib import PipelineError
+from stages.lib.backbones import apply_batchnorm_policy, block_groups, classifier_prefix, set_trainable
+from stages.lib.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +49,7 @@ class TrainState:
     phase: int = 0                  # index of the phase in progress
     phase_epoch: int = 0            # epochs completed in that phase
     epoch: int = 0                  # epochs completed overall
+    updates: int = 0                # optimizer updates overall (the EMA warmup counts these)
     stale_epochs: int = 0           # epochs since val loss last improved, in this phase
     best_val_loss: float = math.inf
     best_epoch: int = 0
@@ -41,77 +57,227 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def build_optimizer(model: nn.Module, phase, settings) -> torch.optim.Optimizer:
-    """timm's optimizer factory over the trainable parameters (layer decay when the phase asks)."""
+# ------------------------------------------------------------------------------- data
+def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, dist: Distributed, seed: int,
+                 workers: int = 0, mixup: bool = False) -> tuple[DataLoader, DataLoader]:
+    """Train and val loaders for this process.
+
+    batch_size is global: each of the world_size processes loads batch_size / world_size. Training
+    order comes from a DistributedSampler (also with one process) reseeded per epoch
+    (`sampler.set_epoch`), so N processes together see the batches one process would. Val is split
+    in strided shards without padding; `evaluate` sums over the shards. mixup: timm's Mixup mixes
+    pairs, so batches must be even and the last incomplete batch is dropped.
+    """
+    per_process = batch_size // dist.world_size
+    if batch_size % dist.world_size or (mixup and per_process % 2):
+        raise PipelineError(f"finetune.batch_size: {batch_size} does not split into {dist.world_size} "
+                            f"{'even ' if mixup else ''}batches (one per process{', mixup pairs' if mixup else ''})")
+    sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
+    pin = dist.device.type == "cuda"
+    train = DataLoader(train_set, batch_size=per_process, sampler=sampler, num_workers=workers, pin_memory=pin,
+                       drop_last=mixup and len(sampler) >= per_process)
+    shard = Subset(val_set, range(dist.rank, len(val_set), dist.world_size))
+    val = DataLoader(shard, batch_size=per_process * 2, num_workers=workers, pin_memory=pin)
+    return train, val
+
+
+def uses_mixup(settings) -> bool:
+    """Whether any phase of the finetune settings mixes images (mixup or cutmix)."""
+    return any(settings.recipe(phase).mixup_alpha > 0 or settings.recipe(phase).cutmix_alpha > 0
+               for phase in settings.phases)
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """The per-epoch rows as a CSV for `dvc plots` (epoch, phase, losses, accuracies, lr per group)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class Inputs:
+    """uint8 NCHW batches -> normalised float on the device (channels_last when asked)."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool = True):
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+        self.device = device
+        self.memory_format = memory_format(channels_last)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True).float()
+        return ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """torch, numpy and random seeded from (seed, epoch, rank): augmentation, dropout, mixup."""
+    from timm.utils import random_seed
+
+    random_seed(seed + epoch, rank=10_000 * rank)
+
+
+# ---------------------------------------------------------------------- recipe parts
+def build_optimizer(model: nn.Module, recipe, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer factory over the parameters that require grad (layer decay when asked)."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(model, opt=settings.opt, lr=phase.lr, weight_decay=settings.weight_decay,
-                               layer_decay=phase.layer_decay)
+    return create_optimizer_v2(model, opt=recipe.opt, lr=lr, weight_decay=recipe.weight_decay,
+                               layer_decay=recipe.layer_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, phase, updates_per_epoch: int):
-    """Warmup + cosine from timm, stepped per update (`step_update`)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe, epochs: int, lr: float, updates_per_epoch: int):
+    """timm's scheduler (`recipe.sched`, warmup from lr/100), stepped per update (`step_update`)."""
     from timm.scheduler import create_scheduler_v2
 
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=phase.epochs,
-                                       warmup_epochs=phase.warmup_epochs, warmup_lr=phase.lr / 100,
-                                       min_lr=phase.min_lr, step_on_epochs=False,
+    scheduler, _ = create_scheduler_v2(optimizer, sched=recipe.sched, num_epochs=epochs,
+                                       warmup_epochs=recipe.warmup_epochs, warmup_lr=lr / 100,
+                                       min_lr=recipe.min_lr, step_on_epochs=False,
                                        updates_per_epoch=updates_per_epoch)
     return scheduler
 
 
-def loss_function(smoothing: float) -> nn.Module:
-    from timm.loss import LabelSmoothingCrossEntropy
+def build_loss(recipe, num_classes: int):
+    """(loss function, timm Mixup or None): soft-target CE under mixup/cutmix, else label smoothing."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    return LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss()
+    if recipe.mixup_alpha > 0 or recipe.cutmix_alpha > 0:
+        mixup = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha,
+                      label_smoothing=recipe.smoothing, num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    if recipe.smoothing > 0:
+        return LabelSmoothingCrossEntropy(recipe.smoothing), None
+    return nn.CrossEntropyLoss(), None
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, num_updates: int, mean, std,
-                    clip_grad: float | None, train_bn: bool, device: torch.device, desc: str) -> tuple[dict, int]:
-    model.train()
-    apply_batchnorm_policy(model, train_bn)
-    total_loss, correct, seen = 0.0, 0, 0
-    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=2):
-        inputs, labels = normalize(images, mean, std).to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(inputs)
-            loss = loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad:
-            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad)
-        optimizer.step()
-        num_updates += 1
-        scheduler.step_update(num_updates=num_updates)
-        total_loss += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-    return {"train_loss": total_loss / seen, "train_accuracy": correct / seen}, num_updates
+def lr_labels(model: nn.Module) -> dict[str, list[str]]:
+    """History column -> parameter names: `lr_head` for the classifier, `lr_top1`, `lr_top2`, ... for
+    timm's block groups counted from the top, as `trainable: N` counts them."""
+    head = classifier_prefix(model)
+    labels = {"lr_head": [name for name, _ in model.named_parameters() if name.startswith(head)]}
+    for rank, names in enumerate(reversed(block_groups(model)), start=1):
+        labels[f"lr_top{rank}"] = names
+    return labels
+
+
+# --------------------------------------------------------------------------- trainer
+class Trainer:
+    """One training run's fixed parts: model, device, precision, clipping, EMA, process group."""
+
+    def __init__(self, model: nn.Module, settings, mean, std, dist: Distributed):
+        self.model, self.settings, self.dist = model, settings, dist
+        self.device = dist.device
+        self.inputs = Inputs(mean, std, self.device, settings.channels_last)
+        cuda_amp = self.device.type == "cuda" and settings.amp
+        self.amp_dtype = getattr(torch, settings.amp_dtype) if cuda_amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.ema = None
+        if settings.model_ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=settings.model_ema_decay, use_warmup=True)
+        self.lr_columns = lr_labels(model)
+        self.num_classes = model.num_classes
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_epoch(self, net: nn.Module, loader: DataLoader, optimizer, scheduler, loss_fn, mixup, train_bn: bool,
+                    state: TrainState, first_update: int, desc: str) -> dict:
+        """One pass over loader; returns train loss/accuracy (summed over processes) and lr per group.
+
+        net is the model or its DDP wrapper; first_update counts this phase's updates so far (the
+        scheduler's position). Accuracy under mixup is against the unmixed labels.
+        """
+        net.train()
+        apply_batchnorm_policy(self.model, train_bn)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        total_loss, correct, seen, steps = 0.0, 0, 0, 0
+        lr_sums = [0.0] * len(optimizer.param_groups)
+        bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=2, disable=not self.dist.is_main)
+        for images, labels in bar:
+            inputs, labels = self.inputs(images), labels.to(self.device, non_blocking=True)
+            targets = labels
+            if mixup is not None:
+                inputs, targets = mixup(inputs, labels)
+            with self.autocast():
+                logits = net(inputs)
+                loss = loss_fn(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.settings.clip_grad:
+                self.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(trainable, self.settings.clip_grad)
+            lr_sums = [total + group["lr"] for total, group in zip(lr_sums, optimizer.param_groups)]
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            steps += 1
+            state.updates += 1
+            scheduler.step_update(num_updates=first_update + steps)
+            if self.ema is not None:
+                self.ema.update(self.model, step=state.updates)
+            total_loss += loss.item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+        total_loss, correct, seen = self.dist.sum([total_loss, correct, seen])
+        return {"train_loss": total_loss / seen, "train_accuracy": correct / seen,
+                **self._lr_per_group(optimizer, [total / max(steps, 1) for total in lr_sums])}
+
+    def _lr_per_group(self, optimizer, group_lrs: list[float]) -> dict[str, float]:
+        """Mean lr over the epoch of each block group (0 when frozen): the phases show in the plot."""
+        lr_of = {id(p): lr for group, lr in zip(optimizer.param_groups, group_lrs) for p in group["params"]}
+        named = dict(self.model.named_parameters())
+        return {column: max(lr_of.get(id(named[name]), 0.0) for name in names)
+                for column, names in self.lr_columns.items()}
+
+    def evaluate(self, loader: DataLoader) -> dict:
+        """Plain cross-entropy (no smoothing) and accuracy of the kept weights (the EMA when on)."""
+        model = self.ema.module if self.ema is not None else self.model
+        logits, labels = logits_of(model, loader, self.inputs, self.autocast)
+        loss_sum = F.cross_entropy(logits, labels, reduction="sum").item()
+        correct = (logits.argmax(1) == labels).sum().item()
+        loss_sum, correct, count = self.dist.sum([loss_sum, correct, len(labels)])
+        return {"val_loss": loss_sum / count, "val_accuracy": correct / count}
+
+    def kept_weights(self) -> dict:
+        model = self.ema.module if self.ema is not None else self.model
+        return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, loader: DataLoader, mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of a whole loader, model in eval mode."""
+def logits_of(model: nn.Module, loader: DataLoader, inputs: Inputs,
+              autocast: Callable = nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float logits on the CPU, labels) of a whole loader, model in eval mode."""
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            all_logits.append(model(normalize(images, mean, std).to(device)).float().cpu())
+        with autocast():
+            all_logits.append(model(inputs(images)).float().cpu())
         all_labels.append(labels)
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate_loss(model, loader, mean, std, device) -> dict:
-    """Plain cross-entropy (no smoothing) and accuracy, comparable across phases."""
-    logits, labels = predict_logits(model, loader, mean, std, device)
-    return {"val_loss": F.cross_entropy(logits, labels).item(), "val_accuracy": (logits.argmax(1) == labels).float().mean().item()}
+def predict_logits(model: nn.Module, loader: DataLoader, mean, std,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a loader of uint8 images, normalised with mean and std (lists)."""
+    return logits_of(model, loader, Inputs(mean, std, device))
 
 
-def _save_checkpoint(path: Path, state: TrainState, model, optimizer, scheduler, fingerprint: str) -> None:
+# ------------------------------------------------------------------------ checkpoints
+def _save_checkpoint(path: Path, state: TrainState, fingerprint: str, trainer: Trainer, optimizer, scheduler) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
-    torch.save({"fingerprint": fingerprint, "state": state.__dict__, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, temporary)
+    torch.save({"fingerprint": fingerprint, "state": state.__dict__, "model": trainer.model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+                "scaler": trainer.scaler.state_dict()}, temporary)
     os.replace(temporary, path)  # atomic: a crash never leaves half a checkpoint
 
 
@@ -125,59 +291,73 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
     return checkpoint
 
 
-def run_phases(model: nn.Module, phases: list, settings, train_loader: DataLoader, val_loader: DataLoader,
-               mean, std, seed: int, checkpoint_path: Path, fingerprint: str,
-               on_epoch: Callable[[dict], None] = lambda row: None) -> TrainState:
-    """Train phase after phase; return the final state with the best weights loaded into model.
+# ----------------------------------------------------------------------------- phases
+def run_phases(model: nn.Module, settings, train_loader: DataLoader, val_loader: DataLoader, mean, std,
+               seed: int, checkpoint_path: Path, fingerprint: str,
+               on_epoch: Callable[[dict], None] = lambda row: None, dist: Distributed | None = None) -> TrainState:
+    """Train the phases of `settings` (the finetune params) in order; return the final state, with the
+    best weights (by val loss) loaded into model.
 
-    A checkpoint is written after every epoch; if one with the same fingerprint exists, training
-    resumes after its last completed epoch.
+    model sits on dist.device with the probe already in its classifier (LP-FT). A checkpoint is
+    written to checkpoint_path after every epoch (by rank 0); if one with the same fingerprint
+    exists, training resumes after its last completed epoch and on_epoch is replayed for the
+    epochs before. on_epoch gets each epoch's history row.
     """
-    device = next(model.parameters()).device
-    loss_fn = loss_function(settings.smoothing)
+    dist = dist or Distributed(device=next(model.parameters()).device)
+    trainer = Trainer(model, settings, mean, std, dist)
     state, resumed = TrainState(), _load_checkpoint(checkpoint_path, fingerprint)
     if resumed:
         state = TrainState(**resumed["state"])
         model.load_state_dict(resumed["model"])
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(resumed["ema"])
+        trainer.scaler.load_state_dict(resumed["scaler"])
         log.info("resuming after epoch %d (phase %d, epoch %d of it)", state.epoch, state.phase, state.phase_epoch)
         for row in state.history:
             on_epoch(row)
 
-    while state.phase < len(phases):
-        phase = phases[state.phase]
+    while state.phase < len(settings.phases):
+        phase = settings.phases[state.phase]
+        recipe = settings.recipe(phase)
         trainable = set_trainable(model, phase.trainable)
-        optimizer = build_optimizer(model, phase, settings)
-        scheduler = build_scheduler(optimizer, phase, len(train_loader))
+        net = dist.wrap(model)
+        optimizer = build_optimizer(model, recipe, phase.lr)
+        scheduler = build_scheduler(optimizer, recipe, phase.epochs, phase.lr, len(train_loader))
+        loss_fn, mixup = build_loss(recipe, trainer.num_classes)
         if resumed and state.phase_epoch > 0:
             optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
         resumed = None
-        log.info("phase %s: %d trainable tensors, lr %g, %d epochs", phase.name, len(trainable), phase.lr, phase.epochs)
-        while state.phase_epoch < phase.epochs and state.stale_epochs < settings.patience:
-            torch.manual_seed(seed + state.epoch)
-            train_loader.generator.manual_seed(seed + state.epoch)
-            train_metrics, _ = train_one_epoch(
-                model, train_loader, loss_fn, optimizer, scheduler, state.phase_epoch * len(train_loader), mean, std,
-                settings.clip_grad, settings.train_bn, device, f"{phase.name} {state.phase_epoch + 1}/{phase.epochs}")
-            val_metrics = evaluate_loss(model, val_loader, mean, std, device)
+        log.info("phase %s: %d trainable tensors in %d optimizer groups, lr %g, %d epochs", phase.name,
+                 len(trainable), len(optimizer.param_groups), phase.lr, phase.epochs)
+        while state.phase_epoch < phase.epochs and state.stale_epochs < recipe.patience:
+            seed_epoch(seed, state.epoch, dist.rank)
+            train_loader.sampler.set_epoch(state.epoch)
+            train_metrics = trainer.train_epoch(net, train_loader, optimizer, scheduler, loss_fn, mixup,
+                                                recipe.train_bn, state, state.phase_epoch * len(train_loader),
+                                                f"{phase.name} {state.phase_epoch + 1}/{phase.epochs}")
+            val_metrics = trainer.evaluate(val_loader)
             state.epoch += 1
             state.phase_epoch += 1
-            row = {"epoch": state.epoch, "phase": phase.name, **train_metrics, **val_metrics,
-                   "lr": max(group["lr"] for group in optimizer.param_groups)}
+            row = {"epoch": state.epoch, "phase": phase.name, "phase_index": state.phase,
+                   **{key: train_metrics.pop(key) for key in ("train_loss", "train_accuracy")},
+                   **val_metrics, **train_metrics}
             state.history.append(row)
             if val_metrics["val_loss"] < state.best_val_loss:
                 state.best_val_loss, state.best_epoch, state.stale_epochs = val_metrics["val_loss"], state.epoch, 0
-                state.best_weights = copy.deepcopy(model.state_dict())
+                state.best_weights = trainer.kept_weights()
             else:
                 state.stale_epochs += 1
             log.info("epoch %d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f", state.epoch, phase.name,
                      row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"])
             on_epoch(row)
-            _save_checkpoint(checkpoint_path, state, model, optimizer, scheduler, fingerprint)
-        if state.stale_epochs >= settings.patience:
-            log.info("phase %s stopped early: val loss did not improve for %d epochs", phase.name, settings.patience)
+            if dist.is_main:
+                _save_checkpoint(checkpoint_path, state, fingerprint, trainer, optimizer, scheduler)
+        if state.stale_epochs >= recipe.patience:
+            log.info("phase %s stopped early: val loss did not improve for %d epochs", phase.name, recipe.patience)
         state.phase, state.phase_epoch, state.stale_epochs = state.phase + 1, 0, 0
-        _save_checkpoint(checkpoint_path, state, model, optimizer, scheduler, fingerprint)
+        if dist.is_main:
+            _save_checkpoint(checkpoint_path, state, fingerprint, trainer, optimizer, scheduler)
 
     model.load_state_dict(state.best_weights)
     return state

@@ -1,0 +1,279 @@
+"""Staged fine-tuning (stages/lib/training.py) on a tiny timm model and tiny tensors: each practice
+the recipe relies on, determinism and resuming after a crash."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.data import TensorDataset
+
+from stages.lib.backbones import block_groups, set_trainable
+from stages.lib.distributed import Distributed
+from stages.lib.params import Finetune, Phase
+from stages.lib.training import (Inputs, Trainer, TrainState, build_loss, build_optimizer, build_scheduler,
+                                 logits_of, lr_labels, make_loaders, run_phases, seed_epoch)
+
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+CLASSES = 3
+
+
+def tiny_data(count: int, seed: int) -> TensorDataset:
+    """uint8 32x32 images whose class is the brightest colour channel, plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % CLASSES
+    images = torch.randint(0, 120, (count, 3, 32, 32), generator=generator)
+    images[torch.arange(count), labels] += 100
+    return TensorDataset(images.to(torch.uint8), labels)
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("test_efficientnet", num_classes=CLASSES)
+
+
+def settings(phases: list[dict] | None = None, **overrides) -> Finetune:
+    phases = phases or [{"name": "head", "trainable": "head", "epochs": 1, "lr": 1e-2},
+                        {"name": "full", "trainable": "all", "epochs": 2, "lr": 1e-3}]
+    return Finetune(batch_size=16, phases=[Phase(**phase) for phase in phases], **overrides)
+
+
+def train(model: nn.Module, recipe: Finetune, tmp_path, on_epoch=lambda row: None, seed: int = 0):
+    train_loader, val_loader = make_loaders(tiny_data(48, 1), tiny_data(24, 2), recipe.batch_size, Distributed(),
+                                            seed, mixup=recipe.mixup_alpha > 0 or recipe.cutmix_alpha > 0)
+    return run_phases(model, recipe, train_loader, val_loader, MEAN, STD, seed, tmp_path / "last.pt", "test",
+                      on_epoch)
+
+
+def batchnorms(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)}
+
+
+# ----------------------------------------------------------------------------- recipe
+def test_a_phase_inherits_the_section_and_overrides_its_own_keys():
+    recipe = settings([{"name": "a", "epochs": 1, "lr": 1e-3},
+                       {"name": "b", "epochs": 1, "lr": 1e-4, "weight_decay": 0.0, "mixup_alpha": 0.2}],
+                      weight_decay=0.01, smoothing=0.2)
+    first, second = (recipe.recipe(phase) for phase in recipe.phases)
+    assert (first.weight_decay, first.smoothing, first.mixup_alpha) == (0.01, 0.2, 0.0)
+    assert (second.weight_decay, second.smoothing, second.mixup_alpha) == (0.0, 0.2, 0.2)
+
+
+def test_the_optimizer_holds_exactly_the_trainable_parameters():
+    model = tiny_model()
+    recipe = settings().recipe(settings().phases[0])
+    for trainable in ("head", 2, "all"):
+        chosen = set(set_trainable(model, trainable))
+        optimizer = build_optimizer(model, recipe, 1e-3)
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        assert in_optimizer == {id(p) for name, p in model.named_parameters() if name in chosen}
+    assert len(set(set_trainable(model, 2))) > len(set(set_trainable(model, "head")))
+
+
+def test_label_smoothing_and_mixup_losses():
+    logits, labels = torch.tensor([[20.0, 0.0, 0.0]]), torch.tensor([0])
+    plain, _ = build_loss(settings(smoothing=0.0).recipe(settings().phases[0]), CLASSES)
+    smoothed, mixup = build_loss(settings(smoothing=0.1).recipe(settings().phases[0]), CLASSES)
+    assert mixup is None
+    assert plain(logits, labels).item() < 1e-6
+    # 0.9 * nll + 0.1 * mean(-log p): a confident right answer still costs about 0.1 * 20 * 2/3
+    assert smoothed(logits, labels).item() == pytest.approx(0.1 * 40 / 3, rel=1e-3)
+    soft, mixup = build_loss(settings(mixup_alpha=0.2, cutmix_alpha=1.0).recipe(settings().phases[0]), CLASSES)
+    assert type(soft).__name__ == "SoftTargetCrossEntropy"
+    images, targets = mixup(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))
+    assert targets.shape == (4, CLASSES) and torch.allclose(targets.sum(1), torch.ones(4))
+
+
+# --------------------------------------------------------------------------- phases
+def test_frozen_parameters_do_not_move_and_unfrozen_ones_join_in_the_next_phase(tmp_path):
+    model = tiny_model()
+    groups = block_groups(model)
+    snapshots = []
+    recipe = settings([{"name": "head", "trainable": "head", "epochs": 1, "lr": 1e-2},
+                       {"name": "top", "trainable": 1, "epochs": 1, "lr": 1e-2}], patience=5)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train(model, recipe, tmp_path, on_epoch=lambda row: snapshots.append(
+        {name: p.detach().clone() for name, p in model.named_parameters()}))
+    moved = [{name for name in before if not torch.equal(before[name], snapshot[name])} for snapshot in snapshots]
+    classifier = {name for name in before if name.startswith("classifier")}
+    assert moved[0] == classifier
+    moved_in_top = {name for name in before if not torch.equal(snapshots[0][name], snapshots[1][name])}
+    assert set(groups[-1]) <= moved_in_top <= set(groups[-1]) | classifier
+    assert not moved_in_top & {name for group in groups[:-1] for name in group}
+
+
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_frozen_batchnorm_stays_in_eval_mode_and_keeps_its_statistics(tmp_path, train_bn):
+    model = tiny_model()
+    frozen = {name for group in block_groups(model)[:-4] for name in group}  # below the top 4 groups
+    frozen_bn = {name: bn for name, bn in batchnorms(model).items() if f"{name}.weight" in frozen}
+    trainable_bn = {name: bn for name, bn in batchnorms(model).items() if f"{name}.weight" not in frozen}
+    modes = {name: set() for name in batchnorms(model)}
+    for name, bn in batchnorms(model).items():
+        bn.register_forward_pre_hook(lambda module, args, name=name: modes[name].add(module.training)
+                                     if torch.is_grad_enabled() else None)
+    before = {name: bn.running_mean.clone() for name, bn in batchnorms(model).items()}
+    train(model, settings([{"name": "top", "trainable": 4, "epochs": 1, "lr": 1e-3}], train_bn=train_bn), tmp_path)
+    assert frozen_bn and all(modes[name] == {False} for name in frozen_bn)
+    assert all(torch.equal(before[name], bn.running_mean) for name, bn in frozen_bn.items())
+    changed = [name for name, bn in trainable_bn.items() if not torch.equal(before[name], bn.running_mean)]
+    if train_bn:  # trainable BatchNorm learns batch statistics only when asked
+        assert changed and all(modes[name] == {True} for name in trainable_bn)
+    else:
+        assert not changed and all(modes[name] == {False} for name in trainable_bn)
+
+
+def one_epoch(trainer: Trainer, recipe: Finetune, loader, loss_fn=None, lr: float = 1e-2) -> tuple[dict, TrainState]:
+    """One epoch of the first phase's recipe with every parameter trainable."""
+    set_trainable(trainer.model, "all")
+    phase = recipe.recipe(recipe.phases[0])
+    optimizer = build_optimizer(trainer.model, phase, lr)
+    scheduler = build_scheduler(optimizer, phase, 1, lr, len(loader))
+    default_loss, mixup = build_loss(phase, CLASSES)
+    state = TrainState()
+    seed_epoch(0, 0)
+    metrics = trainer.train_epoch(trainer.model, loader, optimizer, scheduler, loss_fn or default_loss, mixup,
+                                  False, state, 0, "test")
+    return metrics, state
+
+
+def test_gradients_are_clipped_to_clip_grad():
+    norms = []
+    hook = lambda optimizer, args, kwargs: norms.append(torch.linalg.vector_norm(torch.stack(
+        [p.grad.norm() for group in optimizer.param_groups for p in group["params"]])).item())
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        for clip_grad in (None, 0.01):
+            recipe = settings(clip_grad=clip_grad)
+            loader, _ = make_loaders(tiny_data(16, 1), tiny_data(4, 2), 16, Distributed(), 0)
+            one_epoch(Trainer(tiny_model(), recipe, MEAN, STD, Distributed()), recipe, loader)
+    finally:
+        handle.remove()
+    unclipped, clipped = norms
+    assert unclipped > 0.02 and clipped == pytest.approx(0.01, rel=1e-4)
+
+
+def test_ema_and_mixup_train_and_the_ema_is_what_is_validated_and_kept(tmp_path):
+    recipe = settings(model_ema=True, model_ema_decay=0.9, mixup_alpha=0.4, cutmix_alpha=1.0)
+    trainer = Trainer(tiny_model(), recipe, MEAN, STD, Distributed())
+    train_loader, val_loader = make_loaders(tiny_data(48, 1), tiny_data(24, 2), 16, Distributed(), 0, mixup=True)
+    loss_fn, _ = build_loss(recipe.recipe(recipe.phases[0]), CLASSES)
+    seen_targets = []
+    metrics, state = one_epoch(trainer, recipe, train_loader,
+                               lambda logits, targets: seen_targets.append(targets) or loss_fn(logits, targets))
+    assert math.isfinite(metrics["train_loss"]) and state.updates == 3
+    assert all(targets.shape == (16, CLASSES) for targets in seen_targets)  # soft, mixed targets
+    assert any((targets.max(1).values < 0.85).any() for targets in seen_targets)
+    ema_weights = trainer.ema.module.state_dict()
+    assert not torch.equal(ema_weights["classifier.weight"], trainer.model.state_dict()["classifier.weight"])
+    assert torch.equal(trainer.kept_weights()["classifier.weight"], ema_weights["classifier.weight"])
+    # validation scores the EMA weights
+    logits, labels = logits_of(trainer.ema.module, val_loader, Inputs(MEAN, STD, torch.device("cpu")))
+    expected = nn.functional.cross_entropy(logits, labels).item()
+    assert trainer.evaluate(val_loader)["val_loss"] == pytest.approx(expected, rel=1e-6)
+    # and a whole run with both on completes
+    state = train(tiny_model(), recipe, tmp_path)
+    assert len(state.history) == 3 and all(math.isfinite(row["val_loss"]) for row in state.history)
+
+
+def test_lr_per_block_group_shows_the_phases(tmp_path):
+    state = train(tiny_model(), settings(patience=5), tmp_path)
+    labels = lr_labels(tiny_model())
+    columns = list(labels)
+    assert columns == ["lr_head"] + [f"lr_top{n}" for n in range(1, len(block_groups(tiny_model())) + 1)]
+    assert labels["lr_top1"] == block_groups(tiny_model())[-1] and labels["lr_head"][0].startswith("classifier")
+    head, full = state.history[0], state.history[1]
+    assert head["lr_head"] > 0 and all(head[column] == 0 for column in columns if column != "lr_head")
+    assert all(full[column] > 0 for column in columns)
+    assert [row["phase_index"] for row in state.history] == [0, 1, 1]
+
+
+def test_the_best_epoch_by_val_loss_is_restored_at_the_end(tmp_path):
+    model = tiny_model()
+    recipe = settings([{"name": "good", "trainable": "all", "epochs": 2, "lr": 1e-2},
+                       {"name": "wreck", "trainable": "all", "epochs": 2, "lr": 5.0, "opt": "sgd"}],
+                      patience=5, clip_grad=None)
+    kept = {}
+    state = train(model, recipe, tmp_path, on_epoch=lambda row: kept.setdefault(row["epoch"], {
+        name: value.clone() for name, value in model.state_dict().items()}))
+    losses = [row["val_loss"] for row in state.history]
+    assert state.best_epoch == 1 + losses.index(min(losses)) and state.best_epoch <= 2 < len(losses)
+    assert all(torch.equal(value, kept[state.best_epoch][name]) for name, value in model.state_dict().items())
+
+
+def test_early_stopping_ends_a_phase_after_patience_epochs(tmp_path):
+    recipe = settings([{"name": "good", "trainable": "all", "epochs": 1, "lr": 1e-2},
+                       {"name": "wreck", "trainable": "all", "epochs": 5, "lr": 5.0, "opt": "sgd", "patience": 2}],
+                      clip_grad=None)
+    state = train(tiny_model(), recipe, tmp_path)
+    assert [row["phase"] for row in state.history] == ["good", "wreck", "wreck"]
+
+
+# ---------------------------------------------------------------- determinism, resume
+def recipe_with_everything() -> Finetune:
+    return settings([{"name": "head", "trainable": "head", "epochs": 1, "lr": 1e-2},
+                     {"name": "top", "trainable": 2, "epochs": 2, "lr": 1e-3, "warmup_epochs": 1, "layer_decay": 0.8},
+                     {"name": "full", "trainable": "all", "epochs": 2, "lr": 5e-4}],
+                    model_ema=True, mixup_alpha=0.2, patience=5)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[TrainState, dict]:
+    """One uninterrupted run of the full recipe: its state and its final weights."""
+    model = tiny_model()
+    state = train(model, recipe_with_everything(), tmp_path_factory.mktemp("uninterrupted"))
+    return state, model.state_dict()
+
+
+def test_two_runs_with_the_same_seed_are_identical(uninterrupted, tmp_path):
+    first, weights = uninterrupted
+    second_model = tiny_model()
+    second = train(second_model, recipe_with_everything(), tmp_path / "b")
+    assert second.history == first.history
+    assert all(torch.equal(value, weights[key]) for key, value in second_model.state_dict().items())
+    other_seed = train(tiny_model(), recipe_with_everything(), tmp_path / "c", seed=1)
+    assert other_seed.history != first.history
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(epoch: int):
+    def on_epoch(row):
+        if row["epoch"] == epoch:
+            raise Crash
+    return on_epoch
+
+
+@pytest.mark.parametrize("crash_epoch", [2, 3])  # inside a phase, and at a phase boundary
+def test_a_crashed_run_resumes_from_its_last_epoch_and_ends_as_an_uninterrupted_one(uninterrupted, tmp_path,
+                                                                                     crash_epoch, caplog):
+    straight, weights = uninterrupted
+    with pytest.raises(Crash):
+        train(tiny_model(), recipe_with_everything(), tmp_path, on_epoch=crash_after(crash_epoch + 1))
+    replayed = []
+    resumed_model = tiny_model()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stages.lib.training"):
+        resumed = train(resumed_model, recipe_with_everything(), tmp_path, on_epoch=replayed.append)
+    assert f"resuming after epoch {crash_epoch} " in caplog.text
+    trained = [int(line.split()[1]) for line in caplog.messages if line.startswith("epoch ")]
+    assert trained == list(range(crash_epoch + 1, len(straight.history) + 1))  # only the epochs after the crash
+    assert [row["epoch"] for row in replayed] == list(range(1, len(straight.history) + 1))  # earlier ones replayed
+    assert resumed.history == straight.history
+    assert all(torch.equal(value, weights[key]) for key, value in resumed_model.state_dict().items())
+
+
+def test_a_checkpoint_of_another_configuration_is_ignored(tmp_path):
+    with pytest.raises(Crash):
+        train(tiny_model(), settings(), tmp_path, on_epoch=crash_after(2))
+    other = settings(smoothing=0.0)
+    train_loader, val_loader = make_loaders(tiny_data(48, 1), tiny_data(24, 2), 16, Distributed(), 0)
+    state = run_phases(tiny_model(), other, train_loader, val_loader, MEAN, STD, 0, tmp_path / "last.pt", "other")
+    assert [row["epoch"] for row in state.history] == [1, 2, 3]
