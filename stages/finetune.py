@@ -29,7 +29,7 @@ from stages.lib.augmentation import train_transform
 from stages.lib.backbones import classifier_prefix, create_backbone, data_config
 from stages.lib.metrics import line_figure
 from stages.lib.params import Params, load_params
-from stages.lib.prepared import PreparedDataset, load_meta, training_dataset
+from stages.lib.prepared import PreparedDataset, load_meta, load_split, training_dataset
 from stages.lib.tracking import stage_run, write_metrics
 from stages.lib.training import make_loaders, memory_format, run_phases, uses_mixup, write_history
 
@@ -132,7 +132,7 @@ def main() -> None:
         line_figure(state.history, "epoch", ["train_loss", "val_loss", "val_accuracy"], curves,
                     "fine-tuning (dashed: phase boundaries)", [i + 1 for i in phase_ends])
         mlflow.log_artifact(str(curves))
-        info = log_model(args.out, np.asarray(val_loader.dataset.images[0]), params.mlflow.registered_model)
+        info = log_model(args.out, np.asarray(load_split(args.prepared, "val")[0][0]), params.mlflow.registered_model)
         (args.out / "mlflow.json").write_text(json.dumps({
             "run_id": run.info.run_id, "model_uri": info.model_uri,
             "registered_model": params.mlflow.registered_model,

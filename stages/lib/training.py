@@ -50,7 +50,9 @@ class TrainState:
     phase_epoch: int = 0            # epochs completed in that phase
     epoch: int = 0                  # epochs completed overall
     updates: int = 0                # optimizer updates overall (the EMA warmup counts these)
-    stale_epochs: int = 0           # epochs since val loss last improved, in this phase
+    stale_epochs: int = 0           # epochs since this phase's best val loss
+    phase_best_val_loss: float = math.inf  # early stopping compares within the phase: a new phase
+                                           # may start worse than the last one ended and still improve
     best_val_loss: float = math.inf
     best_epoch: int = 0
     best_weights: dict | None = None
@@ -343,11 +345,13 @@ def run_phases(model: nn.Module, settings, train_loader: DataLoader, val_loader:
                    **{key: train_metrics.pop(key) for key in ("train_loss", "train_accuracy")},
                    **val_metrics, **train_metrics}
             state.history.append(row)
-            if val_metrics["val_loss"] < state.best_val_loss:
-                state.best_val_loss, state.best_epoch, state.stale_epochs = val_metrics["val_loss"], state.epoch, 0
-                state.best_weights = trainer.kept_weights()
+            if val_metrics["val_loss"] < state.phase_best_val_loss:
+                state.phase_best_val_loss, state.stale_epochs = val_metrics["val_loss"], 0
             else:
                 state.stale_epochs += 1
+            if val_metrics["val_loss"] < state.best_val_loss:  # the weights kept overall
+                state.best_val_loss, state.best_epoch = val_metrics["val_loss"], state.epoch
+                state.best_weights = trainer.kept_weights()
             log.info("epoch %d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f", state.epoch, phase.name,
                      row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"])
             on_epoch(row)
@@ -355,7 +359,7 @@ def run_phases(model: nn.Module, settings, train_loader: DataLoader, val_loader:
                 _save_checkpoint(checkpoint_path, state, fingerprint, trainer, optimizer, scheduler)
         if state.stale_epochs >= recipe.patience:
             log.info("phase %s stopped early: val loss did not improve for %d epochs", phase.name, recipe.patience)
-        state.phase, state.phase_epoch, state.stale_epochs = state.phase + 1, 0, 0
+        state.phase, state.phase_epoch, state.stale_epochs, state.phase_best_val_loss = state.phase + 1, 0, 0, math.inf
         if dist.is_main:
             _save_checkpoint(checkpoint_path, state, fingerprint, trainer, optimizer, scheduler)
 
