@@ -7,9 +7,11 @@ every candidate's source, e.g. `none` for the from-scratch ablation): pooled emb
 not a DVC out), then a logistic regression tuned on val. `features.select` picks the backbone
 finetune uses.
 
-Writes: --out/<candidate>.npz (embeddings per candidate), --baseline/head.pt and probe.json
-(the winner's probe as a linear head on raw embeddings, the LP-FT start; probe.json names the chosen
-`model` and `weights`), --metrics (the winner's probe: val and test accuracy, macro F1),
+Writes: --out/<candidate>.npz (embeddings per candidate), --baseline/head.pt (the winner's probe as a
+linear head on raw embeddings: the baseline evaluate compares against), --baseline/classifier.pt (the
+LP-FT start for finetune: the same probe, or with fusion a probe on the pre-logits columns, which is
+all the model's classifier sees), --baseline/probe.json (names the chosen `model` and `weights`),
+--metrics (the winner's probe: val and test accuracy, macro F1; the LP-FT head's val accuracy),
 --leaderboard (every candidate: accuracy, parameters, embedding dimension, CPU latency) and --plot.
 """
 
@@ -23,24 +25,40 @@ from pathlib import Path
 import torch
 
 from stages.lib import setup_logging
-from stages.lib.leaderboard import (check_candidates, choose, leaderboard, leaderboard_figure, log_leaderboard,
-                                    probe_candidate)
+from stages.lib.leaderboard import (Entry, check_candidates, choose, leaderboard, leaderboard_figure,
+                                    log_leaderboard, probe_candidate)
 from stages.lib.params import load_params
 from stages.lib.prepared import load_meta
-from stages.lib.probe import prepared_digest, prune_cache
+from stages.lib.probe import classifier_probe, prepared_digest, prune_cache
 from stages.lib.tracking import repo_root, stage_run, write_metrics
 
 log = logging.getLogger("features")
 
 
-def save_baseline(folder: Path, winner, classes: list[str], fusion_stages: int) -> None:
-    """The winner's probe: head.pt (weight, bias) and probe.json (what later stages need to use it)."""
+def lpft_head(winner: Entry, settings, seed: int) -> dict:
+    """The head fine-tuning starts from: the winner's probe when its embeddings are exactly the
+    classifier's input, else (fusion) a probe on the classifier's columns of the same embeddings."""
+    if winner.embedding_dim == winner.classifier_dim:
+        return winner.head
+    head = classifier_probe(Path(winner.features), winner.classifier_dim, settings.C, settings.max_iter, seed)
+    log.info("LP-FT head: a probe on the %d pre-logits columns (val %.4f; the fused baseline: %.4f)",
+             winner.classifier_dim, head["val_accuracy"], winner.val_accuracy)
+    return head
+
+
+def save_head(head: dict, path: Path) -> None:
+    torch.save({"weight": torch.from_numpy(head["weight"]), "bias": torch.from_numpy(head["bias"])}, path)
+
+
+def save_baseline(folder: Path, winner: Entry, classifier_head: dict, classes: list[str], fusion_stages: int) -> None:
+    """head.pt (the baseline probe), classifier.pt (the LP-FT start) and probe.json (what later stages need)."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"weight": torch.from_numpy(winner.head["weight"]), "bias": torch.from_numpy(winner.head["bias"])},
-               folder / "head.pt")
+    save_head(winner.head, folder / "head.pt")
+    save_head(classifier_head, folder / "classifier.pt")
     (folder / "probe.json").write_text(json.dumps({
         "model": winner.name, "weights": winner.weights, "classes": classes, "embedding_dim": winner.embedding_dim,
-        "fusion_stages": fusion_stages, "C": winner.C, "grid": winner.head["grid"], "features": winner.features,
+        "classifier_dim": winner.classifier_dim, "fusion_stages": fusion_stages, "C": winner.C,
+        "grid": winner.head["grid"], "classifier_C": classifier_head["C"], "features": winner.features,
         "data_config": winner.data_config}, indent=2) + "\n")
 
 
@@ -71,9 +89,11 @@ def main() -> None:
         winner = choose(entries, settings.select)
         board = leaderboard(entries, winner, settings.select)
 
-        save_baseline(args.baseline, winner, meta["classes"], settings.fusion_stages)
+        classifier_head = lpft_head(winner, settings, params.base.seed)
+        save_baseline(args.baseline, winner, classifier_head, meta["classes"], settings.fusion_stages)
         write_metrics(args.metrics, {"val_accuracy": winner.val_accuracy, "test_accuracy": winner.test_accuracy,
-                                     "test_macro_f1": winner.test_macro_f1, "C": winner.C})
+                                     "test_macro_f1": winner.test_macro_f1, "C": winner.C,
+                                     "lpft_head_val_accuracy": classifier_head["val_accuracy"]})
         write_metrics(args.leaderboard, board)
         leaderboard_figure(entries, winner, args.plot, settings.select.latency_budget_ms
                            if settings.select.rule == "latency_budget" else None)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.lib import distributed, setup_logging
+from stages.lib import PipelineError, distributed, setup_logging
 from stages.lib.augmentation import train_transform
 from stages.lib.backbones import classifier_prefix, create_backbone, data_config
 from stages.lib.metrics import line_figure
@@ -38,14 +38,12 @@ CHECKPOINT = Path("checkpoints/finetune/last.pt")
 
 
 def start_from_probe(model: torch.nn.Module, head_file: Path) -> None:
-    """Copy the linear probe into the classifier (LP-FT). A probe on fused features
-    (`features.fusion_stages` > 0) does not fit the classifier: the head then starts fresh."""
+    """Copy the linear probe on the pre-logits features (features' classifier.pt) into the classifier: LP-FT."""
     head = torch.load(head_file, map_location="cpu", weights_only=True)
     classifier = model.get_classifier()
     if head["weight"].shape != classifier.weight.shape:
-        log.warning("the probe head %s does not fit the classifier %s (fused features): fine-tuning starts "
-                    "from a fresh head, not LP-FT", tuple(head["weight"].shape), tuple(classifier.weight.shape))
-        return
+        raise PipelineError(f"{head_file}: a head of shape {tuple(head['weight'].shape)} does not fit the classifier "
+                            f"{tuple(classifier.weight.shape)}; re-run the features stage")
     with torch.no_grad():
         classifier.weight.copy_(head["weight"])
         classifier.bias.copy_(head["bias"])
@@ -98,7 +96,7 @@ def main() -> None:
             mlflow.set_tag("model.name", probe["model"])
         config = data_config(probe["model"], size)
         model = create_backbone(probe["model"], probe["weights"], len(classes), params.model.drop_rate)
-        start_from_probe(model, args.baseline / "head.pt")
+        start_from_probe(model, args.baseline / "classifier.pt")
         model = model.to(dist.device, memory_format=memory_format(settings.channels_last))
 
         train_loader, val_loader = make_loaders(
@@ -107,7 +105,7 @@ def main() -> None:
             mixup=uses_mixup(settings))
         started = time.perf_counter()
         state = run_phases(model, settings, train_loader, val_loader, config["mean"], config["std"],
-                           params.base.seed, CHECKPOINT, fingerprint(params, meta, args.baseline / "head.pt"),
+                           params.base.seed, CHECKPOINT, fingerprint(params, meta, args.baseline / "classifier.pt"),
                            on_epoch=log_epoch if dist.is_main else lambda row: None, dist=dist)
         seconds = time.perf_counter() - started
         distributed.shutdown(dist)

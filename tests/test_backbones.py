@@ -1,6 +1,5 @@
 """Backbones: the offline weights are real ImageNet weights; freezing follows timm's groups."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

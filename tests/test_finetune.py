@@ -45,7 +45,7 @@ def test_fine_tuning_starts_from_the_linear_probe(tmp_path):
 def test_a_checkpoint_resumes_only_with_the_same_settings_and_inputs(tiny_pipeline, tmp_path):
     params = load_params(tiny_pipeline / "params.yaml")
     meta = json.loads((tiny_pipeline / "data/prepared/meta.json").read_text())
-    head = tiny_pipeline / "models/baseline/head.pt"
+    head = tiny_pipeline / "models/baseline/classifier.pt"
     same = fingerprint(params, meta, head)
     changed = params.model_copy(update={"finetune": params.finetune.model_copy(update={"smoothing": 0.0})})
     other_head = tmp_path / "head.pt"

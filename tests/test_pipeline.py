@@ -16,7 +16,7 @@ OUTS = [
     "data/manifest.csv", "reports/validation/validation.md", "metrics/validation.json",
     "data/splits/train.csv", "data/splits/val.csv", "data/splits/test.csv", "metrics/split.json",
     "data/prepared/train_images.npy", "data/prepared/meta.json", "reports/augment_preview.png",
-    "data/features/tf_efficientnet_lite0.npz", "models/baseline/head.pt", "metrics/baseline.json",
+    "data/features/tf_efficientnet_lite0.npz", "models/baseline/head.pt", "models/baseline/classifier.pt", "metrics/baseline.json",
     "models/finetuned/model.pt", "models/finetuned/config.json", "metrics/finetune.json", "plots/finetune_history.csv",
     "metrics/evaluate.json", "plots/confusion.csv", "reports/evaluate/confusion_finetuned.png",
 ]

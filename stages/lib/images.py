@@ -15,9 +15,13 @@ import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "mode", "format", "bytes", "status", "reason",
                     "split", "note"]
@@ -218,7 +222,7 @@ def resample_filter(interpolation: str) -> Image.Resampling:
     }.get(interpolation, Image.Resampling.BICUBIC)
 
 
-def read_labelled_csv(path: str | Path) -> "pd.DataFrame":
+def read_labelled_csv(path: str | Path) -> pd.DataFrame:
     """A manifest or split CSV with every column as text ('0' stays a class name, not a number);
     numeric manifest columns (width, height, bytes) are parsed as integers."""
     import pandas as pd

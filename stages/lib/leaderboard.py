@@ -41,7 +41,7 @@ class SelectionError(PipelineError, ValueError):
 
 @dataclass
 class Entry:
-    """One candidate's row of the leaderboard; `head` and `data_config` stay out of the table."""
+    """One candidate's row of the leaderboard; `head`, `classifier_dim` and `data_config` stay out of the table."""
     name: str
     weights: str
     val_accuracy: float
@@ -53,11 +53,12 @@ class Entry:
     embedding_dim: int
     latency_ms: float
     features: str
+    classifier_dim: int = 0         # the model classifier's input: the first columns of the embeddings
     head: dict = field(default_factory=dict, repr=False)
     data_config: dict = field(default_factory=dict, repr=False)
 
     def row(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("head", "data_config")}
+        return {k: v for k, v in asdict(self).items() if k not in ("head", "classifier_dim", "data_config")}
 
 
 # ------------------------------------------------------------------- probing, measuring
@@ -85,6 +86,11 @@ def backbone_params(model: nn.Module) -> int:
     """Parameters of the backbone, without the classifier."""
     head = classifier_prefix(model)
     return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(head))
+
+
+def classifier_inputs(model: nn.Module) -> int:
+    """The width of the model's classifier input (its pre-logits features)."""
+    return getattr(model.get_classifier(), "in_features", None) or model.num_features
 
 
 def latency_ms(model: nn.Module, image_size: int) -> float:
@@ -133,7 +139,8 @@ def probe_candidate(candidate, prepared: Path, data_digest: str, cache: Path, ou
     entry = Entry(name=name, weights=weights, val_accuracy=probe["val_accuracy"], val_log_loss=probe["val_log_loss"],
                   test_accuracy=test["accuracy"], test_macro_f1=test["macro_f1"], C=probe["C"],
                   params=backbone_params(model), embedding_dim=int(arrays["train_x"].shape[1]),
-                  latency_ms=latency_ms(model, size), features=str(path), head=probe, data_config=config)
+                  latency_ms=latency_ms(model, size), features=str(path), classifier_dim=classifier_inputs(model),
+                  head=probe, data_config=config)
     log.info("%s: probe val %.4f, test %.4f, %d-d, %.1f ms/img", name, entry.val_accuracy, entry.test_accuracy,
              entry.embedding_dim, entry.latency_ms)
     return entry

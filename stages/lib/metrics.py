@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -46,7 +50,12 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, top_k:
     labels: int (N,) class indexes; probabilities: (N, classes), rows summing to 1.
     `top_k_accuracy` uses k = top_k (the key stays the same when k changes, for `dvc metrics diff`).
     """
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        log_loss,
+        precision_recall_fscore_support,
+    )
 
     predicted = probabilities.argmax(axis=1)
     precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, average="macro", zero_division=0)
@@ -62,7 +71,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, top_k:
     }
 
 
-def per_class_table(labels: np.ndarray, predictions: dict[str, np.ndarray], classes: list[str]) -> "pd.DataFrame":
+def per_class_table(labels: np.ndarray, predictions: dict[str, np.ndarray], classes: list[str]) -> pd.DataFrame:
     """Precision, recall and F1 per class, models side by side: one row per class.
 
     predictions: model name -> predicted class indexes (N,). Columns: class, support, then

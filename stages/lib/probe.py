@@ -16,7 +16,9 @@ used prepared-data versions are kept.
 
 The probe is scikit-learn's logistic regression on standardised embeddings, its regularisation
 tuned on val. The scaler is folded into the weights, so the probe is exactly a linear layer on raw
-embeddings: the starting head for fine-tuning (LP-FT).
+embeddings. Without fusion it is also the starting head for fine-tuning (LP-FT); with fusion the
+classifier sees only the pre-logits part of the embedding (its first columns), so LP-FT starts from
+a second probe fit on those columns (`classifier_probe`).
 """
 
 from __future__ import annotations
@@ -220,3 +222,13 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
 
 def probe_logits(embeddings: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return embeddings @ weight.T + bias
+
+
+def classifier_probe(features_file: Path, classifier_dim: int, c_grid: list[float], max_iter: int,
+                     seed: int) -> dict:
+    """A probe on the first `classifier_dim` embedding columns of a candidate's embeddings file:
+    the pre-logits features, i.e. what the model's own classifier sees (the LP-FT start when the
+    baseline probe is on fused features)."""
+    with np.load(features_file) as arrays:
+        train_x, val_x = arrays["train_x"][:, :classifier_dim], arrays["val_x"][:, :classifier_dim]
+        return fit_probe(train_x, arrays["train_y"], val_x, arrays["val_y"], c_grid, max_iter, seed)
