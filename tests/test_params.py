@@ -27,6 +27,9 @@ def test_the_committed_params_are_valid():
     (lambda p: p["split"].update(val_size=0.5, test_size=0.45), "val_size + test_size must leave"),
     (lambda p: p["model"].update(imag_size=64), "model.imag_size: unknown key (did you mean 'image_size'?)"),
     (lambda p: p["validate"].update(fail_on=["nonsense"]), "validate.fail_on.0"),
+    (lambda p: p["finetune"]["phases"][1].update(opt="adamx"),
+     "finetune.phases.1.opt: Value error, timm has no optimizer 'adamx' (did you mean 'adamax'?)"),
+    (lambda p: p["finetune"].update(opt="sgdd"), "finetune.opt: Value error, timm has no optimizer 'sgdd'"),
 ])
 def test_bad_params_fail_naming_the_key(mutate, message):
     params = repo_params()

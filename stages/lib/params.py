@@ -134,6 +134,20 @@ class Features(Section):
 Sched = Literal["cosine", "tanh", "poly", "step", "constant"]
 
 
+def _timm_optimizer(name: str | None) -> str | None:
+    """An optimizer name timm's create_optimizer_v2 accepts (optionally lookahead_<name>), or a ValueError."""
+    if name is None:
+        return name
+    from timm.optim import list_optimizers  # imported only to check: params load before torch otherwise
+
+    known = list_optimizers()
+    if name.lower().removeprefix("lookahead_") not in known:
+        close = difflib.get_close_matches(name.lower(), known, n=1)
+        raise ValueError(f"timm has no optimizer '{name}'" + (f" (did you mean '{close[0]}'?)" if close else
+                                                               " (see timm.optim.list_optimizers())"))
+    return name
+
+
 class Recipe(Section):
     """The training settings (timm's argument names) that every phase inherits unless it sets its own."""
 
@@ -148,6 +162,11 @@ class Recipe(Section):
     cutmix_alpha: float = Field(0.0, ge=0.0)
     train_bn: bool = False                                    # trainable BatchNorm updates its statistics
     patience: int = Field(3, ge=1)                            # epochs without val-loss improvement
+
+    @field_validator("opt")
+    @classmethod
+    def _known_optimizer(cls, name: str | None) -> str | None:
+        return _timm_optimizer(name)
 
 
 class Phase(Section):
@@ -168,6 +187,11 @@ class Phase(Section):
     cutmix_alpha: float | None = Field(None, ge=0.0)
     train_bn: bool | None = None
     patience: int | None = Field(None, ge=1)
+
+    @field_validator("opt")
+    @classmethod
+    def _known_optimizer(cls, name: str | None) -> str | None:
+        return _timm_optimizer(name)
 
     @field_validator("trainable")
     @classmethod

@@ -71,9 +71,11 @@ def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, dist: Di
     pairs, so batches must be even and the last incomplete batch is dropped.
     """
     per_process = batch_size // dist.world_size
-    if batch_size % dist.world_size or (mixup and per_process % 2):
-        raise PipelineError(f"finetune.batch_size: {batch_size} does not split into {dist.world_size} "
-                            f"{'even ' if mixup else ''}batches (one per process{', mixup pairs' if mixup else ''})")
+    if batch_size % dist.world_size:
+        raise PipelineError(f"finetune.batch_size: {batch_size} does not split over {dist.world_size} processes")
+    if mixup and per_process % 2:
+        raise PipelineError(f"finetune.batch_size: mixup/cutmix mix pairs, so each process needs an even "
+                            f"batch (got {per_process})")
     sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
     pin = dist.device.type == "cuda"
     train = DataLoader(train_set, batch_size=per_process, sampler=sampler, num_workers=workers, pin_memory=pin,
