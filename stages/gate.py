@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from stages.lib.params import load_params
 
     try:
-        settings = load_params(args.params).gate
+        settings = load_params(args.params, timm_names=False).gate  # starts fast: no torch
         if not settings.checks:
             raise PipelineError(f"{args.params}: gate.checks is empty: nothing to check")
         folder, stems = Path(settings.metrics_dir), stems_of(settings.checks)

@@ -224,7 +224,9 @@ def test_adding_a_candidate_extracts_only_that_one(tiny_pipeline, tmp_path):
     assert [name for name in after if name not in before][0].startswith("mobilenetv3_small_050-none-32px-")
     assert (project / "data/features/mobilenetv3_small_050.npz").is_file()
     board = json.loads((project / "metrics/leaderboard.json").read_text())
-    assert len(board["candidates"]) == 4 and board["candidates"]["mobilenetv3_small_050"]["embedding_dim"] == 1024
+    columns = np.load(project / "data/features/mobilenetv3_small_050.npz")["train_x"].shape[1]
+    assert len(board["candidates"]) == 4 and board["candidates"]["mobilenetv3_small_050"]["embedding_dim"] == columns
+    assert columns > 1024  # its 1024 pre-logits features plus the fused stages
 
 
 def test_probe_head_is_exact_and_tame_with_near_constant_features():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from stages.lib import PipelineError
 
@@ -165,8 +165,8 @@ class Recipe(Section):
 
     @field_validator("opt")
     @classmethod
-    def _known_optimizer(cls, name: str | None) -> str | None:
-        return _timm_optimizer(name)
+    def _known_optimizer(cls, name: str | None, info: ValidationInfo) -> str | None:
+        return _timm_optimizer(name) if (info.context or {}).get("timm_names", True) else name
 
 
 class Phase(Section):
@@ -190,8 +190,8 @@ class Phase(Section):
 
     @field_validator("opt")
     @classmethod
-    def _known_optimizer(cls, name: str | None) -> str | None:
-        return _timm_optimizer(name)
+    def _known_optimizer(cls, name: str | None, info: ValidationInfo) -> str | None:
+        return _timm_optimizer(name) if (info.context or {}).get("timm_names", True) else name
 
     @field_validator("trainable")
     @classmethod
@@ -350,18 +350,19 @@ def _model_in(annotation) -> type[BaseModel]:
     raise TypeError(annotation)
 
 
-def parse_params(raw: dict, source: str = "params.yaml") -> Params:
-    """Validate a params mapping; raise ParamsError listing every bad key."""
+def parse_params(raw: dict, source: str = "params.yaml", timm_names: bool = True) -> Params:
+    """Validate a params mapping; raise ParamsError listing every bad key. timm_names: also check
+    names that only timm knows (optimizers), which imports torch: commands that do not train skip it."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(raw, context={"timm_names": timm_names})
     except ValidationError as error:
         lines = [_describe(item) for item in error.errors()]
         raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", timm_names: bool = True) -> Params:
     """Read and validate params.yaml (the whole file, so a typo anywhere fails every stage)."""
     path = Path(path)
     try:
@@ -370,4 +371,4 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: not found (run from the repository root)") from None
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
-    return parse_params(raw or {}, str(path))
+    return parse_params(raw or {}, str(path), timm_names)
