@@ -52,6 +52,8 @@ def test_one_tagged_mlflow_run_per_stage_grouped_under_a_parent(tiny_pipeline):
     # one pipeline execution, one parent run
     parents = set(stage_runs["tags.mlflow.parentRunId"])
     assert len(parents) == 1 and parents <= set(runs["run_id"])
+    parent = runs.set_index("run_id").loc[parents.pop()]  # it ends with the last stage: it spans the pipeline
+    assert parent["status"] == "FINISHED" and parent["end_time"] >= stage_runs["end_time"].max()
     # every stage names the runs that produced its inputs
     by_stage = stage_runs.set_index("tags.stage")
     assert by_stage.loc["split", "tags.upstream.validate"] == by_stage.loc["validate", "run_id"]

@@ -35,3 +35,26 @@ def test_data_version_is_the_dvc_md5(tmp_path):
 def test_flatten_names_nested_params_like_dvc():
     flat = flatten({"finetune": {"phases": [{"lr": 0.1}, {"lr": 0.01}], "scale": [0.9, 1.1]}})
     assert flat == {"finetune.phases.0.lr": 0.1, "finetune.phases.1.lr": 0.01, "finetune.scale": [0.9, 1.1]}
+
+
+def test_the_parent_run_spans_its_stages_and_shows_a_failed_one(monkeypatch, tmp_path):
+    """Stages of one dvc process share a parent run, which ends with the latest stage and its status."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from stages.lib import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(tracking, "pipeline_execution_key", lambda: "host:123:456")
+    params = parse_params({"finetune": {"phases": [{"name": "a", "epochs": 1, "lr": 0.1}]}})
+    with tracking.stage_run("validate", params, ["base"]) as first:
+        pass
+    with pytest.raises(RuntimeError), tracking.stage_run("split", params, ["base"]) as second:
+        raise RuntimeError("the split failed")
+    client = MlflowClient()
+    parent_id = client.get_run(first.info.run_id).data.tags["mlflow.parentRunId"]
+    assert client.get_run(second.info.run_id).data.tags["mlflow.parentRunId"] == parent_id
+    parent, failed = client.get_run(parent_id).info, client.get_run(second.info.run_id).info
+    assert (parent.status, failed.status) == ("FAILED", "FAILED") and parent.end_time >= failed.end_time
+    mlflow.set_tracking_uri(None)

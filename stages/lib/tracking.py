@@ -171,6 +171,14 @@ def _parent_run_id(experiment_id: str, tags: dict[str, str]) -> str | None:
     return parent.info.run_id
 
 
+def _end_parent(parent: str | None, status: str) -> None:
+    """End the parent run with this stage: it then spans the pipeline so far, and shows a failed stage."""
+    if parent:
+        from mlflow import MlflowClient
+
+        MlflowClient().set_terminated(parent, status=status)
+
+
 # ---------------------------------------------------------------------------------- runs
 def flatten(value, prefix: str = "") -> dict[str, object]:
     """{'a': {'b': [1, 2]}} -> {'a.b.0': 1, 'a.b.1': 2}: MLflow params and metrics are flat."""
@@ -196,9 +204,14 @@ def stage_run(stage: str, params: Params, sections: list[str], upstream: list[st
     parent = _parent_run_id(experiment_id, tags)
     if parent:
         tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
-        mlflow.log_params(flatten({name: params.section(name) for name in sections}))
-        yield run
+    try:
+        with mlflow.start_run(run_name=stage, tags=tags) as run:
+            mlflow.log_params(flatten({name: params.section(name) for name in sections}))
+            yield run
+    except BaseException:
+        _end_parent(parent, "FAILED")
+        raise
+    _end_parent(parent, "FINISHED")
     LINEAGE_DIR.mkdir(parents=True, exist_ok=True)
     lineage = {"stage": stage, "run_id": run.info.run_id, "experiment_id": experiment_id, "parent_run_id": parent}
     (LINEAGE_DIR / f"{stage}.json").write_text(json.dumps(lineage, indent=2) + "\n")
