@@ -94,8 +94,7 @@ def main() -> None:
                      ).to_csv(args.plots / "confusion.csv", index=False)
         calibration = {name: expected_calibration_error(probs, labels) for name, probs in probabilities.items()}
         pd.DataFrame(calibration["finetuned"][1]).to_csv(args.plots / "reliability.csv", index=False)
-        reliability_figure({name: (rows, ece) for name, (ece, rows) in calibration.items()},
-                           args.reports / "reliability.png")
+        reliability_figure(calibration, args.reports / "reliability.png")
         for name, probs in probabilities.items():
             confusion_figure(labels, probs.argmax(1), classes, args.reports / f"confusion_{name}.png",
                              f"{name}: test accuracy {results[name]['accuracy']:.4f}")

@@ -56,9 +56,10 @@ def main() -> None:
             return {f"latency_ms_b{batch}": round(latency_ms(run, images, batch, settings.latency_repeats), 4)
                     for batch in settings.latency_batches}
 
-        reference = logits_of(pytorch_runner(model), images, settings.batch_size)
+        run_pytorch = pytorch_runner(model)
+        reference = logits_of(run_pytorch, images, settings.batch_size)
         results = {"pytorch": {"accuracy": float((reference.argmax(1) == labels).mean()),
-                               "size_mb": round(state_dict_mb(model), 3)} | timings(pytorch_runner(model))}
+                               "size_mb": round(state_dict_mb(model), 3)} | timings(run_pytorch)}
         files = export_all(settings.variants, model, args.out, size, settings.opset, metadata)
         for variant, path in files.items():
             run = runner(variant, path, settings.threads)

@@ -68,6 +68,6 @@ def test_error_gallery_shows_the_wrong_images_and_the_reliability_figure_is_draw
     images = np.zeros((4, 8, 8, 3), dtype=np.uint8)
     assert error_gallery(images, LABELS, PROBABILITIES, ["a", "b", "c"], 16, tmp_path / "gallery.png") == 2
     assert error_gallery(images, LABELS, PROBABILITIES, ["a", "b", "c"], 1, tmp_path / "one.png") == 1
-    reliability_figure({"model": expected_calibration_error(PROBABILITIES, LABELS)[::-1]}, tmp_path / "rel.png")
+    reliability_figure({"model": expected_calibration_error(PROBABILITIES, LABELS)}, tmp_path / "rel.png")
     for name in ("gallery.png", "one.png", "rel.png"):
         assert Image.open(tmp_path / name).size[0] > 100

@@ -28,7 +28,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
 
 FILES = {"onnx": "model.onnx", "onnx_fp16": "model_fp16.onnx", "onnx_int8": "model_int8.onnx",
          "torchscript": "model_torchscript.pt"}
@@ -73,11 +72,6 @@ def _quiet():
         root.setLevel(level)
 
 
-def onnx_metadata(model) -> dict[str, str]:
-    """The metadata_props of an onnx.ModelProto as a dict."""
-    return {prop.key: prop.value for prop in model.metadata_props}
-
-
 def export_onnx(model: torch.nn.Module, path: Path, size: int, opset: int, metadata: dict) -> None:
     """ONNX with a dynamic batch axis, input `image`, output `logits`, `metadata` recorded
     (`as_metadata`), checked."""
@@ -94,21 +88,21 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, opset: int, metad
     onnx.save(exported, str(path))
 
 
-def to_fp16(source: Path, path: Path) -> None:
-    """float16 weights and compute; inputs and outputs stay float32."""
+def to_fp16(source: Path, path: Path, metadata: dict) -> None:
+    """float16 weights and compute; inputs and outputs stay float32; `metadata` as model.onnx's."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     original = onnx.load(str(source))
     with _quiet():
         converted = convert_float_to_float16(original, keep_io_types=True)
-    onnx.helper.set_model_props(converted, onnx_metadata(original))
+    onnx.helper.set_model_props(converted, as_metadata(metadata))
     onnx.save(converted, str(path))
 
 
-def to_int8(source: Path, path: Path) -> None:
+def to_int8(source: Path, path: Path, metadata: dict) -> None:
     """Dynamic quantization: int8 weights, activations quantized on the fly (after onnxruntime's
-    recommended pre-processing: shape inference and graph optimisation).
+    recommended pre-processing: shape inference and graph optimisation); `metadata` as model.onnx's.
 
     The classifier (the node writing `logits`) stays float32: it is a tiny share of the weights,
     and a head started from a linear probe can hold a few very large weights next to many
@@ -127,7 +121,7 @@ def to_int8(source: Path, path: Path) -> None:
                          nodes_to_exclude=head + [f"{name}_MatMul" for name in head])
     prepared.unlink()
     quantized = onnx.load(str(path))
-    onnx.helper.set_model_props(quantized, onnx_metadata(onnx.load(str(source))))
+    onnx.helper.set_model_props(quantized, as_metadata(metadata))
     onnx.save(quantized, str(path))
 
 
@@ -144,8 +138,8 @@ def export_all(variants: list[str], model: torch.nn.Module, folder: Path, size: 
     onnx_path = folder / FILES["onnx"]
     if any(variant.startswith("onnx") for variant in variants):
         export_onnx(model, onnx_path, size, opset, metadata)
-    convert = {"onnx": lambda path: None, "onnx_fp16": lambda path: to_fp16(onnx_path, path),
-               "onnx_int8": lambda path: to_int8(onnx_path, path),
+    convert = {"onnx": lambda path: None, "onnx_fp16": lambda path: to_fp16(onnx_path, path, metadata),
+               "onnx_int8": lambda path: to_int8(onnx_path, path, metadata),
                "torchscript": lambda path: export_torchscript(model, path, size, metadata)}
     paths = {}
     for variant in variants:

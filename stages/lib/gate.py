@@ -19,7 +19,7 @@ from pathlib import Path
 
 from stages.lib import PipelineError
 from stages.lib.params import GateCheck
-from stages.lib.tracking import flatten
+from stages.lib.tracking import numeric_leaves
 
 TOLERANCE = 1e-9  # a change exactly at a threshold passes
 
@@ -49,11 +49,6 @@ def stems_of(checks: dict[str, GateCheck]) -> list[str]:
     return sorted({name.split(".", 1)[0] for name in checks})
 
 
-def _numbers(content: dict, stem: str) -> dict[str, float]:
-    return {f"{stem}.{key}": float(value) for key, value in flatten(content).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
-
-
 def _parse(text: str, source: str) -> dict:
     try:
         content = json.loads(text)
@@ -73,7 +68,7 @@ def read_folder(folder: Path, stems: list[str], required: bool = True) -> dict[s
             if required:
                 raise GateError(f"{path}: metrics file not found (run `dvc repro` first)")
             continue
-        values |= _numbers(_parse(path.read_text(), str(path)), stem)
+        values |= numeric_leaves(_parse(path.read_text(), str(path)), stem)
     return values
 
 
@@ -81,9 +76,9 @@ def read_file(path: Path, stems: list[str]) -> dict[str, float]:
     """A combined reference {stem: metrics}, or one metrics file named <stem>.json."""
     content = _parse(path.read_text(), str(path))
     if path.stem in stems and not set(content) & set(stems):
-        return _numbers(content, path.stem)
+        return numeric_leaves(content, path.stem)
     return {name: value for stem in stems if isinstance(content.get(stem), dict)
-            for name, value in _numbers(content[stem], stem).items()}
+            for name, value in numeric_leaves(content[stem], stem).items()}
 
 
 def _git(*args: str) -> subprocess.CompletedProcess:
@@ -100,7 +95,7 @@ def read_revision(revision: str, folder: Path, stems: list[str]) -> dict[str, fl
         spec = f"{revision}:./{(folder / f'{stem}.json').as_posix()}"
         shown = _git("show", spec)
         if shown.returncode == 0:
-            values |= _numbers(_parse(shown.stdout, spec), stem)
+            values |= numeric_leaves(_parse(shown.stdout, spec), stem)
     return values
 
 

@@ -105,9 +105,9 @@ def confusion_figure(labels: np.ndarray, predicted: np.ndarray, classes: list[st
     plt.close(figure)
 
 
-def reliability_figure(curves: dict[str, tuple[list[dict], float]], path: Path) -> None:
+def reliability_figure(curves: dict[str, tuple[float, list[dict]]], path: Path) -> None:
     """A reliability diagram: per model, the bins of `expected_calibration_error` as accuracy
-    against mean confidence. curves: model name -> (bin rows, ECE)."""
+    against mean confidence. curves: model name -> what `expected_calibration_error` returns (ECE, bin rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,7 +115,7 @@ def reliability_figure(curves: dict[str, tuple[list[dict], float]], path: Path) 
 
     figure, axes = plt.subplots(figsize=(5.5, 5))
     axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
-    for name, (rows, ece) in curves.items():
+    for name, (ece, rows) in curves.items():
         axes.plot([row["confidence"] for row in rows], [row["accuracy"] for row in rows], marker="o",
                   label=f"{name} (ECE {ece:.3f})")
     axes.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="confidence (bin mean)", ylabel="accuracy in bin",

@@ -20,7 +20,6 @@ import base64
 import binascii
 import io
 import json
-import logging
 import shutil
 import tempfile
 import warnings
@@ -34,7 +33,6 @@ from PIL import Image
 from stages.lib import PipelineError
 from stages.lib.images import load_rgb, resample_filter
 
-log = logging.getLogger(__name__)
 OUTPUT_COLUMNS = ["label", "probability", "probabilities", "error"]
 PACKAGE = Path(__file__).resolve().parents[1]  # the `stages` package, shipped with the model
 
@@ -177,9 +175,10 @@ def log_image_classifier(model_dir: Path, example_image: np.ndarray, registered_
     from mlflow.models import infer_signature
 
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    classifier = ImageClassifier.from_folder(model_dir)
+    config = classifier.config
     example = pd.DataFrame({"image": [encode_png(example_image)]})
-    output = ImageClassifier.from_folder(model_dir).predict(example["image"].tolist())
+    output = classifier.predict(example["image"].tolist())
     with tempfile.TemporaryDirectory() as scratch:
         entry_point = Path(scratch) / "image_classifier.py"
         entry_point.write_text(MODEL_CODE)

@@ -194,6 +194,12 @@ def flatten(value, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def numeric_leaves(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a nested metrics mapping, flattened: {'a': {'b': 1, 'c': 'x'}} -> {'a.b': 1.0}."""
+    return {key: float(value) for key, value in flatten(metrics, prefix).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 @contextmanager
 def stage_run(stage: str, params: Params, sections: list[str], upstream: list[str] = ()):
     """An MLflow run for one stage: tagged, params logged, grouped, lineage written at the end."""
@@ -226,6 +232,4 @@ def write_metrics(path: str | Path, metrics: dict, log_to_mlflow: bool = True) -
     if log_to_mlflow:
         import mlflow
 
-        numeric = {key: float(value) for key, value in flatten(metrics).items()
-                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        mlflow.log_metrics(numeric)
+        mlflow.log_metrics(numeric_leaves(metrics))
