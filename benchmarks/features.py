@@ -24,7 +24,6 @@ import copy
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from stages.lib.backbones import create_backbone, data_config  # noqa: E402
 from stages.lib.probe import extract_embeddings  # noqa: E402
+from timing import timed  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 def plain_loop(model, images: np.ndarray, mean, std, batch_size: int, device: torch.device, amp: bool,
@@ -49,16 +49,6 @@ def plain_loop(model, images: np.ndarray, mean, std, batch_size: int, device: to
             features = model.forward_head(model.forward_features(batch), pre_logits=True)
             chunks.append(features.float().cpu().numpy())
     return np.concatenate(chunks)
-
-
-def timed(function, device: torch.device) -> tuple[float, np.ndarray]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    result = function()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started, result
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ import json
 import platform
 import sys
 import tempfile
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -33,6 +32,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from timing import timed  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 
@@ -116,15 +117,10 @@ def plain_epoch(args, folder: Path, device: torch.device):
     return epoch
 
 
-def timed(epoch, device: torch.device) -> float:
+def images_per_second(epoch, device: torch.device) -> float:
     """Images per second of one epoch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    count = epoch()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return count / (time.perf_counter() - started)
+    seconds, count = timed(epoch, device)
+    return count / seconds
 
 
 def main() -> None:
@@ -147,7 +143,7 @@ def main() -> None:
         rates = {name: [] for name in epochs}
         for _ in range(args.repeats):
             for name, epoch in epochs.items():
-                rates[name].append(timed(epoch, device))
+                rates[name].append(images_per_second(epoch, device))
 
     best = {name: max(values) for name, values in rates.items()}
     ratio = best["pipeline"] / best["plain"]

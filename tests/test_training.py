@@ -51,7 +51,7 @@ def settings(phases: list[dict] | None = None, **overrides) -> Finetune:
 
 def train(model: nn.Module, recipe: Finetune, tmp_path, on_epoch=lambda row: None, seed: int = 0):
     train_loader, val_loader = make_loaders(tiny_data(48, 1), tiny_data(24, 2), recipe.batch_size, Distributed(),
-                                            seed, mixup=recipe.mixup_alpha > 0 or recipe.cutmix_alpha > 0)
+                                            seed, mixup=recipe.mixes)
     return run_phases(model, recipe, train_loader, val_loader, MEAN, STD, seed, tmp_path / "last.pt", "test",
                       on_epoch)
 

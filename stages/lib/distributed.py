@@ -24,7 +24,6 @@ class Distributed:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -57,10 +56,6 @@ class Distributed:
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
 
 def setup() -> Distributed:
     """Join the torchrun job when there is one; pick the device (cuda:LOCAL_RANK, else CPU)."""
@@ -73,7 +68,7 @@ def setup() -> Distributed:
         return Distributed(device=device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend)
-    dist = Distributed(torch.distributed.get_rank(), world_size, local_rank, device)
+    dist = Distributed(torch.distributed.get_rank(), world_size, device)
     if not dist.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one process reports
     log.info("data-parallel: %d processes, backend %s", world_size, backend)

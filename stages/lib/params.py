@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from stages.lib import PipelineError
 
@@ -134,9 +135,10 @@ class Features(Section):
 Sched = Literal["cosine", "tanh", "poly", "step", "constant"]
 
 
-def _timm_optimizer(name: str | None) -> str | None:
-    """An optimizer name timm's create_optimizer_v2 accepts (optionally lookahead_<name>), or a ValueError."""
-    if name is None:
+def _timm_optimizer(name: str, info: ValidationInfo) -> str:
+    """An optimizer name timm's create_optimizer_v2 accepts (optionally lookahead_<name>), or a ValueError.
+    Skipped when parsing with timm_names=False (commands that never train need not import torch)."""
+    if not (info.context or {}).get("timm_names", True):
         return name
     from timm.optim import list_optimizers  # imported only to check: params load before torch otherwise
 
@@ -148,10 +150,13 @@ def _timm_optimizer(name: str | None) -> str | None:
     return name
 
 
+TimmOptimizer = Annotated[str, AfterValidator(_timm_optimizer)]
+
+
 class Recipe(Section):
     """The training settings (timm's argument names) that every phase inherits unless it sets its own."""
 
-    opt: str = "adamw"                                        # any timm optimizer name
+    opt: TimmOptimizer = "adamw"                              # any timm optimizer name
     weight_decay: float = Field(0.05, ge=0.0)
     layer_decay: float | None = Field(None, gt=0.0, le=1.0)   # lr x layer_decay per block group, top to bottom
     sched: Sched = "cosine"                                   # timm scheduler, stepped per update
@@ -163,10 +168,10 @@ class Recipe(Section):
     train_bn: bool = False                                    # trainable BatchNorm updates its statistics
     patience: int = Field(3, ge=1)                            # epochs without val-loss improvement
 
-    @field_validator("opt")
-    @classmethod
-    def _known_optimizer(cls, name: str | None, info: ValidationInfo) -> str | None:
-        return _timm_optimizer(name) if (info.context or {}).get("timm_names", True) else name
+    @property
+    def mixes(self) -> bool:
+        """Whether images are mixed (mixup or cutmix): targets are then soft."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 class Phase(Section):
@@ -176,7 +181,7 @@ class Phase(Section):
     trainable: Union[Literal["head", "all"], int] = "all"
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0.0)
-    opt: str | None = None
+    opt: TimmOptimizer | None = None
     weight_decay: float | None = Field(None, ge=0.0)
     layer_decay: float | None = Field(None, gt=0.0, le=1.0)
     sched: Sched | None = None
@@ -187,11 +192,6 @@ class Phase(Section):
     cutmix_alpha: float | None = Field(None, ge=0.0)
     train_bn: bool | None = None
     patience: int | None = Field(None, ge=1)
-
-    @field_validator("opt")
-    @classmethod
-    def _known_optimizer(cls, name: str | None, info: ValidationInfo) -> str | None:
-        return _timm_optimizer(name) if (info.context or {}).get("timm_names", True) else name
 
     @field_validator("trainable")
     @classmethod

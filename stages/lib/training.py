@@ -87,8 +87,7 @@ def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, dist: Di
 
 def uses_mixup(settings) -> bool:
     """Whether any phase of the finetune settings mixes images (mixup or cutmix)."""
-    return any(settings.recipe(phase).mixup_alpha > 0 or settings.recipe(phase).cutmix_alpha > 0
-               for phase in settings.phases)
+    return any(settings.recipe(phase).mixes for phase in settings.phases)
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -150,7 +149,7 @@ def build_loss(recipe, num_classes: int):
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    if recipe.mixup_alpha > 0 or recipe.cutmix_alpha > 0:
+    if recipe.mixes:
         mixup = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha,
                       label_smoothing=recipe.smoothing, num_classes=num_classes)
         return SoftTargetCrossEntropy(), mixup
@@ -186,7 +185,6 @@ class Trainer:
 
             self.ema = ModelEmaV3(model, decay=settings.model_ema_decay, use_warmup=True)
         self.lr_columns = lr_labels(model)
-        self.num_classes = model.num_classes
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -203,7 +201,10 @@ class Trainer:
         net.train()
         apply_batchnorm_policy(self.model, train_bn)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        total_loss, correct, seen, steps = 0.0, 0, 0, 0
+        # summed on the device: reading them per step (.item()) would wait for the GPU every step
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen, steps = 0, 0
         lr_sums = [0.0] * len(optimizer.param_groups)
         bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=2, disable=not self.dist.is_main)
         for images, labels in bar:
@@ -227,10 +228,10 @@ class Trainer:
             scheduler.step_update(num_updates=first_update + steps)
             if self.ema is not None:
                 self.ema.update(self.model, step=state.updates)
-            total_loss += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
+            total_loss += loss.detach().double() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
-        total_loss, correct, seen = self.dist.sum([total_loss, correct, seen])
+        total_loss, correct, seen = self.dist.sum([total_loss.item(), correct.item(), seen])
         return {"train_loss": total_loss / seen, "train_accuracy": correct / seen,
                 **self._lr_per_group(optimizer, [total / max(steps, 1) for total in lr_sums])}
 
@@ -243,16 +244,19 @@ class Trainer:
 
     def evaluate(self, loader: DataLoader) -> dict:
         """Plain cross-entropy (no smoothing) and accuracy of the kept weights (the EMA when on)."""
-        model = self.ema.module if self.ema is not None else self.model
-        logits, labels = logits_of(model, loader, self.inputs, self.autocast)
+        logits, labels = logits_of(self.kept_model, loader, self.inputs, self.autocast)
         loss_sum = F.cross_entropy(logits, labels, reduction="sum").item()
         correct = (logits.argmax(1) == labels).sum().item()
         loss_sum, correct, count = self.dist.sum([loss_sum, correct, len(labels)])
         return {"val_loss": loss_sum / count, "val_accuracy": correct / count}
 
+    @property
+    def kept_model(self) -> nn.Module:
+        """What is validated and kept: the EMA of the weights when on, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
     def kept_weights(self) -> dict:
-        model = self.ema.module if self.ema is not None else self.model
-        return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+        return {key: value.detach().cpu().clone() for key, value in self.kept_model.state_dict().items()}
 
 
 @torch.inference_mode()
@@ -327,7 +331,7 @@ def run_phases(model: nn.Module, settings, train_loader: DataLoader, val_loader:
         net = dist.wrap(model)
         optimizer = build_optimizer(model, recipe, phase.lr)
         scheduler = build_scheduler(optimizer, recipe, phase.epochs, phase.lr, len(train_loader))
-        loss_fn, mixup = build_loss(recipe, trainer.num_classes)
+        loss_fn, mixup = build_loss(recipe, trainer.model.num_classes)
         if resumed and state.phase_epoch > 0:
             optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
