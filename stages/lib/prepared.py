@@ -21,8 +21,9 @@ from torch.utils.data import Dataset
 
 
 def save_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
-    np.save(folder / f"{split}_images.npy", images)
-    np.save(folder / f"{split}_labels.npy", labels.astype(np.int64))
+    """One split from arrays in memory (the augment stage decodes into `create_images` instead)."""
+    np.save(Path(folder) / f"{split}_images.npy", images)
+    save_labels(folder, split, labels)
 
 
 def create_images(folder: Path, split: str, count: int, size: int) -> np.ndarray:
