@@ -32,7 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.lib.backbones import create_backbone, data_config  # noqa: E402
+from stages.lib.backbones import create_backbone  # noqa: E402
+from stages.lib.preprocessing import for_backbone  # noqa: E402
 from stages.lib.probe import extract_embeddings  # noqa: E402
 from timing import timed  # noqa: E402  (benchmarks/timing.py, beside this script)
 
@@ -71,11 +72,11 @@ def main() -> None:
         parser.error("the pipeline uses bf16 autocast on CUDA: pass --amp so the plain loop does too")
 
     images = np.random.default_rng(0).integers(0, 256, (args.images, args.size, args.size, 3), dtype=np.uint8)
-    config = data_config(args.model, args.size)
+    config = for_backbone(args.model, args.size, "bicubic")
     model = create_backbone(args.model, args.weights, num_classes=10).eval()
     plain_model = copy.deepcopy(model).to(device)  # the pipeline converts its own model to channels_last
     channels_last_model = copy.deepcopy(model).to(device, memory_format=torch.channels_last)
-    mean, std, batch = config["mean"], config["std"], args.batch_size
+    mean, std, batch = list(config.mean), list(config.std), args.batch_size
     variants = {
         "pipeline": lambda: extract_embeddings(model, images, mean, std, batch, args.fusion_stages, device),
         "plain": lambda: plain_loop(plain_model, images, mean, std, batch, device, args.amp),

@@ -98,7 +98,9 @@ def record_in_registry(run, params, results: dict, val_predictions: pd.DataFrame
     experiment = os.environ.get("DVC_EXP_NAME", "workspace")
     if own_evaluation(client, name, version):
         finetuned = results["finetuned"]
-        model_id = getattr(versions[0], "model_id", None)
+        source = versions[0].source or ""
+        model_id = getattr(versions[0], "model_id", None) or (source.removeprefix("models:/")
+                                                              if source.startswith("models:/m-") else None)
         if model_id:  # the logged model's page shows its test numbers too
             import mlflow
 

@@ -49,6 +49,7 @@ def project(tmp_path, monkeypatch):
     current.parent.mkdir(parents=True)
     predictions(2).to_csv(current, index=False)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # MLflow sets it when a test points MLflow at a store
     return tmp_path
 
 

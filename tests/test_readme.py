@@ -75,7 +75,7 @@ def test_the_serving_example_answers(demo):
     request = next(c for c in commands() if c.startswith("curl"))
     port = re.search(r"-p (\d+)", serve).group(1)
     log = open(demo / "serve.log", "w")
-    server = subprocess.Popen(["bash", "-c", f"source .venv/bin/activate && exec {serve}"], cwd=demo, stdout=log,
+    server = subprocess.Popen(["bash", "-c", f"source .venv/bin/activate && {serve}"], cwd=demo, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True,
                               env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")})
     try:
@@ -92,7 +92,10 @@ def test_the_serving_example_answers(demo):
         [row] = json.loads(result.stdout)["predictions"]
         assert row["error"] == "" and row["label"] in [str(digit) for digit in range(10)]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:  # it had stopped by itself
+            pass
         server.wait(timeout=30)
         log.close()
 

@@ -46,6 +46,7 @@ def tiny_model() -> nn.Module:
 def settings(phases: list[dict] | None = None, **overrides) -> Finetune:
     phases = phases or [{"name": "head", "trainable": "head", "epochs": 1, "lr": 1e-2},
                         {"name": "full", "trainable": "all", "epochs": 2, "lr": 1e-3}]
+    overrides = {"model_ema": False, "patience": 3} | overrides  # the plain model is what these tests inspect
     return Finetune(batch_size=16, phases=[Phase(**phase) for phase in phases], **overrides)
 
 

@@ -100,6 +100,16 @@ def to_fp16(source: Path, path: Path, metadata: dict) -> None:
     onnx.save(converted, str(path))
 
 
+def classifier_node(graph) -> str:
+    """The name of the classifier's Gemm/MatMul: walking back from the `logits` output over element-wise
+    nodes (the temperature's Div) to the first matrix product."""
+    producer = {output: node for node in graph.node for output in node.output}
+    node = producer["logits"]
+    while node.op_type not in ("Gemm", "MatMul"):
+        node = producer[node.input[0]]
+    return node.name
+
+
 def to_int8(source: Path, path: Path, metadata: dict) -> None:
     """Dynamic quantization: int8 weights, activations quantized on the fly (after onnxruntime's
     recommended pre-processing: shape inference and graph optimisation); `metadata` as model.onnx's.
@@ -115,7 +125,7 @@ def to_int8(source: Path, path: Path, metadata: dict) -> None:
     prepared = path.with_suffix(".pre.onnx")
     with _quiet():
         quant_pre_process(str(source), str(prepared))
-        head = [node.name for node in onnx.load(str(prepared)).graph.node if "logits" in node.output]
+        head = [classifier_node(onnx.load(str(prepared)).graph)]
         # the quantizer renames a Gemm it splits into MatMul + Add: exclude both names
         quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8,
                          nodes_to_exclude=head + [f"{name}_MatMul" for name in head])
