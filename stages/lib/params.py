@@ -52,6 +52,7 @@ class Validate(Section):
     max_excluded_fraction: float = Field(0.2, ge=0.0, le=1.0)
     classes: list[str] | None = None
     fail_on: list[CheckName] = ["label_set", "unique_content", "min_images_per_class"]
+    workers: int | None = Field(None, ge=0)  # processes inspecting files; None/0: every core this process may use
 
 
 class Split(Section):
@@ -89,6 +90,7 @@ class Augment(Section):
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)
     oversample: bool = False
     preview_images: int = Field(32, ge=1, le=256)
+    workers: int | None = Field(None, ge=0)  # processes decoding the cache; None/0: every core this process may use
 
     @field_validator("scale")
     @classmethod

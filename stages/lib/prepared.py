@@ -12,12 +12,19 @@ training set, balanced when asked, from `training_dataset(folder, transform)`.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from stages.lib.images import load_rgb, resample_filter
+from stages.lib.parallel import ordered_map, worker_count
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the augment stage starts without it
+    import torch
 
 
 def save_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -31,6 +38,20 @@ def create_images(folder: Path, split: str, count: int, size: int) -> np.ndarray
     fit in memory; flushed when the returned memmap is released."""
     return np.lib.format.open_memmap(Path(folder) / f"{split}_images.npy", mode="w+", dtype=np.uint8,
                                      shape=(count, size, size, 3))
+
+
+def decode_into(images: np.ndarray, paths: list[str], interpolation: str, workers: int | None = 1,
+                chunksize: int = 16) -> None:
+    """Decode and resize each file (`load_rgb`) into row i of `images` (uint8 (N, size, size, 3), e.g. from
+    `create_images`), in order, spread over `workers` processes (None/0: every available core).
+    The rows are identical for any number of workers; results are written as they arrive, so memory
+    holds a bounded window of decoded images, not the split."""
+    load = functools.partial(load_rgb, size=images.shape[1], resample=resample_filter(interpolation))
+    results = ordered_map(load, paths, worker_count(workers), chunksize)
+    for index, pixels in enumerate(tqdm(results, total=len(paths), desc="decode", unit="img", mininterval=2)):
+        images[index] = pixels
+    if isinstance(images, np.memmap):
+        images.flush()
 
 
 def save_labels(folder: Path, split: str, labels: np.ndarray) -> None:
@@ -49,6 +70,8 @@ def load_meta(folder: str | Path) -> dict:
 
 def to_float_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 1], channels_last memory format."""
+    import torch
+
     batch = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
     return batch.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
@@ -74,8 +97,9 @@ def save_train_index(folder: Path, index: np.ndarray) -> None:
     np.save(Path(folder) / "train_index.npy", index.astype(np.int64))
 
 
-class PreparedDataset(Dataset):
+class PreparedDataset:
     """One split of the cache; `transform` (uint8 CHW tensor -> uint8 CHW tensor) augments per sample.
+    A map-style dataset for torch's DataLoader (`__len__`, `__getitem__`).
 
     index: rows of the split to serve, in order, repeats allowed (e.g. `oversampled_index`);
     all rows once when None.
@@ -90,6 +114,8 @@ class PreparedDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        import torch
+
         row = int(self.index[position])
         image = torch.from_numpy(np.array(self.images[row])).permute(2, 0, 1)
         if self.transform is not None:
@@ -107,6 +133,8 @@ def training_dataset(folder: str | Path, transform=None) -> PreparedDataset:
 
 def normalize(images_uint8_nchw: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 NCHW -> normalised float NCHW (channels_last), as the backbone expects."""
+    import torch
+
     mean_t = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
     std_t = torch.tensor(std).view(1, 3, 1, 1) * 255.0
     return ((images_uint8_nchw.float() - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
