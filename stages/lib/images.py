@@ -202,12 +202,12 @@ def load_rgb(path: str | Path, size: int, resample: Image.Resampling = Image.Res
     with Image.open(path) as image:
         image.draft("RGB", (size, size))
         try:
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright photo
         except Exception:  # a broken EXIF block: keep the stored orientation
             image.load()
-        image = to_rgb(image)
-    scale = size / min(image.size)
-    resized = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), resample)
+        rgb = image if image.mode == "RGB" else to_rgb(image)
+        scale = size / min(rgb.size)
+        resized = rgb.resize((max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))), resample)
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
     return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
