@@ -19,11 +19,8 @@ import shutil
 from pathlib import Path
 
 from stages.lib import setup_logging
-from stages.lib.export import (export_all, latency_ms, logits_of, parity, preprocessing, pytorch_runner, runner,
-                               size_mb, state_dict_mb)
 from stages.lib.params import load_params
 from stages.lib.prepared import load_split
-from stages.lib.serving import ImageClassifier
 from stages.lib.tracking import numeric_leaves, stage_run, write_metrics
 
 log = logging.getLogger("export")
@@ -44,6 +41,10 @@ def main() -> None:
     with stage_run("export", params, ["export"], upstream=["finetune"]):
         import mlflow
         import torch
+
+        from stages.lib.export import (export_all, latency_ms, logits_of, parity, preprocessing, pytorch_runner,
+                                       runner, size_mb, state_dict_mb)
+        from stages.lib.serving import ImageClassifier
 
         torch.set_num_threads(settings.threads)
         classifier = ImageClassifier.from_folder(args.finetuned)
