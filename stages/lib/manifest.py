@@ -59,12 +59,14 @@ def scan_image_folder(images_dir: str | Path) -> list[ManifestRow]:
                         .exclude(f"symlink loop: same folder as {seen_dirs[real]}, scanned once"))
             dirnames[:] = []
             continue
-        seen_dirs[real] = Path(folder).as_posix()
+        seen_dirs[real] = posix_folder = Path(folder).as_posix()
         dirnames.sort()
+        below = os.path.relpath(folder, images_dir)  # per file, string operations: pathlib parsing is a sizeable share of a small image
+        folder_parts = () if below == os.curdir else tuple(below.split(os.sep))
+        prefix = "" if posix_folder == "." else posix_folder + "/"
         for name in sorted(filenames):
-            path = Path(folder) / name
-            parts = path.relative_to(images_dir).parts
-            row = ManifestRow(path=path.as_posix(), label=parts[0] if len(parts) > 1 else "")
+            parts = (*folder_parts, name)
+            row = ManifestRow(path=prefix + name, label=parts[0] if len(parts) > 1 else "")
             if name in OS_LITTER or any(part.startswith(".") or part in OS_LITTER_DIRS for part in parts):
                 row.exclude("hidden or OS file")
             elif len(parts) == 1:
