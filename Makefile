@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := false
 # pip prints a warning per package for this machine's local mirrors; keep real messages only
 PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: demo test install data repro summary ui clean
+.PHONY: demo test install data repro summary ui clean bench
 .DEFAULT_GOAL := demo
 
 $(PYTHON):
@@ -40,6 +40,20 @@ demo: repro summary
 
 test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# Every benchmark, each against a plain baseline in the same run (about 15 minutes on 2 cores); writes
+# benchmarks/results/*.json and the table benchmarks/results/summary.md. Torch keeps to BENCH_THREADS threads.
+BENCH_THREADS ?= 1
+bench: | install
+	@uptime
+	OMP_NUM_THREADS=$(BENCH_THREADS) MKL_NUM_THREADS=$(BENCH_THREADS) TQDM_DISABLE=1 bash -c '\
+	  $(PYTHON) benchmarks/startup.py && \
+	  $(PYTHON) benchmarks/validate.py && \
+	  $(PYTHON) benchmarks/decode.py && \
+	  $(PYTHON) benchmarks/features.py --threads $(BENCH_THREADS) && \
+	  $(PYTHON) benchmarks/train.py'
+	@$(PYTHON) benchmarks/summary.py
+	@uptime
 
 ui: | install
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
