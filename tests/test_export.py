@@ -166,7 +166,3 @@ def test_latency_timing_is_bounded_in_runs_and_time():
         return np.zeros((len(batch), 2), np.float32)
 
     assert latency_ms(slow, images, batch=1, repeats=100, max_seconds=0.001, warmup=0)[1] == 1  # the cap stops it
-    calls.clear()
-    latency_ms(lambda batch: fast(batch) if time.sleep(0.02) is None else None, images, batch=1, repeats=100,
-               max_seconds=0.001, warmup=5)
-    assert len(calls) == 2  # the cap covers the warm-up too: one warm-up, one timed run

@@ -203,17 +203,16 @@ def latency_ms(run: Runner, images: np.ndarray, batch: int, repeats: int, max_se
                warmup: int = 2) -> tuple[float, int]:
     """(median wall time per image in ms, timed runs) on a batch of `batch` test images.
 
-    Up to `warmup` untimed runs (allocations, TorchScript's profiling runs), then at most `repeats`
-    timed runs; both stop early once `max_seconds` have been spent (after one warm-up, if any, and
-    one timed run): the cost of measuring is bounded whatever the model, batch size and machine."""
+    After `warmup` untimed runs at this batch size (allocations; TorchScript specialises its graph on
+    its first two runs, so fewer would time the compiler), times at most `repeats` runs and stops
+    early once `max_seconds` have been spent timing (at least one run counts): the cost of measuring
+    is bounded whatever the model, batch size and machine."""
     picks = np.resize(np.arange(len(images)), batch)
     inputs = as_input(images[picks])
-    deadline = time.perf_counter() + max_seconds
-    for done in range(warmup):
-        if done and time.perf_counter() >= deadline:
-            break
+    for _ in range(warmup):
         run(inputs)
     timings: list[float] = []
+    deadline = time.perf_counter() + max_seconds
     while len(timings) < repeats and (not timings or time.perf_counter() < deadline):
         started = time.perf_counter()
         run(inputs)

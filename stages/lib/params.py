@@ -283,8 +283,8 @@ class Export(Section):
     batch_size: int = Field(64, ge=1)
     latency_batches: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
     latency_repeats: int = Field(10, ge=1)            # at most this many timed runs per batch size
-    latency_seconds: float = Field(0.2, gt=0.0)       # ... within this many seconds per batch size, warm-up included
-    latency_warmup: int = Field(2, ge=0)              # untimed runs first (at most; within latency_seconds)
+    latency_seconds: float = Field(0.2, gt=0.0)       # ... and no more timing than this per batch size
+    latency_warmup: int = Field(2, ge=0)              # untimed runs per batch size (TorchScript compiles on 2)
     threads: int = Field(1, ge=1)                     # CPU threads for the latency runs (parity uses every core)
 
     @field_validator("variants")
