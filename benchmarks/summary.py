@@ -16,16 +16,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| benchmark | unit | pipeline | plain baseline | ratio | goal | load (1/5/15 min) |",
-             "|---|---|---:|---|---:|---|---|"]
+    lines = ["| benchmark | pipeline | plain baseline (same run) | ratio | goal | load 1/5/15 min |",
+             "|---|---:|---|---:|---|---|"]
     for result in results:
-        load = "/".join(f"{value:.1f}" for value in result["environment"]["load_average_1_5_15"])
+        load = " / ".join(f"{value:.1f}" for value in result["environment"]["load_average_1_5_15"])
         for row in result["headline"]:
             goal = row["goal"] or ""
             if row["met"] is not None:
-                goal = f"{goal} {'met' if row['met'] else '**not met**'}"
-            lines.append(f"| {row['name']} | {row['unit']} | {row['pipeline']:.4g} | {row['baseline']:.4g} "
-                         f"({row['baseline_name']}) | {row['ratio']:.3f} | {goal} | {load} |")
+                goal = f"{goal}: {'met' if row['met'] else '**not met**'}"
+            lines.append(f"| {row['name']} | {row['pipeline']:.4g} {row['unit']} | {row['baseline']:.4g} "
+                         f"{row['unit']} ({row['baseline_name']}) | {row['ratio']:.2f} | {goal} | {load} |")
     return "\n".join(lines) + "\n"
 
 
