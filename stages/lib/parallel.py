@@ -2,10 +2,10 @@
 
 `ordered_map(function, items, workers)` yields `function(item)` for every item, in the order of
 `items`, whatever the number of workers: callers stream the results into a memmap or a table
-and get byte-identical outputs for any `workers`. Items go to the workers in bounded windows
-(`window` items at a time, sent in chunks of `chunksize`), so only a window's results are ever
-in flight: memory stays flat however many files there are. One worker runs in this process,
-without a pool.
+and get byte-identical outputs for any `workers`. Items go to the workers in chunks of
+`chunksize`, at most `window` items in flight (a new chunk leaves when the oldest one's results
+are taken), so memory stays flat however many files there are. One worker runs in this
+process, without a pool.
 
 Workers are forked on Linux (nothing re-imported: they start in milliseconds); elsewhere the
 platform's default start method is used, which re-imports the caller's module in each worker.
@@ -14,6 +14,7 @@ platform's default start method is used, which re-imports the caller's module in
 
 from __future__ import annotations
 
+import collections
 import itertools
 import multiprocessing
 import os
@@ -41,19 +42,31 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if "fork" in methods else None)
 
 
+def _apply(function: Callable[[Item], Result], chunk: list[Item]) -> list[Result]:
+    return [function(item) for item in chunk]
+
+
 def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], workers: int | None = None,
                 chunksize: int = 16, window: int | None = None) -> Iterator[Result]:
     """`function(item)` for each item, in order, computed by `worker_count(workers)` processes.
 
-    chunksize: items per message to a worker (fewer messages; too large unbalances the last chunks).
-    window: items in flight at most (default 8 chunks per worker); bounds the memory held by results.
+    chunksize: items per task sent to a worker (fewer messages; too large unbalances the last chunks).
+    window: items in flight at most (default 4 chunks per worker): a new chunk is sent as soon as the
+    oldest one's results are taken, so workers never wait for a batch to drain, and memory holds at
+    most a window of results.
     """
     workers = worker_count(workers)
     if workers == 1:
         yield from map(function, items)
         return
-    window = window or workers * chunksize * 8
+    in_flight = max(1, (window or workers * chunksize * 4) // chunksize)
     iterator = iter(items)
+    chunks = iter(lambda: list(itertools.islice(iterator, chunksize)), [])
     with _context().Pool(workers) as pool:
-        while batch := list(itertools.islice(iterator, window)):
-            yield from pool.imap(function, batch, chunksize=max(1, min(chunksize, len(batch) // workers)))
+        pending = collections.deque(pool.apply_async(_apply, (function, chunk))
+                                    for chunk in itertools.islice(chunks, in_flight))
+        while pending:
+            results = pending.popleft().get()
+            for chunk in itertools.islice(chunks, 1):
+                pending.append(pool.apply_async(_apply, (function, chunk)))
+            yield from results
