@@ -35,7 +35,8 @@ def save_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray)
 
 def create_images(folder: Path, split: str, count: int, size: int) -> np.ndarray:
     """An on-disk uint8 (count, size, size, 3) array to decode into, so a split never has to
-    fit in memory; flushed when the returned memmap is released."""
+    fit in memory. What is written is in the file (the page cache) for every reader at once; the
+    kernel writes it to disk in its own time (no msync of the whole file while the stage waits)."""
     return np.lib.format.open_memmap(Path(folder) / f"{split}_images.npy", mode="w+", dtype=np.uint8,
                                      shape=(count, size, size, 3))
 
@@ -50,8 +51,6 @@ def decode_into(images: np.ndarray, paths: list[str], interpolation: str, worker
     results = ordered_map(load, paths, worker_count(workers), chunksize)
     for index, pixels in enumerate(tqdm(results, total=len(paths), desc="decode", unit="img", mininterval=2)):
         images[index] = pixels
-    if isinstance(images, np.memmap):
-        images.flush()
 
 
 def save_labels(folder: Path, split: str, labels: np.ndarray) -> None:
