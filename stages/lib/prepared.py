@@ -44,13 +44,35 @@ def create_images(folder: Path, split: str, count: int, size: int) -> np.ndarray
 def decode_into(images: np.ndarray, paths: list[str], interpolation: str, workers: int | None = 1,
                 chunksize: int = 16) -> None:
     """Decode and resize each file (`load_rgb`) into row i of `images` (uint8 (N, size, size, 3), e.g. from
-    `create_images`), in order, spread over `workers` processes (None/0: every available core).
-    The rows are identical for any number of workers; results are written as they arrive, so memory
-    holds a bounded window of decoded images, not the split."""
-    load = functools.partial(load_rgb, size=images.shape[1], resample=resample_filter(interpolation))
-    results = ordered_map(load, paths, worker_count(workers), chunksize)
-    for index, pixels in enumerate(tqdm(results, total=len(paths), desc="decode", unit="img", mininterval=2)):
+    `create_images`), spread over `workers` processes (None/0: every available core).
+
+    When `images` is an .npy memmap (as `create_images` makes), each worker writes its rows into the
+    file itself: decoded pixels never travel back through a pipe. Each row is written by exactly one
+    worker at its own index, so the file is identical for any number of workers, and memory holds a
+    bounded window of work, not the split."""
+    size, resample = images.shape[1], resample_filter(interpolation)
+    workers, file = worker_count(workers), getattr(images, "filename", None)
+    progress = functools.partial(tqdm, total=len(paths), desc="decode", unit="img", mininterval=2)
+    if workers > 1 and file is not None:
+        write = functools.partial(_decode_row, file=str(file), size=size, resample=resample)
+        for _ in progress(ordered_map(write, enumerate(paths), workers, chunksize)):
+            pass
+        return
+    load = functools.partial(load_rgb, size=size, resample=resample)
+    for index, pixels in enumerate(progress(ordered_map(load, paths, workers, chunksize))):
         images[index] = pixels
+
+
+@functools.lru_cache(maxsize=4)
+def _rows_of(file: str) -> np.ndarray:
+    """The .npy file as a writable memmap, opened once per worker process."""
+    return np.load(file, mmap_mode="r+")
+
+
+def _decode_row(item: tuple[int, str], file: str, size: int, resample) -> int:
+    index, path = item
+    _rows_of(file)[index] = load_rgb(path, size, resample)
+    return index
 
 
 def save_labels(folder: Path, split: str, labels: np.ndarray) -> None:
