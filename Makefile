@@ -11,7 +11,7 @@ AGAINST ?= auto
 # pip prints a warning per package for this machine's local mirrors; keep real messages only
 PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help demo test install data repro summary gate seeds ui ui-check clean
+.PHONY: help demo test install data repro summary gate seeds bench ui ui-check clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -49,6 +49,20 @@ test: install ## run the test suite (PYTEST_ARGS="-m 'not slow'" for the quick p
 
 gate: | install ## is the model worse than the champion (or AGAINST=file) beyond noise? exit 1 if so
 	$(PYTHON) -m stages.gate --against $(AGAINST) --report reports/gate.md
+
+# Every benchmark, each against a plain baseline in the same run (about 15 minutes on 2 cores); writes
+# benchmarks/results/*.json and the table benchmarks/results/summary.md. Torch keeps to BENCH_THREADS threads.
+BENCH_THREADS ?= 1
+bench: | install ## every benchmark beside a plain baseline; benchmarks/results/*.json and summary.md
+	@uptime
+	OMP_NUM_THREADS=$(BENCH_THREADS) MKL_NUM_THREADS=$(BENCH_THREADS) TQDM_DISABLE=1 bash -c '\
+	  $(PYTHON) benchmarks/startup.py && \
+	  $(PYTHON) benchmarks/validate.py && \
+	  $(PYTHON) benchmarks/decode.py && \
+	  $(PYTHON) benchmarks/features.py --threads $(BENCH_THREADS) && \
+	  $(PYTHON) benchmarks/train.py'
+	@$(PYTHON) benchmarks/summary.py
+	@uptime
 
 seeds: | install ## mean ± std over the seed experiments (queue them first: see README)
 	$(PYTHON) -m stages.seeds

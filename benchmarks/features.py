@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import sys
 from pathlib import Path
 
@@ -35,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from stages.lib.backbones import create_backbone  # noqa: E402
 from stages.lib.preprocessing import for_backbone  # noqa: E402
 from stages.lib.probe import extract_embeddings  # noqa: E402
+from machine import headline, write_result  # noqa: E402  (benchmarks/machine.py, beside this script)
 from timing import timed  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
@@ -64,7 +63,7 @@ def main() -> None:
     parser.add_argument("--fusion-stages", type=int, default=0, help="pipeline side only (the plain loop has none)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="CUDA: bf16 autocast in the plain loops")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/features.json")
+    parser.add_argument("--out", default="features", help="result name: benchmarks/results/<out>.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -105,15 +104,14 @@ def main() -> None:
     print(f"ratio pipeline / plain: {ratio:.3f} (target >= 0.95); pipeline / plain_channels_last: "
           f"{ratio_channels_last:.3f}; same embeddings: {same}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_result(args.out, {
         "model": args.model, "images": args.images, "size": args.size, "batch_size": args.batch_size,
         "threads": args.threads, "device": str(device), "amp": args.amp, "fusion_stages": args.fusion_stages,
         "repeats": args.repeats, "seconds": seconds, "img_per_s": throughput, "ratio": ratio,
-        "ratio_channels_last": ratio_channels_last,
-        "same_embeddings": same, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-    }, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        "ratio_channels_last": ratio_channels_last, "same_embeddings": same,
+    }, [headline(f"embedding extraction ({args.model}, {args.size} px, batch {args.batch_size}, {device})", "img/s",
+                 throughput["pipeline"], throughput["plain"], "plain timm inference loop", goal=">= 0.95",
+                 met=ratio >= 0.95)])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ benchmarks/results/train.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import headline, write_result  # noqa: E402  (benchmarks/machine.py, beside this script)
 from timing import timed  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
@@ -158,9 +158,9 @@ def main() -> None:
     for name, value in best.items():
         print(f"{name:10s}{value:10.1f}")
     print(f"{'ratio':10s}{ratio:10.3f}   (pipeline / plain; target >= 0.95)")
-    out = ROOT / "benchmarks/results/train.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result("train", result, [headline(
+        f"fine-tuning epoch ({args.model}, {args.size} px, batch {args.batch_size}, {device})", "img/s",
+        best["pipeline"], best["plain"], "plain timm training loop", goal=">= 0.95", met=ratio >= 0.95)])
 
 
 if __name__ == "__main__":

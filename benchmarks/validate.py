@@ -1,14 +1,17 @@
 """Throughput and peak memory of the validate stage's file inspection, against a plain loop.
 
-    python benchmarks/validate.py [--sizes 2000 10000] [--repeats 2]
+    python benchmarks/validate.py [--sizes 2000 10000] [--repeats 2] [--workers N]
 
 Builds image folders of small generated PNGs (10 classes) in a temporary directory, then, each in
 a fresh process:
 - pipeline: `build_manifest(scan_image_folder(folder), ...)`, the code the validate stage runs per
   file (scan, stat, sha256, header check, full decode, mode/EXIF/format checks, duplicates);
 - plain: a loop that only opens, decodes and hashes the same files (`sha256(read_bytes())`,
-  `Image.open(path).load()`).
-Reports files/s of both, their ratio, the Great Expectations checks' time on the manifest, and
+  `Image.open(path).load()`);
+- pipeline_workers / plain_pool: the same two with `--workers` processes (default: the cores this
+  process may use): `build_manifest(..., workers=N)` as the stage runs it, and a plain
+  `multiprocessing.Pool(N).imap` over the plain loop's per-file work.
+Reports files/s of each side, the ratios pipeline / plain (one process, and N workers each), the Great Expectations checks' time on the manifest, and
 the peak memory (process max RSS, and Python's tracemalloc peak in a separate run) at each size:
 flat peak memory across sizes means the files are streamed, not held. Writes
 benchmarks/results/validate.json.
@@ -20,7 +23,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import headline, write_result  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 
 SIDE = 64  # pixels: 12 KB decoded per image, so holding images would show in the memory figures
@@ -50,24 +54,34 @@ def build_folder(folder: Path, count: int, classes: int = 10, side: int = SIDE) 
         Image.fromarray(pixels).save(folder / label / f"{index:06d}.png")
 
 
-def plain_loop(folder: Path) -> int:
+def plain_one(path: Path) -> str:
     from PIL import Image
 
-    count = 0
-    for root, _, names in os.walk(folder):
-        for name in sorted(names):
-            path = Path(root) / name
-            hashlib.sha256(path.read_bytes()).hexdigest()
-            with Image.open(path) as image:
-                image.load()
-            count += 1
-    return count
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with Image.open(path) as image:
+        image.load()
+    return digest
 
 
-def pipeline(folder: Path) -> int:
+def plain_paths(folder: Path) -> list[Path]:
+    return [Path(root) / name for root, _, names in os.walk(folder) for name in sorted(names)]
+
+
+def plain_loop(folder: Path) -> int:
+    return sum(1 for _ in map(plain_one, plain_paths(folder)))
+
+
+def plain_pool(folder: Path, workers: int) -> int:
+    import multiprocessing
+
+    with multiprocessing.Pool(workers) as pool:
+        return sum(1 for _ in pool.imap(plain_one, plain_paths(folder), chunksize=32))
+
+
+def pipeline(folder: Path, workers: int = 1) -> int:
     from stages.lib.manifest import build_manifest, scan_image_folder
 
-    manifest = build_manifest(scan_image_folder(folder), min_side=8, max_pixels=40_000_000)
+    manifest = build_manifest(scan_image_folder(folder), min_side=8, max_pixels=40_000_000, workers=workers)
     assert (manifest["status"] == "ok").all(), manifest[manifest["status"] != "ok"].head()
     return len(manifest)
 
@@ -85,14 +99,15 @@ def checks_seconds(folder: Path) -> float:
     return time.perf_counter() - started
 
 
-def worker(kind: str, folder: Path, trace: bool) -> dict:
+def worker(kind: str, folder: Path, trace: bool, workers: int) -> dict:
     """One measurement in this (fresh) process."""
     import pandas  # noqa: F401  (imports are not part of the measurement)
     from PIL import Image  # noqa: F401
 
     if kind == "checks":
         return {"seconds": checks_seconds(folder)}
-    run = {"pipeline": pipeline, "plain": plain_loop}[kind]
+    run = {"pipeline": pipeline, "plain": plain_loop, "pipeline_workers": lambda f: pipeline(f, workers),
+           "plain_pool": lambda f: plain_pool(f, workers)}[kind]
     if trace:
         tracemalloc.start()
     before_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -107,9 +122,10 @@ def worker(kind: str, folder: Path, trace: bool) -> dict:
     return result
 
 
-def measure(kind: str, folder: Path, trace: bool = False) -> dict:
+def measure(kind: str, folder: Path, trace: bool = False, workers: int = 1) -> dict:
     env = os.environ | {"PYTHONWARNINGS": "ignore", "GX_ANALYTICS_ENABLED": "false", "TQDM_DISABLE": "1"}
-    command = [sys.executable, __file__, "--worker", kind, "--folder", str(folder)] + (["--trace"] if trace else [])
+    command = [sys.executable, __file__, "--worker", kind, "--folder", str(folder), "--workers", str(workers)]
+    command += ["--trace"] if trace else []
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env, cwd=ROOT).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -118,13 +134,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per side; the fastest counts")
-    parser.add_argument("--worker", choices=["pipeline", "plain", "checks"], help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=None, help="default: the cores this process may use")
+    parser.add_argument("--worker", choices=["pipeline", "plain", "pipeline_workers", "plain_pool", "checks"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.folder, args.trace)))
+        print(json.dumps(worker(args.worker, args.folder, args.trace, args.workers)))
         return
+    from stages.lib.parallel import available_cores
+
+    workers = args.workers or available_cores()
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-validate-") as temporary:
@@ -132,10 +153,10 @@ def main() -> None:
             folder = Path(temporary) / f"images_{size}"
             build_folder(folder, size)
             plain_loop(folder)  # warm the page cache once, for both sides alike
-            runs = {kind: [] for kind in ("pipeline", "plain")}
+            runs = {kind: [] for kind in ("pipeline", "plain", "pipeline_workers", "plain_pool")}
             for _ in range(args.repeats):
                 for kind in runs:  # interleaved, so contention hits both sides alike
-                    runs[kind].append(measure(kind, folder))
+                    runs[kind].append(measure(kind, folder, workers=workers))
             best = {kind: max(results, key=lambda r: r["files_per_s"]) for kind, results in runs.items()}
             traced = measure("pipeline", folder, trace=True)
             rows.append({
@@ -143,6 +164,10 @@ def main() -> None:
                 "pipeline_files_per_s": round(best["pipeline"]["files_per_s"], 1),
                 "plain_files_per_s": round(best["plain"]["files_per_s"], 1),
                 "ratio": round(best["pipeline"]["files_per_s"] / best["plain"]["files_per_s"], 3),
+                "workers": workers,
+                "pipeline_workers_files_per_s": round(best["pipeline_workers"]["files_per_s"], 1),
+                "plain_pool_files_per_s": round(best["plain_pool"]["files_per_s"], 1),
+                "ratio_workers": round(best["pipeline_workers"]["files_per_s"] / best["plain_pool"]["files_per_s"], 3),
                 "pipeline_peak_rss_mb": round(best["pipeline"]["peak_rss_mb"], 1),
                 "pipeline_rss_growth_mb": round(best["pipeline"]["rss_growth_mb"], 1),
                 "plain_peak_rss_mb": round(best["plain"]["peak_rss_mb"], 1),
@@ -150,8 +175,8 @@ def main() -> None:
                 "checks_seconds": round(measure("checks", folder)["seconds"], 2),
             })
 
-    header = ["files", "pipeline f/s", "plain f/s", "ratio", "peak RSS MB", "RSS growth MB", "plain RSS MB",
-              "tracemalloc MB", "GX checks s"]
+    header = ["files", "pipeline f/s", "plain f/s", "ratio", "workers", f"pipeline f/s", "plain pool f/s",
+              "ratio", "peak RSS MB", "RSS growth MB", "plain RSS MB", "tracemalloc MB", "GX checks s"]
     print(" | ".join(f"{h:>13}" for h in header))
     for row in rows:
         print(" | ".join(f"{value:>13}" for value in row.values()))
@@ -163,11 +188,16 @@ def main() -> None:
         print(f"peak RSS {first['pipeline_peak_rss_mb']} MB at {first['files']} files, "
               f"{last['pipeline_peak_rss_mb']} MB at {last['files']}: {rss_kb:.2f} KB per extra file (Python heap: "
               f"{per_file_kb:.2f} KB, the manifest row), against {SIDE * SIDE * 3 / 1024:.0f} KB per decoded image")
-    out = ROOT / "benchmarks/results/validate.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
-
+    last = rows[-1]
+    headlines = [
+        headline(f"validate, 1 process ({last['files']} PNGs)", "files/s", last["pipeline_files_per_s"],
+                 last["plain_files_per_s"], "plain open+decode+hash loop, 1 process", goal=">= 0.95",
+                 met=last["ratio"] >= 0.95),
+        headline(f"validate, {workers} workers ({last['files']} PNGs)", "files/s", last["pipeline_workers_files_per_s"],
+                 last["plain_pool_files_per_s"], f"plain loop in a Pool({workers})", goal=">= 0.95",
+                 met=last["ratio_workers"] >= 0.95),
+    ]
+    write_result("validate", {"rows": rows}, headlines)
 
 if __name__ == "__main__":
     main()

@@ -15,26 +15,15 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 from stages.lib import setup_logging
-from stages.lib.augmentation import preview_grid, train_transform
 from stages.lib.images import read_labelled_csv
 from stages.lib.params import load_params
-from stages.lib.preprocessing import decode
-from stages.lib.prepared import create_images, oversampled_index, save_labels, save_train_index
+from stages.lib.parallel import worker_count
+from stages.lib.prepared import create_images, decode_into, oversampled_index, save_labels, save_train_index
 from stages.lib.tracking import stage_run
 
 log = logging.getLogger("augment")
 SPLITS = ("train", "val", "test")
-
-
-def decode_split(paths: list[str], images: np.ndarray, interpolation: str) -> None:
-    """Decode and resize each file once into `images` (uint8 (N, size, size, 3), on disk)."""
-    for index, path in enumerate(tqdm(paths, desc="decode", unit="img", mininterval=2)):
-        images[index] = decode(path, images.shape[1], interpolation)
-    images.flush()
 
 
 def main() -> None:
@@ -54,9 +43,11 @@ def main() -> None:
         classes = sorted(set(frames["train"]["label"]))
         index_of = {label: i for i, label in enumerate(classes)}
         args.out.mkdir(parents=True, exist_ok=True)
+        workers = worker_count(params.augment.workers)
+        log.info("decoding %d images with %d worker processes", sum(map(len, frames.values())), workers)
         for split, frame in frames.items():
             images, labels = create_images(args.out, split, len(frame), size), frame["label"].map(index_of).to_numpy()
-            decode_split(frame["path"].tolist(), images, interpolation)
+            decode_into(images, frame["path"].tolist(), interpolation, workers)
             save_labels(args.out, split, labels)
             if split == "train":
                 train_images, train_labels = images, labels
@@ -69,6 +60,8 @@ def main() -> None:
             meta |= {"oversampled": True, "train_samples_per_epoch": len(index)}
             log.info("oversampling: %d training samples per epoch from %d images", len(index), len(train_labels))
         (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+        from stages.lib.augmentation import preview_grid, train_transform  # torch: only for the preview
 
         args.preview.parent.mkdir(parents=True, exist_ok=True)
         preview_grid(train_images, train_transform(params.augment), params.augment.preview_images,

@@ -150,9 +150,9 @@ def main() -> None:
             "best_epoch": state.best_epoch}, indent=2) + "\n")
         write_history(args.history, state.history)
         best = state.history[state.best_epoch - 1]
-        write_metrics(args.metrics, {"best_epoch": state.best_epoch, "best_val_accuracy": best["val_accuracy"],
+        write_metrics(args.metrics, {"best_epoch": state.best_epoch, "best_val_loss": round(best["val_loss"], 6),
                                      "temperature": round(temperature, 4)})
-        mlflow.log_metrics({"best/val_loss": best["val_loss"], "calibration/val_nll_before": nll_before,
+        mlflow.log_metrics({"best/val_accuracy": best["val_accuracy"], "calibration/val_nll_before": nll_before,
                             "calibration/val_nll_after": nll_after, "time/train_seconds": round(seconds, 1)})
         mlflow.log_param("epochs_run", state.epoch)
         phase_ends = [i for i, row in enumerate(state.history[:-1])

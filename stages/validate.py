@@ -19,6 +19,7 @@ from stages.lib import PipelineError, setup_logging
 from stages.lib.checks import blocking_problems, markdown_report, run_checks, summarise
 from stages.lib.manifest import build_manifest, list_files
 from stages.lib.params import load_params
+from stages.lib.parallel import worker_count
 from stages.lib.tracking import stage_run, write_metrics
 
 log = logging.getLogger("validate")
@@ -37,7 +38,9 @@ def main() -> None:
     with stage_run("validate", params, ["data", "validate"]):
         import mlflow
 
-        manifest = build_manifest(list_files(params.data), settings.min_side, settings.max_pixels)
+        workers = worker_count(settings.workers)
+        log.info("inspecting files with %d worker processes", workers)
+        manifest = build_manifest(list_files(params.data), settings.min_side, settings.max_pixels, workers)
         args.manifest.parent.mkdir(parents=True, exist_ok=True)
         manifest.to_csv(args.manifest, index=False)
         summary = summarise(manifest)

@@ -4,6 +4,7 @@ and the export stage's outputs in a real pipeline."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ from PIL import Image
 
 from conftest import mlflow_runs
 from stages.lib.backbones import NormalizedClassifier, create_backbone
-from stages.lib.export import (FILES, as_input, as_metadata, export_all, logits_of, parity, preprocessing,
-                               pytorch_runner, runner)
+from stages.lib.export import (FILES, as_input, as_metadata, export_all, latency_ms, logits_of, parity,
+                               preprocessing, pytorch_runner, runner)
 
 SIZE = 32
 CONFIG = {"model": "tf_efficientnet_lite0", "classes": ["china", "flower"],
@@ -117,13 +118,13 @@ def test_export_stage_outputs(tiny_pipeline):
 
     from stages.lib.serving import ImageClassifier
 
+    # the DVC metrics file holds only deterministic headline figures (it is shared through the DVC remote)
     results = json.loads((tiny_pipeline / "metrics/export.json").read_text())
-    assert set(results) == {"pytorch", *FILES}
+    assert results.keys() == set(FILES)
     for variant in FILES:
         assert (tiny_pipeline / "models/export" / FILES[variant]).is_file()
-        assert {"max_abs_logit_diff", "top1_agreement", "accuracy_delta", "size_mb", "latency_ms_b1",
-                "latency_ms_b32"} <= set(results[variant])
-    assert results["onnx"]["top1_agreement"] == 1.0 and results["onnx"]["max_abs_logit_diff"] < 1e-2
+        assert results[variant].keys() == {"top1_agreement"}
+    assert results["onnx"]["top1_agreement"] == 1.0
     # a real image prepared as the ONNX metadata says gets the fine-tuned model's answer
     image_file = sorted((tiny_pipeline / "data/images").glob("*/*.png"))[0]
     classifier = ImageClassifier.from_folder(tiny_pipeline / "models/finetuned")
@@ -141,3 +142,27 @@ def test_export_stage_outputs(tiny_pipeline):
 
     logged = {item.path for item in MlflowClient().list_artifacts(run_id, "export")}
     assert {f"export/{name}" for name in FILES.values()} <= logged
+    # timings and sizes go to the MLflow run only, bounded in runs
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    for variant in ("pytorch", *FILES):
+        assert metrics[f"{variant}.latency_ms_b1"] > 0 and metrics[f"{variant}.size_mb"] > 0
+        assert 1 <= metrics[f"{variant}.latency_runs_b32"] <= 10
+    assert metrics["onnx.max_abs_logit_diff"] < 1e-2
+
+
+def test_latency_timing_is_bounded_in_runs_and_time():
+    calls = []
+
+    def fast(batch):
+        calls.append(len(batch))
+        return np.zeros((len(batch), 2), np.float32)
+
+    images = np.zeros((5, SIZE, SIZE, 3), np.uint8)
+    ms, runs = latency_ms(fast, images, batch=4, repeats=3, max_seconds=60.0, warmup=2)
+    assert runs == 3 and len(calls) == 5 and set(calls) == {4} and ms >= 0  # 2 warm-up + 3 timed, batch of 4
+
+    def slow(batch):
+        time.sleep(0.02)
+        return np.zeros((len(batch), 2), np.float32)
+
+    assert latency_ms(slow, images, batch=1, repeats=100, max_seconds=0.001, warmup=0)[1] == 1  # the cap stops it

@@ -42,7 +42,7 @@ def project(tmp_path, monkeypatch):
     for stem in {name.split(".", 1)[0] for name in params["gate"]["checks"]}:
         metrics = {"evaluate": {"finetuned": {"test": {"accuracy": 0.99, "ece": 0.01}}},
                    "export": {"onnx": {"top1_agreement": 1.0}, "onnx_fp16": {"top1_agreement": 1.0},
-                              "onnx_int8": {"accuracy_delta": 0.0}}}[stem]
+                              "onnx_int8": {"top1_agreement": 1.0}}}[stem]
         (tmp_path / "metrics").mkdir(exist_ok=True)
         (tmp_path / "metrics" / f"{stem}.json").write_text(json.dumps(metrics))
     current = tmp_path / params["gate"]["predictions"]

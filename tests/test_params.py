@@ -1,5 +1,8 @@
 """params.yaml is checked before any work, and errors name the key."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,35 @@ def test_dvc_exp_run_set_changes_only_the_values_it_sets(tmp_path, overrides):
     changed = [(old, new) for old, new in zip(before, after) if old != new]
     assert len(changed) == len(overrides), changed
     assert all(old.split(":")[0] == new.split(":")[0] for old, new in changed)
+
+
+CHECK_WITHOUT_TORCH = """
+import sys
+from stages.lib.params import ParamsError, load_params
+try:
+    load_params(sys.argv[1])
+    print("ok", "torch" in sys.modules)
+except ParamsError as error:
+    print("error", "torch" in sys.modules, str(error).splitlines()[-1].strip())
+"""
+
+
+def test_optimizer_names_are_checked_without_importing_torch(tmp_path):
+    """Every stage checks the optimizer name before any work; it must not pay for importing torch to do so."""
+    params = repo_params()
+    params["finetune"]["opt"] = "adamx"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(params))
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def check(path):
+        return subprocess.run([sys.executable, "-c", CHECK_WITHOUT_TORCH, str(path)], cwd=REPO, env=env,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert check(REPO / "params.yaml") == "ok False"  # the first run lists timm's names in a subprocess
+    cached = list((tmp_path / "cache/transfer-pipeline").glob("timm-*-optimizers.json"))
+    assert len(cached) == 1
+    from timm.optim import list_optimizers
+
+    assert sorted(yaml.safe_load(cached[0].read_text())) == sorted(list_optimizers())
+    assert check(tmp_path / "bad.yaml") == ("error False finetune.opt: Value error, timm has no optimizer 'adamx' "
+                                            "(did you mean 'adamax'?)")  # from the cached list

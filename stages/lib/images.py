@@ -108,7 +108,7 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _read_file(row: ManifestRow, path: Path, in_memory_limit: int = 64 << 20) -> io.BytesIO | Path | None:
+def _read_file(row: ManifestRow, path: str, in_memory_limit: int = 64 << 20) -> io.BytesIO | str | None:
     """Size and hash of one file; what to decode from (its bytes, read once, or for a file over
     in_memory_limit its path), or None with the row excluded when it cannot be read."""
     try:
@@ -123,11 +123,12 @@ def _read_file(row: ManifestRow, path: Path, in_memory_limit: int = 64 << 20) ->
         if row.bytes > in_memory_limit:
             row.sha256 = sha256_of(path)
             return path
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read()
         row.sha256 = hashlib.sha256(data).hexdigest()
         return io.BytesIO(data)
     except FileNotFoundError:
-        row.exclude("missing: broken symlink" if path.is_symlink() else "missing: no such file")
+        row.exclude("missing: broken symlink" if os.path.islink(path) else "missing: no such file")
     except OSError as error:
         row.exclude(f"unreadable: {(error.strerror or str(error)).lower()}")
     return None
@@ -141,7 +142,7 @@ def inspect_image(row: ManifestRow, min_side: int, max_pixels: int) -> ManifestR
     A usable file is decoded once, fully, to catch truncated or corrupt data, and converted to RGB
     when its mode is not RGB or L, so that the augment stage cannot fail on it later.
     """
-    path = Path(row.path)
+    path = row.path  # a string: per file, pathlib's parsing would be a sizeable share of a small image's decode
     source = _read_file(row, path)
     if source is None:
         return row
@@ -161,19 +162,27 @@ def inspect_image(row: ManifestRow, min_side: int, max_pixels: int) -> ManifestR
                     return row.exclude(f"unsupported mode: {image.mode} ({error})")
                 row.add_note(f"{image.mode} converted to RGB")
     except Image.UnidentifiedImageError:
-        return row.exclude(f"not an image: no image format recognised ({path.suffix or 'no extension'})")
+        return row.exclude(f"not an image: no image format recognised ({_suffix(path) or 'no extension'})")
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         return row.exclude(f"corrupt image: {error}")
     if orientation in _TRANSPOSED:
         row.width, row.height = row.height, row.width
     if orientation != 1:
         row.add_note(f"EXIF orientation {orientation}: loaded upright")
-    promised = EXTENSION_FORMATS.get(path.suffix.lower())
+    suffix = _suffix(path)
+    promised = EXTENSION_FORMATS.get(suffix.lower())
     if promised and row.format and promised != row.format:
-        row.add_note(f"extension {path.suffix} but {row.format} content")
+        row.add_note(f"extension {suffix} but {row.format} content")
     if min(row.width, row.height) < min_side:
         return row.exclude(f"too small: {row.width}x{row.height} < min_side {min_side}")
     return row
+
+
+def _suffix(path: str) -> str:
+    """`Path(path).suffix` without building a Path: '.jpg', or '' (none, or a name ending in a dot)."""
+    name = path.rsplit("/", 1)[-1]
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -202,12 +211,12 @@ def load_rgb(path: str | Path, size: int, resample: Image.Resampling = Image.Res
     with Image.open(path) as image:
         image.draft("RGB", (size, size))
         try:
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright photo
         except Exception:  # a broken EXIF block: keep the stored orientation
             image.load()
-        image = to_rgb(image)
-    scale = size / min(image.size)
-    resized = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), resample)
+        rgb = image if image.mode == "RGB" else to_rgb(image)
+        scale = size / min(rgb.size)
+        resized = rgb.resize((max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))), resample)
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
     return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
 

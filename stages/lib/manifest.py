@@ -12,6 +12,7 @@ repeated content, giving the table written to data/manifest.csv.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from stages.lib import PipelineError
 from stages.lib.images import MANIFEST_COLUMNS, ManifestRow, inspect_image, is_within, read_labelled_csv
+from stages.lib.parallel import ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +59,14 @@ def scan_image_folder(images_dir: str | Path) -> list[ManifestRow]:
                         .exclude(f"symlink loop: same folder as {seen_dirs[real]}, scanned once"))
             dirnames[:] = []
             continue
-        seen_dirs[real] = Path(folder).as_posix()
+        seen_dirs[real] = posix_folder = Path(folder).as_posix()
         dirnames.sort()
+        below = os.path.relpath(folder, images_dir)  # per file, string operations: pathlib parsing is a sizeable share of a small image
+        folder_parts = () if below == os.curdir else tuple(below.split(os.sep))
+        prefix = "" if posix_folder == "." else posix_folder + "/"
         for name in sorted(filenames):
-            path = Path(folder) / name
-            parts = path.relative_to(images_dir).parts
-            row = ManifestRow(path=path.as_posix(), label=parts[0] if len(parts) > 1 else "")
+            parts = (*folder_parts, name)
+            row = ManifestRow(path=prefix + name, label=parts[0] if len(parts) > 1 else "")
             if name in OS_LITTER or any(part.startswith(".") or part in OS_LITTER_DIRS for part in parts):
                 row.exclude("hidden or OS file")
             elif len(parts) == 1:
@@ -135,11 +139,18 @@ def mark_duplicates(rows: list[ManifestRow]) -> None:
                         else f"duplicate: same content as {copies[0].path}")
 
 
-def build_manifest(rows: Iterable[ManifestRow], min_side: int, max_pixels: int) -> pd.DataFrame:
-    """Inspect each listed file (see `inspect_image`), mark repeated content; one row per file."""
+def build_manifest(rows: Iterable[ManifestRow], min_side: int, max_pixels: int, workers: int | None = 1,
+                   chunksize: int = 32) -> pd.DataFrame:
+    """Inspect each listed file (see `inspect_image`), mark repeated content; one row per file.
+
+    workers: processes inspecting files (None/0: every available core); the table is the same for any
+    number, in the order of `rows`. Files are streamed: a worker holds one file's bytes at a time.
+    """
     rows = list(rows)
-    for row in tqdm(rows, desc="validate", unit="file", mininterval=2):
-        if row.status == "ok":
-            inspect_image(row, min_side, max_pixels)
+    pending = [index for index, row in enumerate(rows) if row.status == "ok"]
+    inspect = functools.partial(inspect_image, min_side=min_side, max_pixels=max_pixels)
+    inspected = ordered_map(inspect, (rows[index] for index in pending), workers, chunksize)
+    for index, row in zip(pending, tqdm(inspected, total=len(pending), desc="validate", unit="file", mininterval=2)):
+        rows[index] = row
     mark_duplicates(rows)
     return pd.DataFrame({column: [getattr(row, column) for row in rows] for column in MANIFEST_COLUMNS})

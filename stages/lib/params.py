@@ -7,6 +7,12 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -46,6 +52,7 @@ class Validate(Section):
     max_excluded_fraction: float = Field(0.2, ge=0.0, le=1.0)
     classes: list[str] | None = None
     fail_on: list[CheckName] = ["label_set", "unique_content", "min_images_per_class"]
+    workers: int | None = Field(None, ge=0)  # processes inspecting files; None/0: every core this process may use
 
 
 class Split(Section):
@@ -83,6 +90,7 @@ class Augment(Section):
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)
     oversample: bool = False
     preview_images: int = Field(32, ge=1, le=256)
+    workers: int | None = Field(None, ge=0)  # processes decoding the cache; None/0: every core this process may use
 
     @field_validator("scale")
     @classmethod
@@ -135,14 +143,52 @@ class Features(Section):
 Sched = Literal["cosine", "tanh", "poly", "step", "constant"]
 
 
+_LIST_OPTIMIZERS = "import json; from timm.optim import list_optimizers; print(json.dumps(sorted(list_optimizers())))"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transfer-pipeline"
+
+
+@functools.lru_cache(maxsize=1)
+def timm_optimizer_names() -> tuple[str, ...]:
+    """The names timm's create_optimizer_v2 accepts (`timm.optim.list_optimizers()`), without importing
+    timm (and with it torch, seconds) in this process: computed once per installed timm version in a
+    subprocess and kept in `~/.cache/transfer-pipeline/timm-<version>-optimizers.json` ($XDG_CACHE_HOME)."""
+    if "timm" in sys.modules:  # already paid for: ask it directly
+        from timm.optim import list_optimizers
+
+        return tuple(sorted(list_optimizers()))
+    try:
+        timm_version = importlib.metadata.version("timm")
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError("timm is not installed: cannot check optimizer names") from None
+    cached = _cache_dir() / f"timm-{timm_version}-optimizers.json"
+    try:
+        return tuple(json.loads(cached.read_text()))
+    except (OSError, ValueError):
+        pass
+    result = subprocess.run([sys.executable, "-c", _LIST_OPTIMIZERS], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ValueError(f"cannot list timm's optimizers: {result.stderr.strip().splitlines()[-1:]}")
+    names = json.loads(result.stdout.strip().splitlines()[-1])
+    try:  # written whole, then renamed: parallel stages never read half a file
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(names) + "\n")
+        os.replace(partial, cached)
+    except OSError:
+        pass  # a read-only home: check again next time
+    return tuple(names)
+
+
 def _timm_optimizer(name: str, info: ValidationInfo) -> str:
     """An optimizer name timm's create_optimizer_v2 accepts (optionally lookahead_<name>), or a ValueError.
-    Skipped when parsing with timm_names=False (commands that never train need not import torch)."""
+    Skipped when parsing with timm_names=False. Checked against `timm_optimizer_names()`, so that every
+    stage (the first one too) rejects a typo before any work without importing torch."""
     if not (info.context or {}).get("timm_names", True):
         return name
-    from timm.optim import list_optimizers  # imported only to check: params load before torch otherwise
-
-    known = list_optimizers()
+    known = list(timm_optimizer_names())
     if name.lower().removeprefix("lookahead_") not in known:
         close = difflib.get_close_matches(name.lower(), known, n=1)
         raise ValueError(f"timm has no optimizer '{name}'" + (f" (did you mean '{close[0]}'?)" if close else
@@ -236,8 +282,10 @@ class Export(Section):
     opset: int = Field(17, ge=13, le=20)  # the TorchScript-based ONNX exporter writes up to 20
     batch_size: int = Field(64, ge=1)
     latency_batches: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
-    latency_repeats: int = Field(20, ge=1)
-    threads: int = Field(1, ge=1)
+    latency_repeats: int = Field(10, ge=1)            # at most this many timed runs per batch size
+    latency_seconds: float = Field(0.2, gt=0.0)       # ... and no more timing than this per batch size
+    latency_warmup: int = Field(2, ge=0)              # untimed runs per batch size (TorchScript compiles on 2)
+    threads: int = Field(1, ge=1)                     # CPU threads for the latency runs (parity uses every core)
 
     @field_validator("variants")
     @classmethod
@@ -360,7 +408,7 @@ def _model_in(annotation) -> type[BaseModel]:
 
 def parse_params(raw: dict, source: str = "params.yaml", timm_names: bool = True) -> Params:
     """Validate a params mapping; raise ParamsError listing every bad key. timm_names: also check
-    names that only timm knows (optimizers), which imports torch: commands that do not train skip it."""
+    names that only timm knows (optimizers; see `timm_optimizer_names`)."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:

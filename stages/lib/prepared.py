@@ -12,12 +12,18 @@ training set, balanced when asked, from `training_dataset(folder, transform)`.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from stages.lib.parallel import ordered_map, worker_count
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the augment stage starts without it
+    import torch
 
 
 def save_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -28,9 +34,48 @@ def save_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray)
 
 def create_images(folder: Path, split: str, count: int, size: int) -> np.ndarray:
     """An on-disk uint8 (count, size, size, 3) array to decode into, so a split never has to
-    fit in memory; flushed when the returned memmap is released."""
+    fit in memory. What is written is in the file (the page cache) for every reader at once; the
+    kernel writes it to disk in its own time (no msync of the whole file while the stage waits)."""
     return np.lib.format.open_memmap(Path(folder) / f"{split}_images.npy", mode="w+", dtype=np.uint8,
                                      shape=(count, size, size, 3))
+
+
+def decode_into(images: np.ndarray, paths: list[str], interpolation: str, workers: int | None = 1,
+                chunksize: int = 16) -> None:
+    """Decode and resize each file (`preprocessing.decode`, the decoder that serving uses too) into row i of `images` (uint8 (N, size, size, 3), e.g. from
+    `create_images`), spread over `workers` processes (None/0: every available core).
+
+    When `images` is an .npy memmap (as `create_images` makes), each worker writes its rows into the
+    file itself: decoded pixels never travel back through a pipe. Each row is written by exactly one
+    worker at its own index, so the file is identical for any number of workers, and memory holds a
+    bounded window of work, not the split."""
+    from stages.lib.preprocessing import decode
+
+    size = images.shape[1]
+    workers, file = worker_count(workers), getattr(images, "filename", None)
+    progress = functools.partial(tqdm, total=len(paths), desc="decode", unit="img", mininterval=2)
+    if workers > 1 and file is not None:
+        write = functools.partial(_decode_row, file=str(file), size=size, interpolation=interpolation)
+        for _ in progress(ordered_map(write, enumerate(paths), workers, chunksize)):
+            pass
+        return
+    load = functools.partial(decode, size=size, interpolation=interpolation)
+    for index, pixels in enumerate(progress(ordered_map(load, paths, workers, chunksize))):
+        images[index] = pixels
+
+
+@functools.lru_cache(maxsize=4)
+def _rows_of(file: str) -> np.ndarray:
+    """The .npy file as a writable memmap, opened once per worker process."""
+    return np.load(file, mmap_mode="r+")
+
+
+def _decode_row(item: tuple[int, str], file: str, size: int, interpolation: str) -> int:
+    from stages.lib.preprocessing import decode
+
+    index, path = item
+    _rows_of(file)[index] = decode(path, size, interpolation)
+    return index
 
 
 def save_labels(folder: Path, split: str, labels: np.ndarray) -> None:
@@ -49,6 +94,8 @@ def load_meta(folder: str | Path) -> dict:
 
 def to_float_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 1], channels_last memory format."""
+    import torch
+
     batch = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images  # a copy: the cache is read-only
     return batch.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
@@ -74,8 +121,9 @@ def save_train_index(folder: Path, index: np.ndarray) -> None:
     np.save(Path(folder) / "train_index.npy", index.astype(np.int64))
 
 
-class PreparedDataset(Dataset):
+class PreparedDataset:
     """One split of the cache; `transform` (uint8 CHW tensor -> uint8 CHW tensor) augments per sample.
+    A map-style dataset for torch's DataLoader (`__len__`, `__getitem__`).
 
     index: rows of the split to serve, in order, repeats allowed (e.g. `oversampled_index`);
     all rows once when None.
@@ -90,6 +138,8 @@ class PreparedDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        import torch
+
         row = int(self.index[position])
         image = torch.from_numpy(np.array(self.images[row])).permute(2, 0, 1)
         if self.transform is not None:

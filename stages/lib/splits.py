@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from stages.lib import PipelineError
 
@@ -36,6 +35,8 @@ def check_class_sizes(groups: pd.DataFrame, val_size: float, test_size: float) -
 
 def random_split(groups: pd.DataFrame, val_size: float, test_size: float, seed: int) -> pd.Series:
     """Content groups (sha256, label) -> their split name, stratified by label."""
+    from sklearn.model_selection import train_test_split  # scikit-learn and scipy: a second to import
+
     groups = groups.sort_values("sha256").reset_index(drop=True)
     check_class_sizes(groups, val_size, test_size)
     rest, test = train_test_split(groups, test_size=test_size, stratify=groups["label"], random_state=seed)
