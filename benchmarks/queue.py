@@ -18,6 +18,14 @@ load before and after each round (the machine may be shared: read the ratio with
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run as `python benchmarks/queue.py`, this folder comes first on sys.path and this file would shadow the
+# standard library's `queue` (which torch imports): drop the folder, put the repository root instead
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import json
 import logging
@@ -26,17 +34,14 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from stages.lib.threads import available_cores, live_queue_workers  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.queue")
 BIN = Path(sys.executable).parent
 SHORT_RECIPE = {
