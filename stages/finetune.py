@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.lib import PipelineError, distributed, setup_logging
+from stages.lib import PipelineError, distributed, setup_logging, threads
 from stages.lib.augmentation import train_transform
 from stages.lib.backbones import classifier_prefix, create_backbone
 from stages.lib.metrics import fit_temperature, line_figure
@@ -125,7 +125,8 @@ def main() -> None:
 
         train_loader, val_loader = make_loaders(
             training_dataset(args.prepared, train_transform(params.augment)),
-            PreparedDataset(args.prepared, "val"), settings.batch_size, dist, params.base.seed, settings.workers,
+            PreparedDataset(args.prepared, "val"), settings.batch_size, dist, params.base.seed,
+            threads.apply().workers(settings.workers),
             mixup=uses_mixup(settings))
         started = time.perf_counter()
         key = fingerprint(params, meta, args.baseline / "classifier.pt")

@@ -69,8 +69,10 @@ def write_params(project: Path, overrides: dict) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, overrides), sort_keys=False))
 
 
-def make_project(root: Path, per_class: int = 12, overrides: dict | None = None, images: bool = True) -> Path:
-    """A git + DVC repository with this project's code, tiny params and (optionally) digits."""
+def make_project(root: Path, per_class: int = 12, overrides: dict | None = None, images: bool = True,
+                 classes: int | None = None) -> Path:
+    """A git + DVC repository with this project's code, tiny params and (optionally) digits: `per_class`
+    images of each class, the first `classes` digits (None: all ten)."""
     root.mkdir(parents=True, exist_ok=True)
     if not (REPO / ".dvc/plots_template.html").is_file():  # written by `make install`
         subprocess.run([sys.executable, "-m", "scripts.offline_plots", ".dvc/plots_template.html"], cwd=REPO, check=True)
@@ -86,7 +88,8 @@ def make_project(root: Path, per_class: int = 12, overrides: dict | None = None,
     run(root, "git", "config", "user.email", "tests@example.com")
     run(root, "git", "config", "user.name", "tests")
     if images:
-        run(root, sys.executable, "-m", "stages.demo_data", "--out", "data/images", "--per-class", str(per_class))
+        digits = ["--classes", str(classes)] if classes else []
+        run(root, sys.executable, "-m", "stages.demo_data", "--out", "data/images", "--per-class", str(per_class), *digits)
         dvc(root, "add", "-q", "data/images")
     run(root, "git", "add", "-A")
     run(root, "git", "commit", "-qm", "tiny project")
