@@ -28,6 +28,8 @@ def main() -> None:
     print(f"MLflow store: {uri}")
     if uri.startswith("sqlite:"):
         print(f"open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri}")
+    else:
+        print(f"open the UI:  {uri}")
 
 
 if __name__ == "__main__":
