@@ -185,8 +185,8 @@ def _parent_run_id(experiment_id: str, tags: dict[str, str]) -> str | None:
         return found[0].info.run_id
     name = os.environ.get("DVC_EXP_NAME") or time.strftime("pipeline %Y-%m-%d %H:%M:%S")
     shared = {k: v for k, v in tags.items() if k != "stage" and not k.startswith("upstream.")}
+    # RUNNING until a stage ends it: a pipeline cut short (a killed stage or server) is never shown FINISHED
     parent = client.create_run(experiment_id, run_name=name, tags=shared | {PIPELINE_TAG: key, "stage": "pipeline"})
-    client.set_terminated(parent.info.run_id)
     return parent.info.run_id
 
 
