@@ -253,7 +253,8 @@ def test_server_killed_mid_stage_fails_the_stage_and_repro_completes_after_resta
         log_file.close()
     output = (tmp_path / "repro.log").read_text()
     assert process.returncode != 0
-    assert server.url in output and "finetune" in output
+    assert f"error: the MLflow tracking server {server.url} stopped answering" in output
+    assert "failed to reproduce 'finetune'" in output
     server.start(auth=False)  # a restart on the same data
     result = repro(copy, server.env())
     assert "Running stage 'finetune'" in result.stdout
