@@ -336,4 +336,4 @@ def test_a_writer_can_log_runs_and_set_an_alias(auth_server):
     version = client.get_model_version_by_alias(MODEL, "champion").version
     client.set_registered_model_alias(MODEL, "reviewed", version)
     assert client.get_model_version_by_alias(MODEL, "reviewed").version == version
-    client.delete_registered_model_alias(MODEL, "reviewed")
+    auth_server.client("admin", auth_server.admin_password).delete_registered_model_alias(MODEL, "reviewed")  # MANAGE
