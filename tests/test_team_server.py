@@ -106,6 +106,27 @@ class TeamServer:
         return env
 
 
+def test_postgresql_falls_back_to_the_pip_build_without_machine_binaries(monkeypatch):
+    pgserver = pytest.importorskip("pgserver", reason="the pip build is not installed (pip install -e '.[server]')")
+    from team.postgres import find_bindir
+
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no initdb, no pg_config on PATH
+    bindir, source = find_bindir()
+    assert bindir == Path(pgserver.__file__).parent / "pginstall" / "bin" and "pgserver" in source
+    assert (bindir / "pg_ctl").is_file()
+
+
+def test_secrets_are_generated_once_private_and_overridden_by_the_environment(tmp_path, monkeypatch):
+    from team.server import load_secrets
+
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    first = load_secrets(tmp_path)
+    assert load_secrets(tmp_path) == first and len(first["admin_password"]) >= 12
+    assert (tmp_path / "secrets.json").stat().st_mode & 0o077 == 0
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "from-the-environment")
+    assert load_secrets(tmp_path)["admin_password"] == "from-the-environment"
+
+
 @pytest.fixture(scope="module")
 def server():
     reason = postgres_available()
