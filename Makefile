@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  make demo  |  make test
+# Two commands on a fresh machine:  make demo  |  make test        (`make help` lists every target)
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 VENV ?= .venv
@@ -6,11 +6,16 @@ PYTHON := $(VENV)/bin/python
 BIN := $(abspath $(VENV)/bin)
 export PATH := $(BIN):$(PATH)
 export GX_ANALYTICS_ENABLED := false
+UI_PORT ?= 5000
+AGAINST ?= auto
 # pip prints a warning per package for this machine's local mirrors; keep real messages only
 PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: demo test install data repro summary ui clean server server-stop server-status
-.DEFAULT_GOAL := demo
+.PHONY: help demo test install data repro summary gate seeds ui ui-check clean server server-stop server-status
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -19,48 +24,58 @@ $(VENV)/.installed: pyproject.toml | $(PYTHON)
 	@echo "installing into $(VENV) (first time: a few minutes)"
 	@time ($(PYTHON) -m pip install -q --upgrade pip 2>&1 | $(PIP_FILTER))
 	@time ($(PYTHON) -m pip install -q -e ".[test,export,server]" 2>&1 | $(PIP_FILTER))
+	$(PYTHON) -m scripts.offline_plots .dvc/plots_template.html   # dvc plots pages that render offline
 	@touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed ## create .venv and install the project (once; again when pyproject.toml changes)
 
 # The demo data set: scikit-learn's digits as an image folder. Your own folder at data/images is left as it is.
 data/images: | install
 	$(PYTHON) -m stages.demo_data --out data/images
 	dvc add -q data/images
 
-data: data/images
+data: data/images ## write the demo images to data/images (unless it exists) and track them with DVC
 
-repro: install data
+repro: install data ## run the pipeline (dvc repro): only what changed re-runs
 	@time dvc repro
 
-summary: | install
-	@$(PYTHON) -m stages.summary
+summary: | install ## print the last run's results and where to look in MLflow
+	@$(PYTHON) -m stages.summary --evaluate metrics/evaluate.json --finetune metrics/finetune.json --ui-port $(UI_PORT)
 
-demo: repro summary
+demo: repro summary ## fresh machine: install, demo data, the whole pipeline, a summary
 
-test: install
+test: install ## run the test suite (PYTEST_ARGS="-m 'not slow'" for the quick part)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
-ui: | install
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+gate: | install ## is the model worse than the champion (or AGAINST=file) beyond noise? exit 1 if so
+	$(PYTHON) -m stages.gate --against $(AGAINST) --report reports/gate.md
+
+seeds: | install ## mean ± std over the seed experiments (queue them first: see README)
+	$(PYTHON) -m stages.seeds
+
+ui: | install ## the MLflow UI on the local store at http://127.0.0.1:$(UI_PORT)
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+ui-check: | install ## screenshot the MLflow UI's key pages (headless chromium) and fail on an empty one
+	$(PYTHON) -m scripts.ui_check --out .cache/ui_check
 
 # The team's MLflow tracking server (PostgreSQL + proxied artifacts) in the background, state in $(TEAM_HOME)/:
-#   make server [AUTH=1] [PORT=5000] [PG_PORT=5433] [ARTIFACTS=s3://bucket/prefix]  |  make server-stop
+#   make server [AUTH=1] [SERVER_PORT=5000] [PG_PORT=5433] [ARTIFACTS=s3://bucket/prefix]  |  make server-stop
 TEAM_HOME ?= .team
-PORT ?= 5000
+SERVER_PORT ?= 5000
 PG_PORT ?= 5433
 AUTH ?= 0
 ARTIFACTS ?=
-SERVER_ARGS = --home $(TEAM_HOME) --port $(PORT) --pg-port $(PG_PORT)
+SERVER_ARGS = --home $(TEAM_HOME) --port $(SERVER_PORT) --pg-port $(PG_PORT)
 
-server: | install
+server: | install ## the team tracking server (PostgreSQL, proxied artifacts; AUTH=1: users) in the background
 	@$(PYTHON) -m team.server start $(SERVER_ARGS) $(if $(filter 1 yes true,$(AUTH)),--auth) $(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
-server-stop: | install
+server-stop: | install ## stop what make server started
 	@$(PYTHON) -m team.server stop $(SERVER_ARGS)
 
-server-status: | install
+server-status: | install ## is the team tracking server up (PIDs, health)
 	@$(PYTHON) -m team.server status $(SERVER_ARGS)
 
-clean:
-	rm -rf data/manifest.csv data/splits data/prepared data/features models reports checkpoints .cache mlflow.db mlartifacts
+clean: ## remove pipeline outputs, caches and the local MLflow store (not data/images)
+	rm -rf data/manifest.csv data/splits data/prepared data/features models reports .cache mlflow.db mlartifacts

@@ -1,7 +1,8 @@
 """augment: decode and resize every split once into data/prepared/, and preview the augmentation.
 
-The cache holds uint8 arrays at `model.image_size`, resized with `model.interpolation`: one
-cache for every candidate backbone of the features stage. With `augment.oversample` the
+The cache holds uint8 arrays at `model.image_size`, resized with `model.interpolation` (the
+preprocessing contract's decoder, the same that serves encoded files later): one cache for every
+candidate backbone of the features stage. With `augment.oversample` the
 cache also holds a class-balanced training index (train_index.npy). The online augmentation
 policy (`augment` params) is applied later by the trainer; reports/augment_preview.png shows
 what the model will see.
@@ -19,8 +20,9 @@ from tqdm import tqdm
 
 from stages.lib import setup_logging
 from stages.lib.augmentation import preview_grid, train_transform
-from stages.lib.images import load_rgb, read_labelled_csv, resample_filter
+from stages.lib.images import read_labelled_csv
 from stages.lib.params import load_params
+from stages.lib.preprocessing import decode
 from stages.lib.prepared import create_images, oversampled_index, save_labels, save_train_index
 from stages.lib.tracking import stage_run
 
@@ -30,9 +32,8 @@ SPLITS = ("train", "val", "test")
 
 def decode_split(paths: list[str], images: np.ndarray, interpolation: str) -> None:
     """Decode and resize each file once into `images` (uint8 (N, size, size, 3), on disk)."""
-    resample = resample_filter(interpolation)
     for index, path in enumerate(tqdm(paths, desc="decode", unit="img", mininterval=2)):
-        images[index] = load_rgb(path, images.shape[1], resample)
+        images[index] = decode(path, images.shape[1], interpolation)
     images.flush()
 
 
@@ -45,7 +46,7 @@ def main() -> None:
     setup_logging()
     params = load_params()
 
-    with stage_run("augment", params, ["base", "model", "augment"], upstream=["split"]):
+    with stage_run("augment", params, ["base", "model", "augment"]):
         import mlflow
 
         size, interpolation = params.model.image_size, params.model.interpolation
@@ -74,6 +75,8 @@ def main() -> None:
                      args.preview, params.base.seed, indexes=index)
         mlflow.log_artifact(str(args.preview))
         mlflow.log_dict(meta, "prepared_meta.json")
+        mlflow.log_metrics({f"images.{split}": count for split, count in meta["counts"].items()}
+                           | {"images.train_per_epoch": len(index) if index is not None else meta["counts"]["train"]})
     log.info("cached %s images at %dpx in %s", meta["counts"], size, args.out)
 
 

@@ -1,15 +1,22 @@
-"""evaluate: the linear-probe baseline and the fine-tuned model side by side on the test split.
+"""evaluate: the test split, scored once, for reporting; the registry decision, made on val.
 
-Writes metrics/evaluate.json (per model: accuracy, balanced accuracy, macro precision/recall/F1,
-top-k accuracy, log loss, ECE), plots/confusion.csv and plots/reliability.csv (DVC plots),
-reports/evaluate/ (confusion matrices, per-class precision/recall/F1, reliability diagram, error
-gallery) and aliases the registered model version: @challenger always, @champion when it wins
-(`evaluate` params).
+The linear-probe baseline (features stage) and the fine-tuned model (loaded as it is served, with
+its calibration temperature) on the val and test splits. Writes:
+- metrics/evaluate.json: headline test numbers per model, and the fine-tuned model's val accuracy;
+- reports/evaluate/: predictions.csv (every val and test image: path, label, predicted class,
+  probabilities, for both models: what `make gate` compares), metrics.json (every metric, ECE before
+  and after calibration), per_class.csv, confusion matrices, reliability diagram, error gallery;
+- plots/: confusion.csv, per_class_f1.csv, reliability.csv (DVC plots).
+The registered version gets its own evaluation's tags (val score and val image digest for
+promotion, test numbers for reporting, the paired comparison on val with the champion of the time),
+then @champion / @challenger are settled by the val rule (stages/lib/registry.py). Test numbers never
+choose anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -17,104 +24,189 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from stages.lib import setup_logging
-from stages.lib.backbones import create_backbone
+from stages.lib.comparison import ComparisonError, compare, paired, predictions_frame, read_predictions
+from stages.lib.images import read_labelled_csv
 from stages.lib.metrics import (classification_metrics, confusion_figure, error_gallery,
                                 expected_calibration_error, per_class_table, reliability_figure, softmax)
 from stages.lib.params import load_params
-from stages.lib.prepared import PreparedDataset, load_split
+from stages.lib.prepared import load_split
 from stages.lib.probe import probe_logits
-from stages.lib.registry import record_evaluation
-from stages.lib.tracking import stage_run, write_metrics
-from stages.lib.training import predict_logits
+from stages.lib.serving import ImageClassifier
+from stages.lib.tracking import numeric_leaves, stage_run, write_metrics
 
 log = logging.getLogger("evaluate")
+SPLITS = ("val", "test")
+PREDICTIONS = "predictions.csv"  # in --reports, also the MLflow artifact evaluation/predictions.csv
 
 
-def baseline_probabilities(features_file: Path, head_file: Path) -> np.ndarray:
-    embeddings = np.load(features_file)["test_x"]
+def baseline_probabilities(features_file: Path, head_file: Path) -> dict[str, np.ndarray]:
     head = torch.load(head_file, map_location="cpu", weights_only=True)
-    return softmax(probe_logits(embeddings, head["weight"].numpy(), head["bias"].numpy()))
+    with np.load(features_file) as arrays:
+        return {split: softmax(probe_logits(arrays[f"{split}_x"], head["weight"].numpy(), head["bias"].numpy()))
+                for split in SPLITS}
 
 
-def finetuned_probabilities(model_dir: Path, prepared: Path, batch_size: int) -> np.ndarray:
-    config = json.loads((model_dir / "config.json").read_text())
-    model = create_backbone(config["model"], "none", config["num_classes"])
-    model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
-    loader = DataLoader(PreparedDataset(prepared, "test"), batch_size=batch_size)
-    logits, _ = predict_logits(model, loader, config["data_config"]["mean"], config["data_config"]["std"],
-                               torch.device("cpu"))
-    return torch.softmax(logits, dim=1).numpy()
+def images_digest(paths: list[str], labels: list[str]) -> str:
+    """Identifies a set of labelled images: evaluations on the same digest are comparable."""
+    lines = sorted(f"{path}\t{label}" for path, label in zip(paths, labels))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def description(results: dict, evaluate_run: str, finetune_run: str) -> str:
-    """The registered version's description: what it scored and where that was measured."""
-    finetuned, baseline = results["finetuned"], results["baseline"]
-    return (f"Test split: accuracy {finetuned['accuracy']:.4f} (linear probe {baseline['accuracy']:.4f}), "
-            f"macro F1 {finetuned['macro_f1']:.4f}, top-k accuracy {finetuned['top_k_accuracy']:.4f}, "
-            f"log loss {finetuned['log_loss']:.4f}, ECE {finetuned['ece']:.4f}. "
-            f"Trained in run {finetune_run}, evaluated in run {evaluate_run}. "
-            "Input: encoded image files (column `image`); output: label, probability, probabilities, error.")
+def champion_evidence(client, name: str, version: str, current_val: pd.DataFrame, val_digest: str) -> dict[str, str]:
+    """`promotion.*` tags: this version against the champion of the time, paired on the same val images."""
+    import mlflow
+
+    from stages.lib.registry import CHAMPION, current_alias
+
+    champion = current_alias(client, name, CHAMPION)
+    if champion is None or champion == version:
+        return {"promotion.compared_with": "none (no champion yet)"}
+    tags = client.get_model_version(name, champion).tags or {}
+    if tags.get("val.images") != val_digest or "evaluation.run_id" not in tags:
+        return {"promotion.compared_with": f"v{champion}: not comparable (other val images)"}
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=tags["evaluation.run_id"],
+                                                    artifact_path=f"evaluation/{PREDICTIONS}")
+        labels, reference, current = paired(read_predictions(local, "val"), current_val, f"v{champion}")
+    except (ComparisonError, mlflow.exceptions.MlflowException, OSError) as error:
+        log.warning("no paired comparison with champion v%s: %s", champion, error)
+        return {"promotion.compared_with": f"v{champion}: predictions unavailable"}
+    accuracy = compare(labels, reference, current)["accuracy"]
+    return {"promotion.compared_with": f"v{champion}", "promotion.val_accuracy_delta": f"{accuracy.delta:+.4f}",
+            "promotion.ci95": f"[{accuracy.ci_low:+.4f}, {accuracy.ci_high:+.4f}]",
+            "promotion.mcnemar_p": f"{accuracy.p_value:.4g}"}
+
+
+def record_in_registry(run, params, results: dict, val_predictions: pd.DataFrame, val_digest: str) -> dict | None:
+    """Tag the registered version with its own evaluation (once) and settle the aliases by the val rule."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from stages.lib.registry import own_evaluation, record_evaluation, settle_aliases
+
+    settings, name, client = params.evaluate, params.mlflow.registered_model, MlflowClient()
+    finetune_run = run.data.tags.get("upstream.finetune")
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{finetune_run}'") if finetune_run else []
+    if not versions:
+        log.warning("models/finetuned was not trained in this MLflow store (no finetune run with these outputs): "
+                    "the registry is left as it is")
+        return None
+    version = str(versions[0].version)
+    experiment = os.environ.get("DVC_EXP_NAME", "workspace")
+    if own_evaluation(client, name, version):
+        finetuned = results["finetuned"]
+        model_id = getattr(versions[0], "model_id", None)
+        if model_id:  # the logged model's page shows its test numbers too
+            import mlflow
+
+            mlflow.log_metrics({f"test.{key}": value for key, value in finetuned["test"].items()}, model_id=model_id)
+        tags = {"evaluation.run_id": run.info.run_id, "evaluation.experiment": experiment,
+                "git.commit": run.data.tags.get("git.commit", "unknown"),
+                "data.version": run.data.tags.get("data.version", "unknown"),
+                f"val.{settings.champion_metric}": f"{finetuned['val'][settings.champion_metric]:.6f}",
+                "val.images": val_digest}
+        tags |= {f"test.{key}": f"{value:.6f}" for key, value in finetuned["test"].items()}
+        tags |= champion_evidence(client, name, version, val_predictions, val_digest)
+        record_evaluation(client, name, version, tags, (
+            f"Val {settings.champion_metric} {finetuned['val'][settings.champion_metric]:.4f} (what promotion "
+            f"compares). Test, reported only: accuracy {finetuned['test']['accuracy']:.4f} (linear probe "
+            f"{results['baseline']['test']['accuracy']:.4f}), macro F1 {finetuned['test']['macro_f1']:.4f}, "
+            f"ECE {finetuned['test']['ece']:.4f}. Trained in run {finetune_run}, evaluated in run "
+            f"{run.info.run_id} ({experiment}). Input: encoded image files (column `image`); output: label, "
+            "probability, probabilities, error."))
+    else:
+        log.info("version %s was evaluated before: its registry tags stay as its own evaluation wrote them", version)
+    aliases = settle_aliases(client, name, settings.champion_metric, settings.min_improvement)
+    return {"registered_model": name, "version": version} | aliases
+
+
+def write_plots(folder: Path, classes: list[str], labels: np.ndarray, probabilities: dict[str, np.ndarray],
+                per_class: pd.DataFrame, reliability: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"actual": [classes[i] for i in labels],
+                  "predicted": [classes[i] for i in probabilities["finetuned"].argmax(1)]}
+                 ).to_csv(folder / "confusion.csv", index=False)
+    per_class[["class", "baseline_f1", "finetuned_f1"]].to_csv(folder / "per_class_f1.csv", index=False,
+                                                               float_format="%.4f")
+    pd.DataFrame([{"confidence": row["confidence"], "accuracy": row["accuracy"],
+                   "perfectly calibrated": row["confidence"]} for row in reliability]
+                 ).to_csv(folder / "reliability.csv", index=False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--splits", type=Path, required=True, help="folder with val.csv, test.csv (image paths)")
     parser.add_argument("--baseline", type=Path, required=True)
     parser.add_argument("--finetuned", type=Path, required=True)
     parser.add_argument("--reports", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--plots", type=Path, required=True, help="folder for confusion.csv, reliability.csv")
+    parser.add_argument("--plots", type=Path, required=True, help="folder for the DVC plot files")
     args = parser.parse_args()
     setup_logging()
     params = load_params()
     settings = params.evaluate
 
-    with stage_run("evaluate", params, ["evaluate"], upstream=["features", "finetune"]) as run:
+    with stage_run("evaluate", params, ["evaluate"]) as run:
         import mlflow
 
         probe = json.loads((args.baseline / "probe.json").read_text())
         classes = probe["classes"]
-        images, labels = load_split(args.prepared, "test")
-        probabilities = {
-            "baseline": baseline_probabilities(Path(probe["features"]), args.baseline / "head.pt"),
-            "finetuned": finetuned_probabilities(args.finetuned, args.prepared, settings.batch_size),
-        }
-        results = {name: classification_metrics(labels, probs, settings.top_k) for name, probs in probabilities.items()}
-        results["gain"] = {key: results["finetuned"][key] - results["baseline"][key]
-                           for key in ("accuracy", "macro_f1", "log_loss")}
-        write_metrics(args.metrics, results)
+        classifier = ImageClassifier.from_folder(args.finetuned, settings.batch_size)
+        baseline = baseline_probabilities(Path(probe["features"]), args.baseline / "head.pt")
+        data, probabilities, frames = {}, {}, []
+        for split in SPLITS:
+            images, labels = load_split(args.prepared, split)
+            paths = read_labelled_csv(args.splits / f"{split}.csv")["path"].tolist()
+            data[split] = (images, labels)
+            probabilities[split] = {"baseline": baseline[split], "finetuned": classifier.probabilities(images)}
+            frames += [predictions_frame(split, model, paths, labels, probs, classes)
+                       for model, probs in probabilities[split].items()]
+        images, labels = data["test"]
+        test = {model: classification_metrics(labels, probs, settings.top_k)
+                for model, probs in probabilities["test"].items()}
+        uncalibrated = softmax(classifier.logits(images) * classifier.temperature)
+        calibration = {"fine-tuned, calibrated": expected_calibration_error(probabilities["test"]["finetuned"], labels),
+                       "fine-tuned, uncalibrated": expected_calibration_error(uncalibrated, labels),
+                       "linear probe": expected_calibration_error(probabilities["test"]["baseline"], labels)}
+        val = classification_metrics(data["val"][1], probabilities["val"]["finetuned"], settings.top_k)
+        results = {"baseline": {"test": test["baseline"]},
+                   "finetuned": {"test": test["finetuned"] | {"ece_uncalibrated": calibration["fine-tuned, uncalibrated"][0]},
+                                 "val": val}}
+        headline = {"baseline": {"test": {k: test["baseline"][k] for k in ("accuracy", "macro_f1")}},
+                    "finetuned": {"test": {k: test["finetuned"][k] for k in ("accuracy", "macro_f1", "top_k_accuracy", "ece")},
+                                  "val": {"accuracy": val["accuracy"]}}}
+        write_metrics(args.metrics, headline, log_to_mlflow=False)
+        mlflow.log_metrics(numeric_leaves(results))
 
         args.reports.mkdir(parents=True, exist_ok=True)
-        args.plots.mkdir(parents=True, exist_ok=True)
-        finetuned = probabilities["finetuned"]
-        pd.DataFrame({"actual": [classes[i] for i in labels], "predicted": [classes[i] for i in finetuned.argmax(1)]}
-                     ).to_csv(args.plots / "confusion.csv", index=False)
-        calibration = {name: expected_calibration_error(probs, labels) for name, probs in probabilities.items()}
-        pd.DataFrame(calibration["finetuned"][1]).to_csv(args.plots / "reliability.csv", index=False)
+        predictions = pd.concat(frames, ignore_index=True)
+        predictions.to_csv(args.reports / PREDICTIONS, index=False)
+        (args.reports / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        per_class = per_class_table(labels, {m: p.argmax(1) for m, p in probabilities["test"].items()}, classes)
+        per_class.to_csv(args.reports / "per_class.csv", index=False, float_format="%.4f")
+        write_plots(args.plots, classes, labels, probabilities["test"], per_class,
+                    calibration["fine-tuned, calibrated"][1])
         reliability_figure(calibration, args.reports / "reliability.png")
-        for name, probs in probabilities.items():
-            confusion_figure(labels, probs.argmax(1), classes, args.reports / f"confusion_{name}.png",
-                             f"{name}: test accuracy {results[name]['accuracy']:.4f}")
-        per_class_table(labels, {name: probs.argmax(1) for name, probs in probabilities.items()}, classes
-                        ).to_csv(args.reports / "per_class.csv", index=False, float_format="%.4f")
+        for model, probs in probabilities["test"].items():
+            confusion_figure(labels, probs.argmax(1), classes, args.reports / f"confusion_{model}.png",
+                             f"{model}: test accuracy {test[model]['accuracy']:.4f}")
         if settings.error_gallery:
-            error_gallery(images, labels, finetuned, classes, settings.error_gallery, args.reports / "error_gallery.png")
+            error_gallery(images, labels, probabilities["test"]["finetuned"], classes, settings.error_gallery,
+                          args.reports / "error_gallery.png")
         mlflow.log_artifacts(str(args.reports), artifact_path="evaluation")
 
-        registered = json.loads((args.finetuned / "mlflow.json").read_text())
-        if registered["model_uri"].startswith("models:/m-"):  # the test metrics on the logged model's page too
-            mlflow.log_metrics({f"test_{k}": v for k, v in results["finetuned"].items()},
-                               model_id=registered["model_uri"].removeprefix("models:/"))
-        promotion = record_evaluation(registered["registered_model"], registered["version"], results["finetuned"],
-                                      settings.champion_metric, settings.min_improvement,
-                                      description(results, run.info.run_id, registered["run_id"]))
-        (args.reports / "registry.json").write_text(json.dumps(promotion | registered, indent=2) + "\n")
-        mlflow.set_tags({"registered.version": registered["version"], "registered.champion": str(promotion["champion"])})
-    log.info("test accuracy: baseline %.4f, fine-tuned %.4f", results["baseline"]["accuracy"],
-             results["finetuned"]["accuracy"])
+        val_predictions = predictions[(predictions["split"] == "val") & (predictions["model"] == "finetuned")]
+        registry = record_in_registry(run, params, results, val_predictions.set_index("path"),
+                                      images_digest(val_predictions["path"].tolist(), val_predictions["label"].tolist()))
+        if registry:
+            mlflow.set_tags({f"registry.{key}": str(value) for key, value in registry.items()})
+    log.info("test accuracy: baseline %.4f, fine-tuned %.4f (ECE %.4f, uncalibrated %.4f)",
+             test["baseline"]["accuracy"], test["finetuned"]["accuracy"], test["finetuned"]["ece"],
+             calibration["fine-tuned, uncalibrated"][0])
 
 
 if __name__ == "__main__":

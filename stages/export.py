@@ -39,7 +39,7 @@ def main() -> None:
     params = load_params()
     settings = params.export
 
-    with stage_run("export", params, ["export"], upstream=["finetune"]):
+    with stage_run("export", params, ["export"]):
         import mlflow
 
         torch.set_num_threads(settings.threads)

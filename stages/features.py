@@ -11,8 +11,9 @@ Writes: --out/<candidate>.npz (embeddings per candidate), --baseline/head.pt (th
 linear head on raw embeddings: the baseline evaluate compares against), --baseline/classifier.pt (the
 LP-FT start for finetune: the same probe, or with fusion a probe on the pre-logits columns, which is
 all the model's classifier sees), --baseline/probe.json (names the chosen `model` and `weights`),
---metrics (the winner's probe: val and test accuracy, macro F1; the LP-FT head's val accuracy),
---leaderboard (every candidate: accuracy, parameters, embedding dimension, CPU latency) and --plot.
+--metrics (the winner's probe val accuracy), --leaderboard (a CSV: every candidate's val accuracy and log
+loss, C, parameters, embedding dimension, CPU latency) and --plot. Choosing looks at val only: the
+test split is scored once, by evaluate.
 """
 
 from __future__ import annotations
@@ -68,15 +69,17 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True, help="embedding cache, relative to the repository root")
     parser.add_argument("--out", type=Path, required=True, help="folder for the candidates' embeddings")
     parser.add_argument("--baseline", type=Path, required=True, help="folder for the winner's probe head")
-    parser.add_argument("--metrics", type=Path, required=True, help="the winner's probe metrics (JSON)")
-    parser.add_argument("--leaderboard", type=Path, required=True, help="every candidate's row (JSON)")
+    parser.add_argument("--metrics", type=Path, required=True, help="the winner's probe val accuracy (JSON)")
+    parser.add_argument("--leaderboard", type=Path, required=True, help="every candidate's row (CSV)")
     parser.add_argument("--plot", type=Path, required=True, help="the leaderboard figure (PNG)")
     args = parser.parse_args()
     setup_logging()
     params = load_params()
     settings = params.features
 
-    with stage_run("features", params, ["base", "model", "features"], upstream=["augment"]):
+    with stage_run("features", params, ["base", "model", "features"]):
+        import mlflow
+
         check_candidates(params.candidates())
         meta = load_meta(args.prepared)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,15 +94,17 @@ def main() -> None:
 
         classifier_head = lpft_head(winner, settings, params.base.seed)
         save_baseline(args.baseline, winner, classifier_head, meta["classes"], settings.fusion_stages)
-        write_metrics(args.metrics, {"val_accuracy": winner.val_accuracy, "test_accuracy": winner.test_accuracy,
-                                     "test_macro_f1": winner.test_macro_f1, "C": winner.C,
-                                     "lpft_head_val_accuracy": classifier_head["val_accuracy"]})
-        write_metrics(args.leaderboard, board)
+        write_metrics(args.metrics, {"probe": {"val_accuracy": winner.val_accuracy}})
+        mlflow.log_metrics({"probe.val_log_loss": winner.val_log_loss,
+                            "lpft_head.val_accuracy": classifier_head["val_accuracy"]})
+        mlflow.log_params({"probe.C": winner.C, "probe.embedding_dim": winner.embedding_dim,
+                           "lpft_head.C": classifier_head["C"]})
+        args.leaderboard.parent.mkdir(parents=True, exist_ok=True)
+        board.to_csv(args.leaderboard, index=False)
         leaderboard_figure(entries, winner, args.plot, settings.select.latency_budget_ms
                            if settings.select.rule == "latency_budget" else None)
         log_leaderboard(board, args.plot)
-    log.info("chosen by %s: %s (probe val %.4f, test %.4f)", settings.select.rule, winner.name,
-             winner.val_accuracy, winner.test_accuracy)
+    log.info("chosen by %s: %s (probe val %.4f)", settings.select.rule, winner.name, winner.val_accuracy)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,16 @@
 The classifier starts as the probe from the features stage; each phase in `finetune.phases`
 trains the groups it names (head, the top N timm block groups, or all) with a fresh optimizer
 and warmup + cosine schedule, stops early on val loss, and the best epoch's weights are kept.
-A checkpoint after every epoch (checkpoints/finetune/last.pt) lets a killed run resume.
+After training, a temperature is fitted on val (NLL) and stored with the model: served
+probabilities are calibrated. A checkpoint after every epoch (--checkpoints, resolved under the
+real repository root and named by a fingerprint of the settings and inputs, so `dvc exp run
+--temp/--queue` copies resume too) lets a killed run resume.
 Under `torchrun --nproc_per_node=N -m stages.finetune ...` the N processes train one model
 data-parallel (DDP); rank 0 alone writes the outputs and logs to MLflow.
 
-Writes models/finetuned/ (weights, config with classes and data config), metrics/finetune.json,
-plots/finetune_history.csv; logs the model to MLflow and registers a version.
+Writes models/finetuned/ (weights; config.json with the backbone, classes, the preprocessing
+contract and the temperature), metrics/finetune.json, plots/finetune_history.csv; logs the model
+to MLflow and registers a version.
 """
 
 from __future__ import annotations
@@ -26,15 +30,16 @@ import torch
 
 from stages.lib import PipelineError, distributed, setup_logging
 from stages.lib.augmentation import train_transform
-from stages.lib.backbones import classifier_prefix, create_backbone, data_config
-from stages.lib.metrics import line_figure
+from stages.lib.backbones import classifier_prefix, create_backbone
+from stages.lib.metrics import fit_temperature, line_figure
 from stages.lib.params import Params, load_params
+from stages.lib.preprocessing import for_backbone
 from stages.lib.prepared import PreparedDataset, load_meta, load_split, training_dataset
-from stages.lib.tracking import stage_run, write_metrics
-from stages.lib.training import make_loaders, memory_format, run_phases, uses_mixup, write_history
+from stages.lib.tracking import repo_root, stage_run, write_metrics
+from stages.lib.training import (Inputs, logits_of, make_loaders, memory_format, run_phases, uses_mixup,
+                                 write_history)
 
 log = logging.getLogger("finetune")
-CHECKPOINT = Path("checkpoints/finetune/last.pt")
 
 
 def start_from_probe(model: torch.nn.Module, head_file: Path) -> None:
@@ -66,10 +71,27 @@ def log_model(model_dir: Path, example: np.ndarray, registered_name: str):
 
 
 def log_epoch(row: dict) -> None:
-    """One epoch's history row as MLflow step metrics (losses, accuracies, phase, lr per group)."""
+    """One epoch's history row as MLflow step metrics, grouped for the UI's charts: `train/*`, `val/*`,
+    `lr/*` (learning rate per group; the phase is a tag of the run, its boundaries are in the history)."""
     import mlflow
 
-    mlflow.log_metrics({key: value for key, value in row.items() if key not in ("epoch", "phase")}, step=row["epoch"])
+    metrics = {}
+    for key, value in row.items():
+        if key in ("epoch", "phase", "phase_index"):
+            continue
+        group, _, name = key.partition("_")
+        metrics[f"{group}/{name}"] = value
+    mlflow.log_metrics(metrics, step=row["epoch"])
+
+
+def calibrate(model: torch.nn.Module, val_loader, mean, std) -> tuple[float, float, float]:
+    """(temperature, val NLL before, after): temperature scaling fitted on the val logits."""
+    logits, labels = logits_of(model, val_loader, Inputs(mean, std, next(model.parameters()).device))
+    temperature = fit_temperature(logits.numpy(), labels.numpy())
+    before = torch.nn.functional.cross_entropy(logits, labels).item()
+    after = torch.nn.functional.cross_entropy(logits / temperature, labels).item()
+    log.info("temperature %.3f fitted on val: NLL %.4f -> %.4f", temperature, before, after)
+    return temperature, before, after
 
 
 def main() -> None:
@@ -79,14 +101,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the fine-tuned model")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--history", type=Path, required=True, help="per-epoch CSV (DVC plot)")
+    parser.add_argument("--checkpoints", type=Path, required=True,
+                        help="folder for resumable checkpoints, relative to the repository root (not a DVC out)")
     args = parser.parse_args()
     setup_logging()
     params = load_params()
     settings = params.finetune
     dist = distributed.setup()  # one process, or this process's rank under torchrun
 
-    tracked = stage_run("finetune", params, ["base", "model", "augment", "finetune"], upstream=["features"])
-    with tracked if dist.is_main else nullcontext() as run:  # torchrun workers log nothing
+    tracked = stage_run("finetune", params, ["base", "model", "augment", "finetune"])
+    with tracked if dist.is_main else nullcontext():  # torchrun workers log nothing
         import mlflow
 
         meta = load_meta(args.prepared)
@@ -94,7 +118,7 @@ def main() -> None:
         probe = json.loads((args.baseline / "probe.json").read_text())  # the backbone the features stage chose
         if dist.is_main:
             mlflow.set_tag("model.name", probe["model"])
-        config = data_config(probe["model"], size)
+        config = for_backbone(probe["model"], size, meta["interpolation"]).as_dict()  # the preprocessing contract
         model = create_backbone(probe["model"], probe["weights"], len(classes), params.model.drop_rate)
         start_from_probe(model, args.baseline / "classifier.pt")
         model = model.to(dist.device, memory_format=memory_format(settings.channels_last))
@@ -104,8 +128,10 @@ def main() -> None:
             PreparedDataset(args.prepared, "val"), settings.batch_size, dist, params.base.seed, settings.workers,
             mixup=uses_mixup(settings))
         started = time.perf_counter()
+        key = fingerprint(params, meta, args.baseline / "classifier.pt")
+        checkpoint = repo_root() / args.checkpoints / f"{key[:16]}.pt"
         state = run_phases(model, settings, train_loader, val_loader, config["mean"], config["std"],
-                           params.base.seed, CHECKPOINT, fingerprint(params, meta, args.baseline / "classifier.pt"),
+                           params.base.seed, checkpoint, key,
                            on_epoch=log_epoch if dist.is_main else lambda row: None, dist=dist)
         seconds = time.perf_counter() - started
         distributed.shutdown(dist)
@@ -113,17 +139,22 @@ def main() -> None:
             return  # a torchrun worker: it trained in step with rank 0, which writes everything
 
         mlflow.log_params({"world_size": dist.world_size, "device": dist.device.type})
+        full_val = torch.utils.data.DataLoader(PreparedDataset(args.prepared, "val"), batch_size=settings.batch_size)
+        temperature, nll_before, nll_after = calibrate(model, full_val, config["mean"], config["std"])
         args.out.mkdir(parents=True, exist_ok=True)
         model = model.cpu().to(memory_format=torch.contiguous_format)
         torch.save(model.state_dict(), args.out / "model.pt")
         (args.out / "config.json").write_text(json.dumps({
             "model": probe["model"], "num_classes": len(classes), "classes": classes, "data_config": config,
-            "classifier": classifier_prefix(model), "best_epoch": state.best_epoch}, indent=2) + "\n")
+            "temperature": round(temperature, 6), "classifier": classifier_prefix(model),
+            "best_epoch": state.best_epoch}, indent=2) + "\n")
         write_history(args.history, state.history)
         best = state.history[state.best_epoch - 1]
-        write_metrics(args.metrics, {"best_epoch": state.best_epoch, "epochs": state.epoch,
-                                     "best_val_loss": best["val_loss"], "best_val_accuracy": best["val_accuracy"],
-                                     "train_seconds": round(seconds, 1)})
+        write_metrics(args.metrics, {"best_epoch": state.best_epoch, "best_val_accuracy": best["val_accuracy"],
+                                     "temperature": round(temperature, 4)})
+        mlflow.log_metrics({"best/val_loss": best["val_loss"], "calibration/val_nll_before": nll_before,
+                            "calibration/val_nll_after": nll_after, "time/train_seconds": round(seconds, 1)})
+        mlflow.log_param("epochs_run", state.epoch)
         phase_ends = [i for i, row in enumerate(state.history[:-1])
                       if row["phase_index"] != state.history[i + 1]["phase_index"]]
         curves = args.out / "learning_curves.png"
@@ -131,11 +162,9 @@ def main() -> None:
                     "fine-tuning (dashed: phase boundaries)", [i + 1 for i in phase_ends])
         mlflow.log_artifact(str(curves))
         info = log_model(args.out, np.asarray(load_split(args.prepared, "val")[0][0]), params.mlflow.registered_model)
-        (args.out / "mlflow.json").write_text(json.dumps({
-            "run_id": run.info.run_id, "model_uri": info.model_uri,
-            "registered_model": params.mlflow.registered_model,
-            "version": str(info.registered_model_version)}, indent=2) + "\n")
-    CHECKPOINT.unlink(missing_ok=True)
+        mlflow.set_tags({"registered.model": params.mlflow.registered_model,
+                         "registered.version": str(info.registered_model_version)})
+    checkpoint.unlink(missing_ok=True)
     log.info("best epoch %d: val loss %.4f, val accuracy %.4f (%.0f s)", state.best_epoch, best["val_loss"],
              best["val_accuracy"], seconds)
 

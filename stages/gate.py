@@ -1,19 +1,23 @@
-"""gate: fail CI when the model got worse. Compares the current metrics files with a reference.
+"""gate: fail CI when the model got worse beyond noise. Paired test against a reference's predictions.
 
-    python -m stages.gate --against main                       # metrics committed on a branch
-    python -m stages.gate --against ci/reference_metrics.json  # a committed reference file
-    python -m stages.gate --write-reference ci/reference_metrics.json
+    python -m stages.gate                                         # against the champion, else gate.reference
+    python -m stages.gate --against ci/reference_predictions.csv  # a predictions file (evaluate's format)
+    python -m stages.gate --write-reference ci/reference_predictions.csv
 
-The checks and thresholds are the `gate` section of params.yaml. Prints a Markdown table
-(reference, current, delta, verdict per checked metric; `--report` also writes it to a file, for
-a pull-request comment). Exit status: 0 pass, 1 a regression, 2 the gate could not compare.
+Compares the fine-tuned model's per-image test predictions (`gate.predictions`, written by evaluate)
+with the reference's on the same images (McNemar's exact test and paired bootstrap intervals for
+accuracy and macro-F1) and checks the absolute floors of `gate.checks`; prints a Markdown report
+(`--report` also writes it, for a pull-request comment). Exit status: 0 pass, 1 a significant drop
+beyond the margin or a failed floor, 2 the gate could not compare (other test images, missing files).
 Not a DVC stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from stages.lib import PipelineError
@@ -21,38 +25,39 @@ from stages.lib import PipelineError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--against", metavar="REF", help="a git revision, a metrics file or folder, or a reference file")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--against", default="auto", metavar="FILE",
+                        help="a reference predictions file, or auto (default): the registry champion's, else gate.reference")
     action.add_argument("--write-reference", type=Path, metavar="FILE",
-                        help="save the current metrics as a combined reference file, then exit")
+                        help="save the current predictions as the reference file (commit it), then exit")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--report", type=Path, help="also write the Markdown table to this file")
+    parser.add_argument("--report", type=Path, help="also write the Markdown report to this file")
     args = parser.parse_args(argv)
 
-    from stages.lib.gate import judge_all, markdown, read_folder, read_reference, stems_of, write_reference
+    from stages.lib.gate import absolute_checks, markdown, reference_for, statistical_checks
     from stages.lib.params import load_params
 
     try:
-        settings = load_params(args.params, timm_names=False).gate  # starts fast: no torch
-        if not settings.checks:
-            raise PipelineError(f"{args.params}: gate.checks is empty: nothing to check")
-        folder, stems = Path(settings.metrics_dir), stems_of(settings.checks)
+        params = load_params(args.params, timm_names=False)  # starts fast: no torch
+        settings = params.gate
         if args.write_reference:
-            write_reference(args.write_reference, folder, stems)
-            print(f"wrote {args.write_reference} from {folder}/{{{','.join(stems)}}}.json")
+            args.write_reference.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(settings.predictions, args.write_reference)
+            print(f"wrote {args.write_reference} from {settings.predictions}")
             return 0
-        current = read_folder(folder, stems)
-        reference = read_reference(args.against, folder, stems)
-    except PipelineError as error:
+        with tempfile.TemporaryDirectory() as scratch:
+            reference, name = reference_for(args.against, settings, params.mlflow.registered_model, Path(scratch))
+            differences, images = statistical_checks(settings, reference, name, params.base.seed)
+        checks = absolute_checks(settings.checks, Path(settings.metrics_dir))
+    except (PipelineError, FileNotFoundError) as error:
         print(f"gate: error: {error}", file=sys.stderr)
         return 2
-    verdicts = judge_all(settings.checks, current, reference)
-    report = markdown(verdicts, args.against)
+    report, passed = markdown(differences, settings.margin.model_dump(), checks, name, images)
     print(report)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(report)
-    return 0 if all(verdict.passed for verdict in verdicts) else 1
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

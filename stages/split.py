@@ -10,6 +10,7 @@ and per class).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -31,18 +32,19 @@ def main() -> None:
     setup_logging()
     params = load_params()
 
-    with stage_run("split", params, ["base", "split"], upstream=["validate"]):
+    with stage_run("split", params, ["base", "split"]):
         import mlflow
 
         splits = split_manifest(read_labelled_csv(args.manifest), params.split, params.base.seed)
         args.out.mkdir(parents=True, exist_ok=True)
         for name, frame in splits.items():
             frame.to_csv(args.out / f"{name}.csv", index=False)
-        metrics = split_counts(splits)
-        # class names may hold characters MLflow refuses in metric names: per-class counts go as a JSON artifact
-        write_metrics(args.metrics, metrics, log_to_mlflow=False)
-        mlflow.log_metrics({name: metrics[name] for name in SPLITS})
-        mlflow.log_dict(metrics, "split_counts.json")
+        counts = split_counts(splits)
+        # headline numbers for `dvc exp show`; per-class counts beside the splits (class names may hold
+        # characters MLflow refuses in metric names, so MLflow gets them as a JSON artifact)
+        write_metrics(args.metrics, {name: counts[name] for name in SPLITS})
+        (args.out / "counts.json").write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n")
+        mlflow.log_dict(counts, "split_counts.json")
     log.info("train %d, val %d, test %d images", *(len(splits[name]) for name in SPLITS))
 
 

@@ -1,36 +1,68 @@
-"""Print what the last pipeline run produced: baseline vs fine-tuned test accuracy, where
-the MLflow store is and how to open it. `make demo` ends with this."""
+"""Print what the last pipeline run produced: baseline vs fine-tuned on the test split, the registry's
+aliases, and where to look in MLflow. `make demo` ends with this (`make summary`).
+
+    python -m stages.summary --evaluate metrics/evaluate.json --finetune metrics/finetune.json
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
-from stages.lib.tracking import repo_root, tracking_uri
+
+def registry_line(name: str) -> str:
+    """`models:/<name>@champion` and @challenger with their versions, from the tracking store."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client, parts = MlflowClient(), []
+    for alias in ("champion", "challenger"):
+        try:
+            parts.append(f"@{alias} = version {client.get_model_version_by_alias(name, alias).version}")
+        except MlflowException:
+            continue
+    return f"registered: models:/{name} ({', '.join(parts) or 'no aliases yet'})"
 
 
-def main() -> None:
-    evaluate = Path("metrics/evaluate.json")
-    if not evaluate.exists():
-        raise SystemExit("no metrics/evaluate.json yet: run `dvc repro` first")
-    results = json.loads(evaluate.read_text())
-    finetune = json.loads(Path("metrics/finetune.json").read_text())
-    registry = json.loads(Path("reports/evaluate/registry.json").read_text())
-    uri = tracking_uri(repo_root())
-    print("\n== transfer-learning pipeline: test split ==")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--evaluate", type=Path, required=True, help="evaluate's metrics file")
+    parser.add_argument("--finetune", type=Path, required=True, help="finetune's metrics file")
+    parser.add_argument("--ui-port", type=int, default=5000, help="the port `make ui` serves on")
+    args = parser.parse_args(argv)
+    if not args.evaluate.is_file():
+        print(f"no {args.evaluate} yet: run `dvc repro` (or `make demo`) first", file=sys.stderr)
+        return 1
+
+    import mlflow
+
+    from stages.lib.params import load_params
+    from stages.lib.tracking import tracking_uri
+
+    results, finetune = json.loads(args.evaluate.read_text()), json.loads(args.finetune.read_text())
+    params = load_params(timm_names=False)
+    print("\n== transfer-learning pipeline: test split (reported only; choices were made on val) ==")
     print(f"{'model':<28}{'accuracy':>10}{'macro F1':>10}{'ECE':>8}")
-    for name, label in (("baseline", "linear probe (frozen)"), ("finetuned", "fine-tuned (staged)")):
-        row = results[name]
-        print(f"{label:<28}{row['accuracy']:>10.4f}{row['macro_f1']:>10.4f}{row['ece']:>8.4f}")
-    print(f"\nfine-tuning: best epoch {finetune['best_epoch']} of {finetune['epochs']}, {finetune['train_seconds']} s")
-    alias = "champion" if registry["champion"] else "challenger"
-    print(f"registered: models:/{registry['registered_model']}/{registry['version']} (@{alias})")
+    for name, label in (("baseline", "linear probe (frozen)"), ("finetuned", "fine-tuned (calibrated)")):
+        row = results[name]["test"]
+        ece = f"{row['ece']:>8.4f}" if "ece" in row else f"{'':>8}"
+        print(f"{label:<28}{row['accuracy']:>10.4f}{row['macro_f1']:>10.4f}{ece}")
+    print(f"\nfine-tuning: best epoch {finetune['best_epoch']}, val accuracy {finetune['best_val_accuracy']:.4f}, "
+          f"temperature {finetune['temperature']:.3f}")
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    print(registry_line(params.mlflow.registered_model))
+    experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
     print(f"MLflow store: {uri}")
-    if uri.startswith("sqlite:"):
-        print(f"open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri}")
-    else:
-        print(f"open the UI:  {uri}")
+    if uri.startswith("sqlite:") and experiment is not None:
+        print(f"open the UI:  make ui   then  http://127.0.0.1:{args.ui_port}/#/experiments/"
+              f"{experiment.experiment_id}/runs")
+    elif experiment is not None:
+        print(f"runs:         {uri.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

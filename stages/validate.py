@@ -34,7 +34,7 @@ def main() -> None:
     params = load_params()
     settings = params.validate_
 
-    with stage_run("validate", params, ["data", "validate"]) as run:
+    with stage_run("validate", params, ["data", "validate"]):
         import mlflow
 
         manifest = build_manifest(list_files(params.data), settings.min_side, settings.max_pixels)
@@ -44,12 +44,13 @@ def main() -> None:
         checks, gx_results = run_checks(manifest, settings) if summary["ok"] else ([], [])
 
         args.reports.mkdir(parents=True, exist_ok=True)
-        report = {"summary": summary, "checks": [check.as_dict() for check in checks], "mlflow_run_id": run.info.run_id}
+        report = {"summary": summary, "checks": [check.as_dict() for check in checks]}
         (args.reports / "validation.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (args.reports / "gx_results.json").write_text(json.dumps(gx_results, indent=2, default=str) + "\n")
         (args.reports / "validation.md").write_text(markdown_report(summary, checks, manifest))
-        counts = ("files", "ok", "excluded", "excluded_fraction", "classes", "excluded_by_reason")
-        write_metrics(args.metrics, {key: summary[key] for key in counts})
+        write_metrics(args.metrics, {"images": {"usable": summary["ok"], "excluded": summary["excluded"]}})
+        mlflow.log_metrics({"images.files": summary["files"], "images.excluded_fraction": summary["excluded_fraction"],
+                            "classes": summary["classes"]})
         mlflow.log_artifacts(str(args.reports), artifact_path="validation")
         mlflow.log_artifact(str(args.manifest))
 

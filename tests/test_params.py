@@ -52,3 +52,67 @@ def test_model_weights_overrides_every_candidate():
     assert {c.weights for c in parse_params(params).candidates()} == {"pypi"}
     params["model"]["weights"] = "none"
     assert {c.weights for c in parse_params(params).candidates()} == {"none"}
+
+
+def _schema_defaults(model, prefix=""):
+    """{dotted key: default} of every field of a pydantic section that has a default."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    found = {}
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        default = field.get_default(call_default_factory=True)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found |= _schema_defaults(annotation, f"{key}.")
+        elif default is not PydanticUndefined:
+            found[key] = default
+    return found
+
+
+def test_params_yaml_is_the_one_source_of_values():
+    """Every schema default equals the value params.yaml sets, so the code holds no competing default
+    (an empty collection as default means "none given", e.g. no gate checks)."""
+    from stages.lib.params import Params
+
+    def flatten(raw: dict, prefix: str = "") -> dict:
+        flat = {}
+        for key, value in raw.items():
+            is_section = isinstance(value, dict) and not key.endswith("checks")
+            flat |= flatten(value, f"{prefix}{key}.") if is_section else {f"{prefix}{key}": value}
+        return flat
+
+    written = flatten(yaml.safe_load((REPO / "params.yaml").read_text()))
+    defaults = _schema_defaults(Params)
+    differing = {key: (default, written[key]) for key, default in defaults.items()
+                 if key in written and default not in ({}, []) and _plain(default) != _plain(written[key])}
+    assert not differing, f"schema default vs params.yaml: {differing}"
+
+
+def _plain(value):
+    """Pydantic values as params.yaml would hold them (tuples as lists, models as dicts)."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(by_alias=True, mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("overrides", [["evaluate.batch_size=257"], ["finetune.phases.1.lr=3e-4", "base.seed=7"]])
+def test_dvc_exp_run_set_changes_only_the_values_it_sets(tmp_path, overrides):
+    """`dvc exp run -S` rewrites params.yaml with DVC's own writer: only the changed lines may differ,
+    every comment stays."""
+    from dvc.utils.hydra import apply_overrides
+
+    copy = tmp_path / "params.yaml"
+    original = (REPO / "params.yaml").read_text()
+    copy.write_text(original)
+    apply_overrides(str(copy), overrides)
+    before, after = original.splitlines(), copy.read_text().splitlines()
+    assert len(before) == len(after)
+    changed = [(old, new) for old, new in zip(before, after) if old != new]
+    assert len(changed) == len(overrides), changed
+    assert all(old.split(":")[0] == new.split(":")[0] for old, new in changed)

@@ -16,9 +16,11 @@ OUTS = [
     "data/manifest.csv", "reports/validation/validation.md", "metrics/validation.json",
     "data/splits/train.csv", "data/splits/val.csv", "data/splits/test.csv", "metrics/split.json",
     "data/prepared/train_images.npy", "data/prepared/meta.json", "reports/augment_preview.png",
-    "data/features/tf_efficientnet_lite0.npz", "models/baseline/head.pt", "models/baseline/classifier.pt", "metrics/baseline.json",
+    "data/features/tf_efficientnet_lite0.npz", "models/baseline/head.pt", "models/baseline/classifier.pt",
+    "metrics/features.json", "reports/leaderboard.csv",
     "models/finetuned/model.pt", "models/finetuned/config.json", "metrics/finetune.json", "plots/finetune_history.csv",
-    "metrics/evaluate.json", "plots/confusion.csv", "reports/evaluate/confusion_finetuned.png",
+    "metrics/evaluate.json", "plots/evaluate/confusion.csv", "plots/evaluate/per_class_f1.csv",
+    "plots/evaluate/reliability.csv", "reports/evaluate/confusion_finetuned.png", "reports/evaluate/predictions.csv",
 ]
 
 
@@ -37,8 +39,34 @@ def test_every_out_exists(tiny_pipeline):
     assert not missing
     results = json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())
     for model in ("baseline", "finetuned"):
-        assert 0.0 <= results[model]["accuracy"] <= 1.0
-        assert {"macro_precision", "macro_recall", "macro_f1"} <= set(results[model])
+        assert 0.0 <= results[model]["test"]["accuracy"] <= 1.0
+    report = json.loads((tiny_pipeline / "reports/evaluate/metrics.json").read_text())
+    assert {"macro_precision", "macro_recall", "macro_f1", "ece_uncalibrated"} <= set(report["finetuned"]["test"])
+
+
+def test_metrics_files_hold_headline_numbers_only(tiny_pipeline):
+    """`dvc exp show` stays readable: at most 20 numbers, none of them a timing that changes on every run."""
+    shown = json.loads(dvc(tiny_pipeline, "metrics", "show", "--json").stdout)
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            return [leaf for key, value in node.items() for leaf in leaves(value, f"{prefix}.{key}")]
+        return [prefix] if isinstance(node, (int, float)) and not isinstance(node, bool) else []
+
+    names = leaves(shown)
+    assert 0 < len(names) <= 20, names
+    assert not [name for name in names if any(word in name for word in ("seconds", "latency", "_ms", "time"))]
+
+
+def test_outputs_hold_no_run_ids_or_timings(tiny_pipeline):
+    """DVC outs are pure functions of their inputs (shared through a remote, restored from the run cache)."""
+    runs = mlflow_runs(tiny_pipeline)
+    run_ids = set(runs["run_id"])
+    for path in (tiny_pipeline / folder for folder in ("models", "reports", "metrics", "plots")):
+        for file in path.rglob("*"):
+            if file.is_file() and file.suffix in (".json", ".csv", ".md", ".txt"):
+                text = file.read_text(errors="replace")
+                assert not [run_id for run_id in run_ids if run_id in text], file
 
 
 def test_one_tagged_mlflow_run_per_stage_grouped_under_a_parent(tiny_pipeline):
@@ -61,17 +89,24 @@ def test_one_tagged_mlflow_run_per_stage_grouped_under_a_parent(tiny_pipeline):
     assert by_stage.loc["evaluate", "tags.upstream.finetune"] == by_stage.loc["finetune", "run_id"]
     # params sections are logged
     assert by_stage.loc["finetune", "params.finetune.phases.0.name"] == "head"
+    # the parent shows the execution: every params section, the headline metrics, the run behind each stage
+    assert parent["params.finetune.phases.0.name"] == "head" and parent["params.model.interpolation"] == "bilinear"
+    headline = json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())
+    assert parent["metrics.evaluate.finetuned.test.accuracy"] == pytest.approx(headline["finetuned"]["test"]["accuracy"])
+    assert all(parent[f"tags.stage.{stage}"] == by_stage.loc[stage, "run_id"] for stage in STAGES)
 
 
 def test_finetuned_model_is_registered_and_aliased(tiny_pipeline):
     from mlflow import MlflowClient
 
-    mlflow_runs(tiny_pipeline)  # points MLflow at the project's store
-    registered = json.loads((tiny_pipeline / "models/finetuned/mlflow.json").read_text())
-    version = MlflowClient().get_model_version_by_alias(registered["registered_model"], "challenger")
-    assert str(version.version) == registered["version"]
-    assert float(version.tags["test_accuracy"]) == pytest.approx(
-        json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())["finetuned"]["accuracy"], abs=1e-6)
+    runs = mlflow_runs(tiny_pipeline).set_index("tags.stage")  # points MLflow at the project's store
+    version = MlflowClient().get_model_version_by_alias("image-classifier", "champion")
+    assert version.run_id == runs.loc["finetune", "run_id"]
+    assert version.tags["evaluation.run_id"] == runs.loc["evaluate", "run_id"]
+    results = json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())["finetuned"]
+    assert float(version.tags["val.accuracy"]) == pytest.approx(results["val"]["accuracy"], abs=1e-6)
+    assert float(version.tags["test.accuracy"]) == pytest.approx(results["test"]["accuracy"], abs=1e-6)
+    assert "challenger" not in MlflowClient().get_registered_model("image-classifier").aliases
 
 
 def test_second_repro_runs_nothing(tiny_pipeline):
@@ -94,9 +129,28 @@ def test_exp_run_in_a_temporary_copy_logs_to_the_root_store(tiny_pipeline, tmp_p
     runs = mlflow_runs(project)
     experiment_runs = runs[runs.get("tags.dvc.exp_name") == "lower-lr"]
     assert sorted(experiment_runs["tags.stage"]) == ["evaluate", "export", "finetune", "pipeline"]
-    parent = experiment_runs.loc[experiment_runs["tags.stage"] == "pipeline", "run_id"].item()
-    assert set(experiment_runs["tags.mlflow.parentRunId"].dropna()) == {parent}
+    parent = experiment_runs.loc[experiment_runs["tags.stage"] == "pipeline"].iloc[0]
+    assert set(experiment_runs["tags.mlflow.parentRunId"].dropna()) == {parent["run_id"]}
+    assert parent["tags.mlflow.runName"] == "lower-lr" and parent["params.finetune.phases.1.lr"] == "0.0003"
+    # the reused stages are linked from the experiment's parent: one unit in the UI
+    first = runs[runs["tags.stage"] == "features"].sort_values("start_time").iloc[0]
+    assert parent["tags.stage.features"] == first["run_id"]
     assert not list((project / ".dvc/tmp/exps").glob("**/mlflow.db"))
+
+
+def test_a_trial_experiment_leaves_the_registry_alone(tiny_pipeline, tmp_path):
+    """`-S evaluate.top_k=2` re-runs evaluate on the same trained model: the version keeps its own evaluation."""
+    from mlflow import MlflowClient
+
+    project = copy_project(tiny_pipeline, tmp_path / "project")
+    mlflow_runs(project)
+    before = MlflowClient().get_model_version_by_alias("image-classifier", "champion")
+    dvc(project, "exp", "run", "--temp", "-n", "top2", "-S", "evaluate.top_k=2")
+    after = MlflowClient().get_model_version("image-classifier", before.version)
+    assert (after.tags, after.description) == (before.tags, before.description)
+    runs = mlflow_runs(project)
+    trial = runs[(runs.get("tags.dvc.exp_name") == "top2") & (runs["tags.stage"] == "evaluate")].iloc[0]
+    assert trial["tags.registry.version"] == before.version
 
 
 def test_params_typo_fails_before_any_work(tiny_pipeline, tmp_path):

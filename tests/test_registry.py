@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
-from stages.lib.registry import record_evaluation, should_promote
+from stages.lib.registry import (Evaluated, choose_aliases, own_evaluation, record_evaluation,
+                                 settle_aliases)
 
 _names = itertools.count()
 
@@ -34,49 +36,64 @@ def aliases(client, name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
 
 
-def evaluate(name: str, version: str, accuracy: float, min_improvement: float = 0.0) -> dict:
-    return record_evaluation(name, version, {"accuracy": accuracy, "macro_f1": accuracy}, "accuracy", min_improvement)
+def evaluate(client, name: str, version: str, accuracy: float, val_images: str = "digest-1",
+             min_improvement: float = 0.0) -> dict:
+    if own_evaluation(client, name, version):
+        record_evaluation(client, name, version, {"evaluation.run_id": f"run-{version}", "val.accuracy": str(accuracy),
+                                                  "val.images": val_images, "test.accuracy": "0.5"}, "described")
+    return settle_aliases(client, name, "accuracy", min_improvement, pause_s=0.0)
 
 
-def test_first_version_becomes_champion(client, model):
+def test_first_version_is_champion_and_not_also_challenger(client, model):
     name, new_version = model
     version = new_version()
-    assert evaluate(name, version, 0.90)["champion"]
-    assert aliases(client, name) == {"challenger": version, "champion": version}
-    assert client.get_model_version(name, version).tags["test_accuracy"] == "0.900000"
+    assert evaluate(client, name, version, 0.90) == {"champion": version, "challenger": None}
+    assert aliases(client, name) == {"champion": version}
+    tags = client.get_model_version(name, version).tags
+    assert tags["val.accuracy"] == "0.9" and tags["test.accuracy"] == "0.5"
 
 
-def test_better_version_takes_over_and_worse_stays_challenger(client, model):
+def test_better_on_val_takes_over_and_worse_is_challenger(client, model):
     name, new_version = model
     first, second, third = new_version(), new_version(), new_version()
-    evaluate(name, first, 0.90)
-    assert evaluate(name, second, 0.95)["champion"]
-    assert aliases(client, name) == {"challenger": second, "champion": second}
-    result = evaluate(name, third, 0.93)
-    assert not result["champion"] and result["champion_version"] == second
-    assert aliases(client, name) == {"challenger": third, "champion": second}
+    evaluate(client, name, first, 0.90)
+    assert evaluate(client, name, second, 0.95) == {"champion": second, "challenger": None}
+    assert evaluate(client, name, third, 0.93) == {"champion": second, "challenger": third}
+    assert aliases(client, name) == {"champion": second, "challenger": third}
 
 
-def test_a_tie_or_a_gain_within_the_margin_does_not_promote(client, model):
+def test_a_tie_or_a_gain_within_the_margin_keeps_the_earlier_version(client, model):
     name, new_version = model
     first, second, third = new_version(), new_version(), new_version()
-    evaluate(name, first, 0.90, min_improvement=0.02)
-    assert not evaluate(name, second, 0.91, min_improvement=0.02)["champion"]
-    assert aliases(client, name)["champion"] == first
-    assert evaluate(name, third, 0.93, min_improvement=0.02)["champion"]
-    assert aliases(client, name)["champion"] == third
+    evaluate(client, name, first, 0.90, min_improvement=0.02)
+    assert evaluate(client, name, second, 0.91, min_improvement=0.02)["champion"] == first
+    assert evaluate(client, name, third, 0.93, min_improvement=0.02)["champion"] == third
 
 
-def test_re_evaluating_the_champion_keeps_it(client, model):
+def test_a_version_is_described_by_its_own_evaluation_only(client, model):
+    """A later evaluation of the same version (another experiment reusing the trained model) leaves its tags."""
     name, new_version = model
     version = new_version()
-    evaluate(name, version, 0.90)
-    assert evaluate(name, version, 0.80)["champion"]
-    assert aliases(client, name)["champion"] == version
+    evaluate(client, name, version, 0.90)
+    assert not own_evaluation(client, name, version)
+    evaluate(client, name, version, 0.10)
+    assert client.get_model_version(name, version).tags["val.accuracy"] == "0.9"
+    assert aliases(client, name) == {"champion": version}
 
 
-def test_the_rule_on_its_own():
-    assert should_promote(0.5, None, 0.1)
-    assert should_promote(0.91, 0.90, 0.0)
-    assert not should_promote(0.90, 0.90, 0.0)
-    assert not should_promote(0.905, 0.90, 0.01)
+def test_versions_on_other_val_images_are_not_compared(client, model):
+    """After the data changed, the champion is chosen among versions evaluated on the new val images."""
+    name, new_version = model
+    old, new = new_version(), new_version()
+    evaluate(client, name, old, 0.99, val_images="old-data")
+    assert evaluate(client, name, new, 0.80, val_images="new-data") == {"champion": new, "challenger": None}
+
+
+def test_the_outcome_does_not_depend_on_the_order_of_evaluations():
+    scores = [0.90, 0.95, 0.93, 0.95, 0.91]
+    evaluated = [Evaluated(i + 1, score, "d") for i, score in enumerate(scores)]
+    expected = choose_aliases(evaluated, 0.0)
+    assert expected == (2, 5)  # best val (ties: the earlier), then the newest other version
+    for _ in range(20):
+        random.shuffle(evaluated)
+        assert choose_aliases(evaluated, 0.0) == expected

@@ -20,9 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BIN, pipeline_env
+from conftest import BIN, pipeline_env, run
+from stages.lib import PipelineError
 from stages.lib.backbones import create_backbone
-from stages.lib.images import load_rgb, resample_filter
+from stages.lib.preprocessing import DataConfig, decode
 from stages.lib.serving import ImageClassifier, ImageDecodeError, decode_image
 
 MODEL_NAME = "image-classifier"  # params.yaml: mlflow.registered_model
@@ -46,11 +47,20 @@ def model_folder(tmp_path_factory) -> Path:
     return folder
 
 
+CONTRACT = DataConfig(32, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
 def test_decoding_matches_the_augment_stage(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     (tmp_path / "image.png").write_bytes(png_bytes(pixels))
-    expected = load_rgb(tmp_path / "image.png", 32, resample_filter("bicubic"))
-    assert np.array_equal(decode_image(png_bytes(pixels), 32, "bicubic"), expected)
+    expected = decode(tmp_path / "image.png", 32, "bilinear")
+    assert np.array_equal(decode_image(png_bytes(pixels), CONTRACT), expected)
+    assert not np.array_equal(expected, decode(tmp_path / "image.png", 32, "bicubic"))
+
+
+def test_an_unknown_filter_is_an_error_not_a_silent_default():
+    with pytest.raises(PipelineError, match="unknown interpolation 'bicubicc'"):
+        DataConfig(32, "bicubicc", (0.5,) * 3, (0.5,) * 3)
 
 
 @pytest.mark.parametrize("data, message", [
@@ -60,7 +70,7 @@ def test_decoding_matches_the_augment_stage(tmp_path):
 ])
 def test_undecodable_input_is_named(data, message):
     with pytest.raises(ImageDecodeError, match=message):
-        decode_image(data, 32)
+        decode_image(data, CONTRACT)
 
 
 def test_bad_images_get_an_error_row_and_do_not_stop_the_batch(model_folder):
@@ -94,10 +104,11 @@ def test_registered_version_is_an_image_pyfunc(tiny_pipeline):
     assert info.metadata["classes"] == classes
     # the evaluation is visible on the version and on the logged model
     version = mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion")
-    accuracy = json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())["finetuned"]["accuracy"]
-    assert version.description.startswith(f"Test split: accuracy {accuracy:.4f}")
+    results = json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())["finetuned"]
+    assert version.description.startswith(f"Val accuracy {results['val']['accuracy']:.4f} (what promotion compares)")
+    assert float(version.tags["test.accuracy"]) == pytest.approx(results["test"]["accuracy"])
     logged = {metric.key: metric.value for metric in mlflow.get_logged_model(info.model_id).metrics}
-    assert logged["test_accuracy"] == pytest.approx(accuracy)
+    assert logged["test.accuracy"] == pytest.approx(results["test"]["accuracy"])
     model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     image = sorted((tiny_pipeline / "data/images").glob("*/*.png"))[0].read_bytes()
     import pandas as pd
@@ -128,9 +139,10 @@ def post(port: int, values: list[bytes] | None = None, body: dict | None = None)
         return error.code, json.loads(error.read() or b"{}")
 
 
-@pytest.fixture
-def server(tiny_pipeline, tmp_path):
+@pytest.fixture(scope="module")
+def server(tiny_pipeline, tmp_path_factory):
     """`mlflow models serve` of the champion on a free loopback port; always stopped afterwards."""
+    tmp_path = tmp_path_factory.mktemp("serve")
     port = free_port()
     env = pipeline_env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{tiny_pipeline / 'mlflow.db'}"}
     log_file = open(tmp_path / "serve.log", "w")
@@ -185,3 +197,37 @@ def test_rest_serving_of_a_real_and_a_corrupt_image(tiny_pipeline, server):
 
     status, answer = post(server, [image])  # still serving
     assert status == 200 and answer["predictions"][0]["label"] == expected["label"]
+
+
+def test_every_consumer_agrees_with_evaluate_on_encoded_files(tiny_pipeline, server):
+    """The preprocessing contract, end to end, with a non-default resize filter (the tiny pipeline trains on
+    bilinear images): the test split's encoded files sent through predict (model folder and registered model),
+    the REST server and the ONNX model get the top-1 that evaluate reported for the same images."""
+    import onnxruntime
+    import pandas as pd
+
+    from stages.lib.images import read_labelled_csv
+    from stages.lib.preprocessing import decode
+
+    assert json.loads((tiny_pipeline / "models/finetuned/config.json").read_text())["data_config"]["interpolation"] \
+        == "bilinear"
+    evaluated = pd.read_csv(tiny_pipeline / "reports/evaluate/predictions.csv", dtype=str)
+    evaluated = evaluated[(evaluated["split"] == "test") & (evaluated["model"] == "finetuned")].set_index("path")
+    paths = read_labelled_csv(tiny_pipeline / "data/splits/test.csv")["path"].tolist()
+    expected = [evaluated.loc[path, "predicted"] for path in paths]
+
+    for model in ("models/finetuned", f"models:/{MODEL_NAME}@champion"):
+        result = run(tiny_pipeline, str(BIN / "python"), "-m", "stages.predict", *paths, "--model", model, "--out", "-",
+                     "--top-k", "1")
+        table = pd.read_csv(io.StringIO(result.stdout), dtype=str).set_index("path")
+        assert [table.loc[path, "pred_1"] for path in paths] == expected, model
+
+    status, answer = post(server, [(tiny_pipeline / path).read_bytes() for path in paths])
+    assert status == 200 and [row["label"] for row in answer["predictions"]] == expected
+
+    session = onnxruntime.InferenceSession(str(tiny_pipeline / "models/export/model.onnx"))
+    meta = session.get_modelmeta().custom_metadata_map
+    size, interpolation, classes = int(meta["image_size"]), meta["interpolation"], json.loads(meta["classes"])
+    batch = np.stack([decode(tiny_pipeline / path, size, interpolation) for path in paths])
+    logits = session.run(None, {session.get_inputs()[0].name: batch.transpose(0, 3, 1, 2).astype(np.float32) / 255})[0]
+    assert [classes[i] for i in logits.argmax(1)] == expected

@@ -115,16 +115,6 @@ def create_backbone(name: str, weights: str, num_classes: int = 1000, drop_rate:
     return model
 
 
-def data_config(name: str, image_size: int | None) -> dict:
-    """Preprocessing from the model's pretrained config; input size overridden by image_size."""
-    import timm
-
-    config = timm.data.resolve_model_data_config(timm.create_model(name, pretrained=False))
-    size = image_size or config["input_size"][-1]
-    return {"input_size": [3, size, size], "interpolation": config["interpolation"],
-            "mean": list(config["mean"]), "std": list(config["std"]), "crop_pct": config.get("crop_pct", 1.0)}
-
-
 # ----------------------------------------------------------------------------- freezing
 def classifier_prefix(model: nn.Module) -> str:
     return model.pretrained_cfg.get("classifier", "classifier")
@@ -169,17 +159,20 @@ def apply_batchnorm_policy(model: nn.Module, train_bn: bool) -> None:
 
 
 class NormalizedClassifier(nn.Module):
-    """The backbone behind its own normalisation: input float RGB in [0, 1], NCHW; output logits.
+    """The deployed model: `Normalize`, the backbone, then temperature scaling of the logits.
 
-    This is the form logged to MLflow and exported, so callers need no preprocessing
-    knowledge beyond resizing to the model's input size.
+    Input: float RGB in [0, 1] (or uint8), NCHW, at the model's input size; output: calibrated logits
+    (softmax gives the probabilities). This is the form served, logged to MLflow and exported, so
+    callers need no preprocessing knowledge beyond decoding and resizing (`preprocessing.decode`).
     """
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+    def __init__(self, model: nn.Module, mean, std, temperature: float = 1.0):
         super().__init__()
+        from stages.lib.preprocessing import Normalize
+
+        self.normalize = Normalize(mean, std)
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images - self.mean) / self.std)
+        return self.model(self.normalize(images)) / self.temperature

@@ -1,171 +1,156 @@
-"""The CI metric gate: today's metrics against a reference, under the thresholds in `gate` params.
+"""The CI gate: is the current model worse than the reference beyond noise, and are the floors met?
 
-A checked metric is named `<metrics file stem>.<key path>`, e.g. `evaluate.finetuned.accuracy`
-for `metrics/evaluate.json` -> {"finetuned": {"accuracy": ...}}. Each check may set:
-`min` / `max` (absolute bounds on the current value) and `max_drop` / `max_rise` (the largest
-allowed change from the reference). Without a reference value only the absolute bounds apply.
+1. A paired comparison (stages/lib/comparison.py) of the fine-tuned model's per-image test
+   predictions (`gate.predictions`, written by evaluate) with a reference's on the same images. A
+   metric fails only when its drop is statistically significant (McNemar's exact test for
+   accuracy, a paired bootstrap interval at `gate.confidence` for both) *and* larger than its
+   practical margin (`gate.margin`): one image of 270 is 0.37 points and never fails.
+2. Absolute checks on the headline metrics files (`gate.checks`: `min` / `max` per
+   `<metrics file stem>.<key path>`, e.g. `evaluate.finetuned.test.ece: {max: 0.05}`).
 
-A reference is: a git revision (its committed metrics files), a folder of metrics files, a
-single metrics file (`metrics/evaluate.json`), or a combined file {stem: metrics} as written
-by `write_reference`. Light imports only: the gate must start fast in CI.
+The reference (`reference_for`): an explicit predictions file, or `auto`: the registry champion's
+predictions when the tracking store has a champion that is not the current model, else the
+committed reference file (`gate.reference`). Different test images: the gate refuses (exit 2).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib import PipelineError
-from stages.lib.params import GateCheck
+from stages.lib.comparison import Difference, paired, read_predictions
 from stages.lib.tracking import numeric_leaves
 
-TOLERANCE = 1e-9  # a change exactly at a threshold passes
+log = logging.getLogger(__name__)
+TOLERANCE = 1e-9  # a value exactly at a threshold passes
 
 
 class GateError(PipelineError, ValueError):
-    """The gate cannot compare: a missing metrics file, an unknown reference."""
+    """The gate cannot judge: a missing metrics file, no reference."""
 
 
 @dataclass
-class Verdict:
+class Check:
     metric: str
-    reference: float | None
-    current: float | None
+    value: float | None
     failures: list[str]
-    note: str = ""
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
-    @property
-    def delta(self) -> float | None:
-        return None if self.reference is None or self.current is None else self.current - self.reference
 
-
-def stems_of(checks: dict[str, GateCheck]) -> list[str]:
-    return sorted({name.split(".", 1)[0] for name in checks})
-
-
-def _parse(text: str, source: str) -> dict:
-    try:
-        content = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise GateError(f"{source}: not valid JSON ({error})") from None
-    if not isinstance(content, dict):
-        raise GateError(f"{source}: expected a JSON object of metrics")
-    return content
-
-
-def read_folder(folder: Path, stems: list[str], required: bool = True) -> dict[str, float]:
-    """The flat metrics of <folder>/<stem>.json for each stem."""
+# ------------------------------------------------------------------------- absolute checks
+def read_metrics(folder: Path, stems: list[str]) -> dict[str, float]:
+    """`<stem>.<key path>` -> value for the metrics files `<folder>/<stem>.json`."""
     values = {}
     for stem in stems:
         path = folder / f"{stem}.json"
-        if not path.is_file():
-            if required:
-                raise GateError(f"{path}: metrics file not found (run `dvc repro` first)")
-            continue
-        values |= numeric_leaves(_parse(path.read_text(), str(path)), stem)
+        try:
+            values |= numeric_leaves(json.loads(path.read_text()), stem)
+        except FileNotFoundError:
+            raise GateError(f"{path}: not found (run `dvc repro` first)") from None
+        except json.JSONDecodeError as error:
+            raise GateError(f"{path}: not valid JSON ({error})") from None
     return values
 
 
-def read_file(path: Path, stems: list[str]) -> dict[str, float]:
-    """A combined reference {stem: metrics}, or one metrics file named <stem>.json."""
-    content = _parse(path.read_text(), str(path))
-    if path.stem in stems and not set(content) & set(stems):
-        return numeric_leaves(content, path.stem)
-    return {name: value for stem in stems if isinstance(content.get(stem), dict)
-            for name, value in numeric_leaves(content[stem], stem).items()}
+def absolute_checks(checks: dict, folder: Path) -> list[Check]:
+    values = read_metrics(folder, sorted({name.split(".", 1)[0] for name in checks}))
+    results = []
+    for name, bounds in checks.items():
+        value, failures = values.get(name), []
+        if value is None:
+            failures.append(f"missing from {folder}/{name.split('.', 1)[0]}.json")
+        elif bounds.min is not None and value < bounds.min - TOLERANCE:
+            failures.append(f"below min {bounds.min:g}")
+        elif bounds.max is not None and value > bounds.max + TOLERANCE:
+            failures.append(f"above max {bounds.max:g}")
+        results.append(Check(name, value, failures))
+    return results
 
 
-def _git(*args: str) -> subprocess.CompletedProcess:
+# ---------------------------------------------------------------------------- reference
+def champion_predictions(registered_model: str, scratch: Path) -> tuple[Path, str] | None:
+    """(local copy of the @champion's evaluation/predictions.csv, its name) when a tracking store has a
+    champion other than the model evaluated in this working copy; else None."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from stages.lib.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
     try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise GateError(f"git {' '.join(args)}: {error}") from None
+        champion = client.get_model_version_by_alias(registered_model, "champion")
+    except MlflowException:
+        return None
+    run_id = (champion.tags or {}).get("evaluation.run_id")
+    if not run_id:
+        return None
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evaluation/predictions.csv",
+                                                     dst_path=str(scratch)))
+    return local, f"{registered_model}@champion (v{champion.version})"
 
 
-def read_revision(revision: str, folder: Path, stems: list[str]) -> dict[str, float]:
-    """The metrics files committed at a git revision (folder relative to the current directory)."""
-    values = {}
-    for stem in stems:
-        spec = f"{revision}:./{(folder / f'{stem}.json').as_posix()}"
-        shown = _git("show", spec)
-        if shown.returncode == 0:
-            values |= numeric_leaves(_parse(shown.stdout, spec), stem)
-    return values
+def reference_for(against: str, settings, registered_model: str, scratch: Path) -> tuple[Path, str]:
+    """The reference predictions file and how to name it in the report."""
+    if against != "auto":
+        return Path(against), against
+    try:
+        found = champion_predictions(registered_model, scratch)
+    except Exception as error:  # no reachable store, no artifact: fall back, but say so
+        log.info("no champion to compare with (%s): using %s", error, settings.reference)
+        found = None
+    if found is not None:
+        current, champion = Path(settings.predictions).read_bytes(), found[0].read_bytes()
+        if current != champion:
+            return found
+        log.info("the champion is the model evaluated here: comparing with %s instead", settings.reference)
+    return Path(settings.reference), settings.reference
 
 
-def is_revision(text: str) -> bool:
-    return _git("rev-parse", "--verify", "--quiet", f"{text}^{{commit}}").returncode == 0
+def statistical_checks(settings, reference: Path, reference_name: str, seed: int) -> tuple[dict[str, Difference], int]:
+    """(accuracy and macro-F1 differences, number of test images) of the current predictions against the reference."""
+    from stages.lib.comparison import compare
+
+    current = read_predictions(settings.predictions, "test", "finetuned")
+    labels, ref, cur = paired(read_predictions(reference, "test", "finetuned"), current, reference_name)
+    return compare(labels, ref, cur, settings.confidence, settings.resamples, seed), len(labels)
 
 
-def read_reference(against: str, folder: Path, stems: list[str]) -> dict[str, float]:
-    path = Path(against)
-    if path.is_dir():
-        return read_folder(path, stems, required=False)
-    if path.is_file():
-        return read_file(path, stems)
-    if is_revision(against):
-        return read_revision(against, folder, stems)
-    raise GateError(f"--against {against}: neither a metrics file or folder nor a git revision")
-
-
-def judge(name: str, check: GateCheck, current: float | None, reference: float | None) -> Verdict:
-    """One metric against its thresholds."""
-    verdict = Verdict(name, reference, current, [])
-    if current is None:
-        verdict.failures.append("missing from the current metrics")
-        return verdict
-    if check.min is not None and current < check.min - TOLERANCE:
-        verdict.failures.append(f"below min {check.min:g}")
-    if check.max is not None and current > check.max + TOLERANCE:
-        verdict.failures.append(f"above max {check.max:g}")
-    delta = verdict.delta
-    if delta is None:
-        if check.max_drop is not None or check.max_rise is not None:
-            verdict.note = "no reference value"
-    else:
-        if check.max_drop is not None and -delta > check.max_drop + TOLERANCE:
-            verdict.failures.append(f"dropped {-delta:.4g} > max_drop {check.max_drop:g}")
-        if check.max_rise is not None and delta > check.max_rise + TOLERANCE:
-            verdict.failures.append(f"rose {delta:.4g} > max_rise {check.max_rise:g}")
-    return verdict
-
-
-def judge_all(checks: dict[str, GateCheck], current: dict[str, float], reference: dict[str, float]) -> list[Verdict]:
-    return [judge(name, check, current.get(name), reference.get(name)) for name, check in checks.items()]
-
-
-def _number(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "—"
-    return f"{value:+.4f}" if signed else f"{value:.4f}"
-
-
-def markdown(verdicts: list[Verdict], against: str) -> str:
-    """The gate's report: a summary line and a table of old/new/delta/verdict per checked metric."""
-    failed = [verdict for verdict in verdicts if not verdict.passed]
-    summary = (f"**Metric gate: FAIL** ({len(failed)} of {len(verdicts)} checks) against `{against}`" if failed
-               else f"**Metric gate: pass** ({len(verdicts)} checks) against `{against}`")
-    lines = [summary, "", "| metric | reference | current | delta | verdict |", "|---|---:|---:|---:|---|"]
-    for verdict in verdicts:
-        outcome = "❌ " + "; ".join(verdict.failures) if verdict.failures else "✅ pass"
-        if verdict.note:
-            outcome += f" ({verdict.note})"
-        lines.append(f"| `{verdict.metric}` | {_number(verdict.reference)} | {_number(verdict.current)} | "
-                     f"{_number(verdict.delta, signed=True)} | {outcome} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_reference(path: Path, folder: Path, stems: list[str]) -> None:
-    """Save today's metrics files as one combined reference {stem: metrics} (to commit for CI)."""
-    combined = {stem: _parse((folder / f"{stem}.json").read_text(), stem) for stem in stems
-                if (folder / f"{stem}.json").is_file()}
-    if not combined:
-        raise GateError(f"{folder}: none of {', '.join(f'{stem}.json' for stem in stems)} found")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(combined, indent=2, sort_keys=True) + "\n")
+# ------------------------------------------------------------------------------- report
+def markdown(differences: dict[str, Difference], margins: dict[str, float], checks: list[Check],
+             reference_name: str, images: int) -> tuple[str, bool]:
+    """The report (Markdown, for the job log and a pull-request comment) and whether everything passed."""
+    regressed = [name for name, diff in differences.items() if diff.regressed(margins[name])]
+    failed_checks = [check for check in checks if not check.passed]
+    passed = not regressed and not failed_checks
+    lines = [f"**Model gate: {'pass' if passed else 'FAIL'}** — fine-tuned model on {images} test images "
+             f"against `{reference_name}`", "",
+             "| metric | reference | current | delta | 95% interval | McNemar p | margin | verdict |",
+             "|---|---:|---:|---:|---|---:|---:|---|"]
+    for name, diff in differences.items():
+        if diff.regressed(margins[name]):
+            verdict = "❌ significant drop beyond the margin"
+        elif diff.delta < -margins[name]:
+            verdict = "✅ drop beyond the margin, but within noise"
+        elif diff.significant and diff.delta < 0:
+            verdict = "✅ significant but within the margin"
+        else:
+            verdict = "✅ pass"
+        p_value = "—" if diff.p_value is None else f"{diff.p_value:.3g}"
+        lines.append(f"| {name} | {diff.reference:.4f} | {diff.current:.4f} | {diff.delta:+.4f} | "
+                     f"[{diff.ci_low:+.4f}, {diff.ci_high:+.4f}] | {p_value} | {margins[name]:g} | {verdict} |")
+    if checks:
+        lines += ["", "| absolute check | value | verdict |", "|---|---:|---|"]
+        for check in checks:
+            value = "—" if check.value is None else f"{check.value:.4f}"
+            lines.append(f"| `{check.metric}` | {value} | {'❌ ' + '; '.join(check.failures) if check.failures else '✅ pass'} |")
+    lines += ["", "A drop fails the gate only when it is statistically significant (the interval excludes 0 and, "
+                  "for accuracy, McNemar's p is below 1 - confidence) *and* larger than the margin."]
+    return "\n".join(lines) + "\n", passed

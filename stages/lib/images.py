@@ -212,16 +212,6 @@ def load_rgb(path: str | Path, size: int, resample: Image.Resampling = Image.Res
     return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def resample_filter(interpolation: str) -> Image.Resampling:
-    """timm's interpolation name ('bicubic', 'bilinear', ...) as a PIL filter."""
-    return {
-        "bicubic": Image.Resampling.BICUBIC,
-        "bilinear": Image.Resampling.BILINEAR,
-        "nearest": Image.Resampling.NEAREST,
-        "lanczos": Image.Resampling.LANCZOS,
-    }.get(interpolation, Image.Resampling.BICUBIC)
-
-
 def read_labelled_csv(path: str | Path) -> pd.DataFrame:
     """A manifest or split CSV with every column as text ('0' stays a class name, not a number);
     numeric manifest columns (width, height, bytes) are parsed as integers."""

@@ -1,8 +1,9 @@
 """Choosing the backbone: probe each candidate, rank them, and pick the one finetune uses.
 
 Per candidate (`features.candidates`): frozen embeddings (cached per candidate, see probe.py), a
-linear probe tuned on val, test accuracy and macro F1, the backbone's parameter count (without the
-classifier), the embedding dimension, and CPU latency per image (batch 1 at the cache's image
+linear probe tuned on val (val accuracy and log loss: the test split is never looked at here, it is
+only reported by evaluate), the backbone's parameter count (without the classifier), the embedding
+dimension, and CPU latency per image (batch 1 at the cache's image
 size, one thread, median of `torch.utils.benchmark`, the whole classifier, fusion or not).
 
 Ranking: val accuracy (higher first), then val log loss (lower), then parameters (fewer).
@@ -19,17 +20,20 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from stages.lib import PipelineError
-from stages.lib.backbones import WeightsError, classifier_prefix, create_backbone, data_config, pypi_checkpoint
-from stages.lib.metrics import classification_metrics, softmax
+from stages.lib.backbones import WeightsError, classifier_prefix, create_backbone, pypi_checkpoint
 from stages.lib.prepared import load_meta
-from stages.lib.probe import (cache_file, cache_key, embed_splits, file_stem, fit_probe, load_cached, probe_logits,
-                               save_cached)
+from stages.lib.preprocessing import for_backbone
+from stages.lib.probe import cache_file, cache_key, embed_splits, file_stem, fit_probe, load_cached, save_cached
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 LATENCY_SECONDS = 0.5  # measuring time per candidate
@@ -46,8 +50,6 @@ class Entry:
     weights: str
     val_accuracy: float
     val_log_loss: float
-    test_accuracy: float
-    test_macro_f1: float
     C: float
     params: int
     embedding_dim: int
@@ -119,7 +121,7 @@ def probe_candidate(candidate, prepared: Path, data_digest: str, cache: Path, ou
     size, classes = meta["image_size"], meta["classes"]
     torch.manual_seed(seed)  # random weights (`none`) do not depend on the candidate's position
     model = create_backbone(name, weights, num_classes=len(classes))
-    config = data_config(name, size)
+    config = for_backbone(name, size, meta["interpolation"]).as_dict()
     precision = "bf16" if device.type == "cuda" else "fp32"
     cached = cache_file(cache, cache_key(name, weights, size, settings.fusion_stages, data_digest, seed, precision))
     arrays = load_cached(cached)
@@ -134,15 +136,13 @@ def probe_candidate(candidate, prepared: Path, data_digest: str, cache: Path, ou
     shutil.copyfile(cached, path)
     probe = fit_probe(arrays["train_x"], arrays["train_y"], arrays["val_x"], arrays["val_y"],
                       settings.C, settings.max_iter, seed)
-    test_logits = probe_logits(arrays["test_x"], probe["weight"], probe["bias"])
-    test = classification_metrics(arrays["test_y"], softmax(test_logits))
     entry = Entry(name=name, weights=weights, val_accuracy=probe["val_accuracy"], val_log_loss=probe["val_log_loss"],
-                  test_accuracy=test["accuracy"], test_macro_f1=test["macro_f1"], C=probe["C"],
+                  C=probe["C"],
                   params=backbone_params(model), embedding_dim=int(arrays["train_x"].shape[1]),
                   latency_ms=latency_ms(model, size), features=str(path), classifier_dim=classifier_inputs(model),
                   head=probe, data_config=config)
-    log.info("%s: probe val %.4f, test %.4f, %d-d, %.1f ms/img", name, entry.val_accuracy, entry.test_accuracy,
-             entry.embedding_dim, entry.latency_ms)
+    log.info("%s: probe val %.4f, %d-d, %.1f ms/img", name, entry.val_accuracy, entry.embedding_dim,
+             entry.latency_ms)
     return entry
 
 
@@ -166,12 +166,14 @@ def choose(entries: list[Entry], select) -> Entry:
     return ranked[0]
 
 
-def leaderboard(entries: list[Entry], winner: Entry, select) -> dict:
-    """metrics/leaderboard.json: the rule, the winner and one row per candidate (with its rank)."""
-    rows = {entry.name: {"rank": position} | entry.row() for position, entry in enumerate(rank(entries), start=1)}
-    for row in rows.values():
-        del row["name"]
-    return {"rule": select.rule, "winner": winner.name, "candidates": rows}
+def leaderboard(entries: list[Entry], winner: Entry, select) -> "pd.DataFrame":
+    """The leaderboard table: one row per candidate in rank order, with the rule and the winner marked."""
+    import pandas as pd
+
+    rows = [{"rank": position, "candidate": entry.name, "chosen": entry.name == winner.name, "rule": select.rule}
+            | {k: v for k, v in entry.row().items() if k not in ("name", "features")}
+            for position, entry in enumerate(rank(entries), start=1)]
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------- figure
@@ -186,15 +188,12 @@ def leaderboard_figure(entries: list[Entry], winner: Entry, path: Path, budget_m
     names = [entry.name for entry in ranked]
     figure, (bars, scatter) = plt.subplots(1, 2, figsize=(13, max(4.0, 0.5 * len(ranked) + 2.5)))
     positions = np.arange(len(ranked))
-    bars.barh(positions - 0.2, [e.val_accuracy for e in ranked], height=0.4, label="val")
-    bars.barh(positions + 0.2, [e.test_accuracy for e in ranked], height=0.4, label="test")
+    bars.barh(positions, [e.val_accuracy for e in ranked], height=0.6)
     bars.set_yticks(positions, [f"{n} *" if n == winner.name else n for n in names])
     bars.invert_yaxis()
-    low = min(min(e.val_accuracy, e.test_accuracy) for e in ranked)
-    bars.set_xlim(max(0.0, low - 0.05), 1.0)
-    bars.set_xlabel("linear-probe accuracy")
+    bars.set_xlim(max(0.0, min(e.val_accuracy for e in ranked) - 0.05), 1.0)
+    bars.set_xlabel("linear-probe val accuracy")
     bars.set_title("candidates by val accuracy (* chosen)")
-    bars.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     largest = max(e.params for e in ranked)
     for entry in ranked:
         chosen = entry.name == winner.name
@@ -215,12 +214,11 @@ def leaderboard_figure(entries: list[Entry], winner: Entry, path: Path, budget_m
     plt.close(figure)
 
 
-def log_leaderboard(board: dict, figure: Path) -> None:
+def log_leaderboard(board: "pd.DataFrame", figure: Path) -> None:
     """The leaderboard as an MLflow table (sortable in the UI) and the figure as an artifact."""
     import mlflow
-    import pandas as pd
 
-    table = pd.DataFrame([{"candidate": name} | row for name, row in board["candidates"].items()])
-    mlflow.log_table(table, artifact_file="leaderboard/leaderboard.json")
+    mlflow.log_table(board, artifact_file="leaderboard/leaderboard.json")
     mlflow.log_artifact(str(figure), artifact_path="leaderboard")
-    mlflow.set_tags({"model.name": board["winner"], "features.rule": board["rule"]})
+    winner = board[board["chosen"]].iloc[0]
+    mlflow.set_tags({"model.name": winner["candidate"], "features.rule": winner["rule"]})

@@ -17,6 +17,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling (Guo et al., 2017): the T > 0 minimising the negative log-likelihood of
+    softmax(logits / T) on held-out data (val), searched on log T in [1/20, 20] (scipy)."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    logits, rows = np.asarray(logits, dtype=np.float64), np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(logits / np.exp(log_t), axis=1)[rows, labels].mean())
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+
+
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> tuple[float, list[dict]]:
     """ECE over equal-width confidence bins, and the per-bin rows of a reliability diagram."""
     confidence = probabilities.max(axis=1)

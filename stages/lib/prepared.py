@@ -49,7 +49,7 @@ def load_meta(folder: str | Path) -> dict:
 
 def to_float_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 1], channels_last memory format."""
-    batch = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    batch = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images  # a copy: the cache is read-only
     return batch.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
 
@@ -103,10 +103,3 @@ def training_dataset(folder: str | Path, transform=None) -> PreparedDataset:
     index_file = Path(folder) / "train_index.npy"
     index = np.load(index_file) if index_file.exists() else None
     return PreparedDataset(folder, "train", transform, index=index)
-
-
-def normalize(images_uint8_nchw: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 NCHW -> normalised float NCHW (channels_last), as the backbone expects."""
-    mean_t = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
-    std_t = torch.tensor(std).view(1, 3, 1, 1) * 255.0
-    return ((images_uint8_nchw.float() - mean_t) / std_t).contiguous(memory_format=torch.channels_last)

@@ -37,11 +37,12 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.lib import PipelineError
-from stages.lib.prepared import load_split, normalize
+from stages.lib.prepared import load_split
+from stages.lib.preprocessing import Normalize
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1  # bump when the extraction code changes what it computes
+CACHE_VERSION = 2  # bump when the extraction code changes what it computes
 BUILTIN_WEIGHTS = ("pypi", "imagenet", "none")
 KEEP_DATA_VERSIONS = 3
 
@@ -75,11 +76,12 @@ def extract_embeddings(model: nn.Module, images: np.ndarray, mean, std, batch_si
     device = device or torch.device("cpu")
     check_fusion(model, fusion_stages)
     model = model.eval().to(device, memory_format=torch.channels_last)
+    normalize = Normalize(mean, std).to(device)
     chunks = []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for start in tqdm(range(0, len(images), batch_size), desc="embed", unit="batch", mininterval=2):
             batch = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
-            batch = normalize(batch, mean, std).to(device, non_blocking=True)
+            batch = normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
             chunks.append(pooled_features(model, batch, fusion_stages).float().cpu().numpy())
     return np.concatenate(chunks)
 

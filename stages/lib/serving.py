@@ -2,10 +2,11 @@
 MLflow pyfunc registered by finetune, which `mlflow models serve` and `stages.predict` use.
 
 - `decode_image`: bytes of any image file -> uint8 (size, size, 3), exactly as the augment stage
-  prepares training images (`images.load_rgb`: upright, RGB, shorter side resized with the
-  model's interpolation, centre crop). Unreadable data raises `ImageDecodeError`.
-- `ImageClassifier`: a model folder (model.pt + config.json, as finetune writes it) ->
-  `predict(list of bytes)`: a DataFrame with one row per image: `label`, `probability` (of that
+  prepares training images (`preprocessing.DataConfig.decode`: upright, RGB, shorter side resized
+  with the model's interpolation, centre crop). Unreadable data raises `ImageDecodeError`.
+- `ImageClassifier`: the one model loader. A model folder (model.pt + config.json, as finetune
+  writes it: backbone, classes, the preprocessing contract, the calibration temperature) ->
+  `probabilities(uint8 images)` for evaluate and export, and `predict(list of bytes)`: a DataFrame with one row per image: `label`, `probability` (of that
   label), `probabilities` (every class, in `classes` order) and `error` (empty when the image
   was read; otherwise the reason, and the other columns are null). A bad image never fails
   the batch.
@@ -31,7 +32,7 @@ import pandas as pd
 from PIL import Image
 
 from stages.lib import PipelineError
-from stages.lib.images import load_rgb, resample_filter
+from stages.lib.preprocessing import DataConfig
 
 OUTPUT_COLUMNS = ["label", "probability", "probabilities", "error"]
 PACKAGE = Path(__file__).resolve().parents[1]  # the `stages` package, shipped with the model
@@ -53,14 +54,14 @@ def as_bytes(value) -> bytes:
     raise ImageDecodeError(f"expected encoded image bytes, got {type(value).__name__}")
 
 
-def decode_image(data: bytes, size: int, interpolation: str = "bicubic") -> np.ndarray:
+def decode_image(data: bytes, config: DataConfig) -> np.ndarray:
     """One encoded image -> uint8 (size, size, 3), prepared as the augment stage prepares training data."""
     if not data:
         raise ImageDecodeError("empty input (no image bytes; over REST send the file base64-encoded)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return load_rgb(io.BytesIO(data), size, resample_filter(interpolation))
+            return config.decode(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageDecodeError("image too large (decompression-bomb guard)") from None
     except Image.UnidentifiedImageError:
@@ -79,13 +80,14 @@ class ImageClassifier:
 
         self.config = json.loads(Path(config).read_text())
         self.classes: list[str] = self.config["classes"]
-        self.size: int = self.config["data_config"]["input_size"][-1]
-        self.interpolation: str = self.config["data_config"]["interpolation"]
+        self.data_config = DataConfig.from_dict(self.config["data_config"], str(config))
+        self.size: int = self.data_config.size
+        self.temperature: float = float(self.config.get("temperature", 1.0))
         self.batch_size = batch_size
         backbone = create_backbone(self.config["model"], "none", self.config["num_classes"])
         backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        mean, std = self.config["data_config"]["mean"], self.config["data_config"]["std"]
-        self.model = NormalizedClassifier(backbone, mean, std).eval()
+        self.model = NormalizedClassifier(backbone, self.data_config.mean, self.data_config.std,
+                                          self.temperature).eval()
 
     @classmethod
     def from_folder(cls, folder: str | Path, batch_size: int = 64) -> "ImageClassifier":
@@ -95,8 +97,8 @@ class ImageClassifier:
                 raise PipelineError(f"{folder}: no {name} (expected a model folder written by the finetune stage)")
         return cls(folder / "model.pt", folder / "config.json", batch_size)
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, size, size, 3) -> class probabilities (N, classes)."""
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, size, size, 3) -> calibrated logits (N, classes), float32."""
         import torch
 
         from stages.lib.prepared import to_float_batch
@@ -104,9 +106,14 @@ class ImageClassifier:
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
-                logits = self.model(to_float_batch(images[start:start + self.batch_size]))
-                outputs.append(torch.softmax(logits.float(), dim=1).numpy())
+                outputs.append(self.model(to_float_batch(images[start:start + self.batch_size])).float().numpy())
         return np.concatenate(outputs) if outputs else np.empty((0, len(self.classes)), dtype=np.float32)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, size, size, 3) -> calibrated class probabilities (N, classes)."""
+        from stages.lib.metrics import softmax
+
+        return softmax(self.logits(images))
 
     def predict(self, values) -> pd.DataFrame:
         """Encoded images (bytes, or base64 text) -> one row each: label, probability, probabilities, error."""
@@ -114,7 +121,7 @@ class ImageClassifier:
         decoded, positions = [], []
         for position, value in enumerate(values):
             try:
-                decoded.append(decode_image(as_bytes(value), self.size, self.interpolation))
+                decoded.append(decode_image(as_bytes(value), self.data_config))
                 positions.append(position)
             except ImageDecodeError as error:
                 rows[position]["error"] = str(error)
@@ -183,7 +190,7 @@ def log_image_classifier(model_dir: Path, example_image: np.ndarray, registered_
         entry_point = Path(scratch) / "image_classifier.py"
         entry_point.write_text(MODEL_CODE)
         return mlflow.pyfunc.log_model(
-            name="model", python_model=str(entry_point),
+            name=registered_name, python_model=str(entry_point),
             artifacts={"weights": str(model_dir / "model.pt"), "config": str(model_dir / "config.json")},
             code_paths=[str(_package_copy(Path(scratch)))],
             signature=infer_signature(example, output), input_example=example,

@@ -1,16 +1,24 @@
-"""MLflow tracking shared by every stage: where runs go, how they are tagged and grouped.
+"""MLflow tracking shared by every stage: where runs go, how they are tagged, grouped and linked.
 
 - Store: `MLFLOW_TRACKING_URI` when set (a team server), else `sqlite:///<root>/mlflow.db`
   with artifacts under `<root>/mlartifacts/`. The root is `DVC_ROOT` (the real repository,
   also under `dvc exp run --temp/--queue`, which work in a temporary copy), else the git root.
 - Tags on every run: stage, git commit and dirty flag, data version (md5 of the DVC-tracked
-  image folder), DVC experiment name, and `upstream.<stage>` run ids of the runs that
-  produced this stage's inputs (read from their lineage files).
-- Grouping: the stage runs of one `dvc repro` / `dvc exp run` share a parent run.
+  image folder), DVC experiment name.
+- One execution, one parent: the stage runs of one `dvc repro` / `dvc exp run` are children of
+  a parent run named after the DVC experiment (or `repro <commit> <time>`), which holds every
+  params section, the headline numbers of every metrics file, and `stage.<name>` tags naming the
+  run behind each stage's outputs, also for stages DVC reused rather than re-ran. The parent is
+  RUNNING while a stage runs and ends with the latest stage's status.
+- Linking without ids in DVC outs: each stage run is tagged with a digest of the outputs it wrote
+  (`outputs.digest`, over its `outs` in dvc.yaml). A stage finds the runs behind its inputs by the
+  same digest of the files it reads, so links survive `dvc exp --temp`, the run cache and
+  `dvc pull`, and the outputs themselves stay free of run ids.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,10 +35,14 @@ import yaml
 from stages.lib import PipelineError
 from stages.lib.params import Params
 
+
 log = logging.getLogger(__name__)
 
-LINEAGE_DIR = Path("reports/lineage")  # one <stage>.json per stage: the run that made its outs
 PIPELINE_TAG = "pipeline.execution"
+OUTPUTS_TAG = "outputs.digest"
+PIPELINE_FILE = Path("dvc.yaml")
+# the params sections a parent run shows: everything that defines an execution
+PARENT_SECTIONS = ("base", "data", "validate", "split", "model", "augment", "features", "finetune", "evaluate", "export")  # DVC's own pipeline file, in the working copy the stage runs in
 PIPELINE_WRITES = ("dvc.lock", "metrics", "plots", "**/.gitignore")  # git-tracked files that stages rewrite
 
 
@@ -95,14 +107,34 @@ def configure(params: Params) -> str:
     mlflow.set_tracking_uri(uri)
     name = params.mlflow.experiment
     experiment = mlflow.get_experiment_by_name(name)
+    local = uri.startswith("sqlite:") or uri.startswith("file:")
     if experiment is None:
-        local = uri.startswith("sqlite:") or uri.startswith("file:")
         location = (root / "mlartifacts" / name).as_uri() if local else None
         experiment_id = mlflow.create_experiment(name, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
+    if local:
+        _hide_unused_default_experiment()
+    if experiment is None or experiment.tags.get("mlflow.experimentKind") != "custom_model_development":
+        # open on the runs table, not MLflow 3's GenAI traces view
+        mlflow.MlflowClient().set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def _hide_unused_default_experiment() -> None:
+    """A new local store comes with an empty "Default" experiment pointing at ./mlruns/0: deleted (hidden in
+    the UI) while it holds no run, so the UI lists the pipeline's experiment alone."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        default = client.get_experiment("0")
+        if default.lifecycle_stage == "active" and not client.search_runs(["0"], max_results=1):
+            client.delete_experiment("0")
+    except MlflowException:
+        pass
 
 
 # ------------------------------------------------------------------------------------ tags
@@ -140,16 +172,6 @@ def run_tags(stage: str, params: Params) -> dict[str, str]:
     return tags
 
 
-def upstream_tags(upstream_stages: list[str]) -> dict[str, str]:
-    """`upstream.<stage>: run id` for each upstream stage whose lineage file exists."""
-    tags = {}
-    for stage in upstream_stages:
-        lineage = LINEAGE_DIR / f"{stage}.json"
-        if lineage.exists():
-            tags[f"upstream.{stage}"] = json.loads(lineage.read_text())["run_id"]
-    return tags
-
-
 # -------------------------------------------------------------------------------- grouping
 def _process_ancestors() -> Iterator[tuple[int, list[str], str]]:
     """(pid, argv, start time) of each ancestor process, nearest first (Linux /proc)."""
@@ -173,8 +195,17 @@ def pipeline_execution_key() -> str | None:
     return None
 
 
-def _parent_run_id(experiment_id: str, tags: dict[str, str]) -> str | None:
+def execution_name(tags: dict[str, str]) -> str:
+    """The parent run's name: the DVC experiment's, else `repro <commit> <local time>`."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    return f"repro {tags.get('git.commit', 'unknown')[:7]} {time.strftime('%Y-%m-%d %H:%M')}"
+
+
+def _parent_run(experiment_id: str, tags: dict[str, str], params: Params) -> str | None:
+    """The run id of this execution's parent: found (and marked RUNNING again) or created with the params."""
     from mlflow import MlflowClient
+    from mlflow.entities import Param
 
     key = pipeline_execution_key()
     if key is None:
@@ -182,20 +213,98 @@ def _parent_run_id(experiment_id: str, tags: dict[str, str]) -> str | None:
     client = MlflowClient()
     found = client.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=1)
     if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    name = os.environ.get("DVC_EXP_NAME") or time.strftime("pipeline %Y-%m-%d %H:%M:%S")
     shared = {k: v for k, v in tags.items() if k != "stage" and not k.startswith("upstream.")}
-    # RUNNING until a stage ends it: a pipeline cut short (a killed stage or server) is never shown FINISHED
-    parent = client.create_run(experiment_id, run_name=name, tags=shared | {PIPELINE_TAG: key, "stage": "pipeline"})
+    parent = client.create_run(experiment_id, run_name=execution_name(tags),
+                               tags=shared | {PIPELINE_TAG: key, "stage": "pipeline"})
+    flat = flatten({name: params.section(name) for name in PARENT_SECTIONS})
+    client.log_batch(parent.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
     return parent.info.run_id
 
 
-def _end_parent(parent: str | None, status: str) -> None:
-    """End the parent run with this stage: it then spans the pipeline so far, and shows a failed stage."""
-    if parent:
-        from mlflow import MlflowClient
+def _end_parent(parent: str | None, experiment_id: str, status: str) -> None:
+    """Record on the parent the run behind every stage's current outputs (re-run or reused) and every
+    metrics file's headline numbers, and end it with this stage: it spans the pipeline so far and
+    shows a failed stage."""
+    if not parent:
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
 
-        MlflowClient().set_terminated(parent, status=status)
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in pipeline_metrics().items()]
+    tags = [RunTag(f"stage.{name}", run_id) for name in pipeline_stages()
+            if (run_id := producing_run(experiment_id, name)) is not None]
+    client.log_batch(parent, metrics=metrics, tags=tags)
+    client.set_terminated(parent, status=status)
+
+
+# ---------------------------------------------------------------------- stages and outputs
+def pipeline_stages() -> dict:
+    """The `stages` of dvc.yaml, as written (empty when there is none, e.g. in unit tests)."""
+    try:
+        return yaml.safe_load(PIPELINE_FILE.read_text()).get("stages") or {}
+    except (OSError, AttributeError, yaml.YAMLError):
+        return {}
+
+
+def _paths(entries) -> list[str]:
+    """Paths of a dvc.yaml outs/deps/metrics list (plain strings or {path: options})."""
+    return [next(iter(entry)) if isinstance(entry, dict) else str(entry) for entry in entries or []]
+
+
+def stage_outputs(stage: str) -> list[str]:
+    return _paths(pipeline_stages().get(stage, {}).get("outs"))
+
+
+def upstream_stages(stage: str) -> list[str]:
+    """The stages whose outs this stage depends on (from dvc.yaml)."""
+    stages = pipeline_stages()
+    deps = set(_paths(stages.get(stage, {}).get("deps")))
+    return [name for name, spec in stages.items() if name != stage and deps & set(_paths(spec.get("outs")))]
+
+
+def outputs_digest(paths: list[str]) -> str | None:
+    """sha256 over the files under `paths` (names and bytes, in sorted order); None when one is missing."""
+    digest = hashlib.sha256()
+    for path in map(Path, sorted(paths)):
+        if not path.exists():
+            return None
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if file.name == ".gitignore":
+                continue
+            digest.update(file.as_posix().encode() + b"\0")
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def producing_run(experiment_id: str, stage: str) -> str | None:
+    """The latest finished run of `stage` whose outputs are the files in the working copy now."""
+    from mlflow import MlflowClient
+
+    digest = outputs_digest(stage_outputs(stage))
+    if digest is None:
+        return None
+    found = MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.stage = '{stage}' and tags.`{OUTPUTS_TAG}` = '{digest}' "
+                                       "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def pipeline_metrics() -> dict[str, float]:
+    """Every metrics file of dvc.yaml, flattened as `<file stem>.<key>`: the execution's headline numbers."""
+    numbers = {}
+    for spec in pipeline_stages().values():
+        for path in map(Path, _paths(spec.get("metrics"))):
+            if path.is_file():
+                numbers |= numeric_leaves(json.loads(path.read_text()), path.stem)
+    return numbers
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -220,26 +329,30 @@ def numeric_leaves(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 @contextmanager
-def stage_run(stage: str, params: Params, sections: list[str], upstream: list[str] = ()):
-    """An MLflow run for one stage: tagged, params logged, grouped, lineage written at the end."""
+def stage_run(stage: str, params: Params, sections: list[str]):
+    """An MLflow run for one stage: tagged, its params sections logged, grouped under the execution's
+    parent, linked to the runs behind its inputs; tagged at the end with the digest of its outputs."""
     import mlflow
 
     experiment_id = configure(params)
-    tags = run_tags(stage, params) | upstream_tags(list(upstream))
-    parent = _parent_run_id(experiment_id, tags)
+    tags = run_tags(stage, params)
+    links = {name: run_id for name in upstream_stages(stage)
+             if (run_id := producing_run(experiment_id, name)) is not None}
+    tags |= {f"upstream.{name}": run_id for name, run_id in links.items()}
+    parent = _parent_run(experiment_id, tags, params)
     if parent:
         tags["mlflow.parentRunId"] = parent
     try:
         with mlflow.start_run(run_name=stage, tags=tags) as run:
             mlflow.log_params(flatten({name: params.section(name) for name in sections}))
             yield run
+            digest = outputs_digest(stage_outputs(stage))
+            if digest:
+                mlflow.set_tag(OUTPUTS_TAG, digest)
     except BaseException:
-        _end_parent(parent, "FAILED")
+        _end_parent(parent, experiment_id, "FAILED")
         raise
-    _end_parent(parent, "FINISHED")
-    LINEAGE_DIR.mkdir(parents=True, exist_ok=True)
-    lineage = {"stage": stage, "run_id": run.info.run_id, "experiment_id": experiment_id, "parent_run_id": parent}
-    (LINEAGE_DIR / f"{stage}.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    _end_parent(parent, experiment_id, "FINISHED")
     log.info("%s: MLflow run %s in %s", stage, run.info.run_id, tracking_uri())
 
 

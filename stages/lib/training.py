@@ -38,6 +38,7 @@ from tqdm import tqdm
 from stages.lib import PipelineError
 from stages.lib.backbones import apply_batchnorm_policy, block_groups, classifier_prefix, set_trainable
 from stages.lib.distributed import Distributed
+from stages.lib.preprocessing import Normalize
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +108,12 @@ class Inputs:
     """uint8 NCHW batches -> normalised float on the device (channels_last when asked)."""
 
     def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool = True):
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+        self.normalize = Normalize(mean, std).to(device)  # the deployed model's own normalisation
         self.device = device
         self.memory_format = memory_format(channels_last)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True).float()
-        return ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        return self.normalize(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
 
 
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:

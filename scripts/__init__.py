@@ -1,0 +1,1 @@
+"""Project tooling that is not a pipeline stage (plots template, UI check)."""
