@@ -279,7 +279,7 @@ def client_exports(state: dict, home: Path) -> list[str]:
     if state.get("auth"):
         lines += [f"export MLFLOW_TRACKING_USERNAME={ADMIN}",
                   f"export MLFLOW_TRACKING_PASSWORD=$(python -c \"import json; print(json.load(open('{home}/secrets.json'))['admin_password'])\")"
-                  "   # the admin; create users with: python -m team.users add NAME --permission EDIT"]
+                  "   # the admin; create users with: python -m team.users add NAME --role writer"]
     return lines
 
 

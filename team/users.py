@@ -1,14 +1,18 @@
 """Users of a basic-auth tracking server, as its admin (MLflow's own auth client).
 
-    python -m team.users add alice --permission EDIT      # prints a generated password unless --password
-    python -m team.users add bob --permission READ
-    python -m team.users password alice --password NEW
+    python -m team.users add alice --role writer      # prints a generated password unless --password
+    python -m team.users add bob                      # --role reader
+    python -m team.users password alice [--password NEW]
 
-`add` creates the user and grants the permission on the pipeline's experiment and registered
-model (params.yaml's `mlflow` section, created by the admin when missing), so that every writer
-can log runs and register versions of the same model. READ is also what an authenticated user
-gets where nothing was granted (the server's default permission). The admin's credentials come
-from MLFLOW_TRACKING_USERNAME/PASSWORD when set, else from the server's secrets file.
+Roles, on the pipeline's experiment and registered model (params.yaml's `mlflow` section, created
+by the admin when missing, so that every writer logs into the same experiment and registers
+versions of the same model):
+- reader: nothing granted; the server's default permission READ applies (see everything, change nothing).
+- writer: EDIT on the experiment (runs, metrics, artifacts) and MANAGE on the registered model:
+  MLflow's basic-auth asks for MANAGE to delete an alias, and evaluate removes @challenger when the
+  newest version becomes @champion.
+The admin's credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD when set, else from the
+server's secrets file.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import yaml
 from team import TeamError
 from team.server import ADMIN
 
-PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
+ROLES = {"reader": None, "writer": {"experiment": "EDIT", "registered_model": "MANAGE"}}
 
 
 def admin_environment(home: Path) -> None:
@@ -48,8 +52,8 @@ def pipeline_resources(params_file: Path) -> tuple[str, str]:
         raise TeamError(f"{params_file}: mlflow.{missing.args[0]} is not set") from None
 
 
-def grant(tracking_uri: str, username: str, permission: str, experiment: str, model: str) -> None:
-    """Grant `permission` on the experiment and registered model (each created when missing)."""
+def grant(tracking_uri: str, username: str, permissions: dict[str, str], experiment: str, model: str) -> None:
+    """Grant {resource type: permission} on the experiment and registered model (each created when missing)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.server import get_app_client
@@ -62,16 +66,16 @@ def grant(tracking_uri: str, username: str, permission: str, experiment: str, mo
     except MlflowException:
         client.create_registered_model(model)
     auth = get_app_client("basic-auth", tracking_uri=tracking_uri)
-    auth.grant_user_permission(username, "experiment", experiment_id, permission)
-    auth.grant_user_permission(username, "registered_model", model, permission)
+    auth.grant_user_permission(username, "experiment", experiment_id, permissions["experiment"])
+    auth.grant_user_permission(username, "registered_model", model, permissions["registered_model"])
 
 
-def add_user(tracking_uri: str, username: str, password: str, permission: str, experiment: str, model: str) -> None:
+def add_user(tracking_uri: str, username: str, password: str, role: str, experiment: str, model: str) -> None:
     from mlflow.server import get_app_client
 
     get_app_client("basic-auth", tracking_uri=tracking_uri).create_user(username, password)
-    if permission != "READ":
-        grant(tracking_uri, username, permission, experiment, model)
+    if ROLES[role]:
+        grant(tracking_uri, username, ROLES[role], experiment, model)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["add", "password"])
     parser.add_argument("username")
     parser.add_argument("--password", help="default: a generated one, printed once")
-    parser.add_argument("--permission", choices=PERMISSIONS, default="READ",
-                        help="on the pipeline's experiment and registered model (default READ)")
+    parser.add_argument("--role", choices=sorted(ROLES), default="reader",
+                        help="reader (default) or writer, on the pipeline's experiment and registered model")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("TEAM_HOME", ".team")))
     args = parser.parse_args(argv)
@@ -94,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         password = args.password or secrets.token_urlsafe(12)
         if args.action == "add":
             experiment, model = pipeline_resources(args.params)
-            add_user(uri, args.username, password, args.permission, experiment, model)
-            print(f"user {args.username} ({args.permission} on experiment {experiment!r} and model {model!r})")
+            add_user(uri, args.username, password, args.role, experiment, model)
+            print(f"user {args.username}: {args.role} of experiment {experiment!r} and model {model!r}")
         else:
             from mlflow.server import get_app_client
 

@@ -211,8 +211,8 @@ def test_pipeline_logs_every_stage_through_the_server(server, project):
         assert runs[stage].info.status == "FINISHED"
         assert runs[stage].info.artifact_uri.startswith("mlflow-artifacts:/"), runs[stage].info.artifact_uri
     evaluate = json.loads((project / "metrics/evaluate.json").read_text())
-    assert runs["evaluate"].data.metrics["finetuned.accuracy"] == pytest.approx(evaluate["finetuned"]["accuracy"])
-    history = client.get_metric_history(runs["finetune"].info.run_id, "val_loss")
+    assert runs["evaluate"].data.metrics["finetuned.test.accuracy"] == pytest.approx(evaluate["finetuned"]["test"]["accuracy"])
+    history = client.get_metric_history(runs["finetune"].info.run_id, "val/loss")
     assert [point.step for point in history] == [1, 2]  # one point per epoch, two phases of one epoch
     # artifacts went through the server's proxy into its artifacts destination
     names = [artifact.path for artifact in client.list_artifacts(runs["evaluate"].info.run_id, "evaluation")]
@@ -224,13 +224,17 @@ def test_pipeline_logs_every_stage_through_the_server(server, project):
 
 
 def test_registered_version_and_aliases_on_the_server(server, project):
+    from mlflow.exceptions import MlflowException
+
     client = server.client()
-    registered = json.loads((project / "models/finetuned/mlflow.json").read_text())
+    [finetune] = stage_runs(client, stage="finetune")
     champion = client.get_model_version_by_alias(MODEL, "champion")
-    challenger = client.get_model_version_by_alias(MODEL, "challenger")
-    assert str(champion.version) == str(challenger.version) == registered["version"]
-    accuracy = json.loads((project / "metrics/evaluate.json").read_text())["finetuned"]["accuracy"]
-    assert float(champion.tags["test_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
+    assert str(champion.version) == finetune.data.tags["registered.version"] and champion.run_id == finetune.info.run_id
+    with pytest.raises(MlflowException):  # the only version is the champion: no challenger
+        client.get_model_version_by_alias(MODEL, "challenger")
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())["finetuned"]
+    assert float(champion.tags["test.accuracy"]) == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
+    assert float(champion.tags["val.accuracy"]) == pytest.approx(metrics["val"]["accuracy"], abs=1e-6)
     assert champion.source.startswith("models:/m-")  # a logged model, its files behind the server's proxy
     logged = client.get_logged_model(champion.source.removeprefix("models:/"))
     assert logged.artifact_location.startswith("mlflow-artifacts:/")
@@ -286,8 +290,8 @@ def test_server_killed_mid_stage_fails_the_stage_and_repro_completes_after_resta
     killed = next(run for run in runs if run.info.status != "FINISHED")
     parent = client.get_run(killed.data.tags["mlflow.parentRunId"])
     assert parent.info.status != "FINISHED"
-    registered = json.loads((copy / "models/finetuned/mlflow.json").read_text())
-    assert registered["run_id"] == finished[0].info.run_id
+    version = client.get_model_version(MODEL, finished[0].data.tags["registered.version"])
+    assert version.run_id == finished[0].info.run_id and "evaluation.run_id" in version.tags
 
 
 # --------------------------------------------------------------------------------- auth
@@ -298,9 +302,9 @@ def auth_server(server, project):
 
     server.start(auth=True)
     os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", server.admin_password
-    for name, password, permission in (("writer1", WRITER_PASSWORD, "EDIT"), ("writer2", WRITER_PASSWORD, "EDIT"),
-                                       ("reader", READER_PASSWORD, "READ")):
-        add_user(server.url, name, password, permission, EXPERIMENT, MODEL)
+    for name, password, role in (("writer1", WRITER_PASSWORD, "writer"), ("writer2", WRITER_PASSWORD, "writer"),
+                                 ("reader", READER_PASSWORD, "reader")):
+        add_user(server.url, name, password, role, EXPERIMENT, MODEL)
     return server
 
 
@@ -308,8 +312,8 @@ def test_a_restart_keeps_runs_and_versions(auth_server, project):
     client = auth_server.client("reader", READER_PASSWORD)
     stages = {run.data.tags["stage"] for run in stage_runs(client)}
     assert {"validate", "finetune", "evaluate", "export"} <= stages
-    registered = json.loads((project / "models/finetuned/mlflow.json").read_text())
-    assert client.get_model_version(MODEL, registered["version"]).tags["test_accuracy"]
+    [first] = [run for run in stage_runs(client, stage="finetune") if run.data.params["finetune.phases.1.lr"] == "0.0005"]
+    assert client.get_model_version(MODEL, first.data.tags["registered.version"]).tags["test.accuracy"]
 
 
 @pytest.mark.parametrize("user, password", [(None, None), ("writer1", "wrong-password-1")])
@@ -358,3 +362,61 @@ def test_a_writer_can_log_runs_and_set_an_alias(auth_server):
     client.set_registered_model_alias(MODEL, "reviewed", version)
     assert client.get_model_version_by_alias(MODEL, "reviewed").version == version
     auth_server.client("admin", auth_server.admin_password).delete_registered_model_alias(MODEL, "reviewed")  # MANAGE
+
+
+def test_two_writers_at_once_complete_and_agree_on_the_aliases(auth_server, project, tmp_path):
+    """Two clones, two users, `dvc repro` started together: every run finishes, each version carries its
+    own evaluation, and the aliases end as the promotion rule says whatever order the writes came in."""
+    from stages.lib.registry import evaluated_versions
+
+    clones = {"writer1": 4.0e-4, "writer2": 6.0e-4}
+    processes = {}
+    try:
+        for user, lr in clones.items():
+            clone = tmp_path / user
+            shutil.copytree(project, clone, symlinks=True)
+            set_full_lr(clone, lr)
+            processes[user] = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=clone,
+                                               env=auth_server.env(user, WRITER_PASSWORD),
+                                               stdout=open(tmp_path / f"{user}.log", "w"), stderr=subprocess.STDOUT,
+                                               start_new_session=True)
+        for process in processes.values():
+            process.wait(timeout=900)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    for user, process in processes.items():
+        assert process.returncode == 0, (tmp_path / f"{user}.log").read_text()[-4000:]
+
+    client = auth_server.client("admin", auth_server.admin_password)
+    for user, lr in clones.items():
+        [finetune] = [run for run in stage_runs(client, stage="finetune")
+                      if run.data.params["finetune.phases.1.lr"] == str(lr)]
+        parent = finetune.data.tags["mlflow.parentRunId"]
+        family = client.search_runs([finetune.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+        assert sorted(run.data.tags["stage"] for run in family) == ["evaluate", "export", "finetune"]
+        assert all(run.info.status == "FINISHED" for run in family) and client.get_run(parent).info.status == "FINISHED"
+        version = client.get_model_version(MODEL, finetune.data.tags["registered.version"])
+        evaluation = client.get_run(version.tags["evaluation.run_id"])  # its own evaluation, in its own pipeline
+        assert evaluation.data.tags["upstream.finetune"] == finetune.info.run_id
+        assert evaluation.data.tags["mlflow.parentRunId"] == parent
+        metrics = json.loads((tmp_path / user / "metrics/evaluate.json").read_text())["finetuned"]
+        assert float(version.tags["val.accuracy"]) == pytest.approx(metrics["val"]["accuracy"], abs=1e-6)
+        assert float(version.tags["test.accuracy"]) == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
+
+    # the rule, stated on its own: among versions scored on the same val images, the first to reach the best
+    # score by more than min_improvement holds @champion; @challenger is the newest other version, if newer
+    min_improvement = yaml.safe_load((project / "params.yaml").read_text())["evaluate"]["min_improvement"]
+    evaluated = sorted(evaluated_versions(client, MODEL, "accuracy"), key=lambda e: e.version)
+    assert len(evaluated) == 4  # the first pipeline, the restarted one, the two writers
+    assert len({e.val_images for e in evaluated}) == 1
+    champion = evaluated[0]
+    for candidate in evaluated[1:]:
+        if candidate.score > champion.score + min_improvement:
+            champion = candidate
+    newest = evaluated[-1].version
+    assert client.get_model_version_by_alias(MODEL, "champion").version == str(champion.version)
+    if newest != champion.version:
+        assert client.get_model_version_by_alias(MODEL, "challenger").version == str(newest)
