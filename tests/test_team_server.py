@@ -127,6 +127,22 @@ def test_secrets_are_generated_once_private_and_overridden_by_the_environment(tm
     assert load_secrets(tmp_path)["admin_password"] == "from-the-environment"
 
 
+def test_a_lost_server_is_reported_in_one_line():
+    from mlflow.exceptions import MlflowException
+
+    from stages.lib import lost_tracking_server
+
+    error = MlflowException(
+        "API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-batch failed with exception "
+        "HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded with url: /api/2.0/mlflow/runs/"
+        "log-batch (Caused by NewConnectionError(\"HTTPConnection(host='127.0.0.1', port=5000): Failed to "
+        "establish a new connection: [Errno 111] Connection refused\"))")
+    line = lost_tracking_server(error)
+    assert line.startswith("the MLflow tracking server http://127.0.0.1:5000 stopped answering "
+                           "([Errno 111] Connection refused)") and "dvc repro" in line and "\n" not in line
+    assert lost_tracking_server(MlflowException("RESOURCE_DOES_NOT_EXIST: no such run")) is None
+
+
 @pytest.fixture(scope="module")
 def server():
     reason = postgres_available()
