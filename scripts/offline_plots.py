@@ -20,7 +20,8 @@ def template() -> str:
     from dvc_render.html import PAGE_HTML
 
     bundle = vl_convert.javascript_bundle().replace("</script", "<\\/script")
-    return PAGE_HTML.replace("{scripts}", f"<script>{bundle}</script>\n    {{scripts}}")
+    # DVC fills `{scripts}` with CDN <script> tags: the template leaves the placeholder out
+    return PAGE_HTML.replace("{scripts}", f"<script>{bundle}</script>")
 
 
 def main(argv: list[str] | None = None) -> None:

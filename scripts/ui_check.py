@@ -63,7 +63,7 @@ def pages(client, experiment_name: str, model_name: str) -> list[tuple[str, str,
         raise LookupError("no pipeline execution in the store: run `dvc repro` first")
     parent = parents[0]
     finetune = parent.data.tags.get("stage.finetune")
-    found = [("runs", f"#/experiments/{eid}/runs", [parent.info.run_name, "evaluate"]),
+    found = [("runs", f"#/experiments/{eid}/runs", [parent.info.run_name]),
              ("execution", f"#/experiments/{eid}/runs/{parent.info.run_id}", [parent.info.run_name])]
     if finetune:
         found += [("finetune", f"#/experiments/{eid}/runs/{finetune}", ["finetune"]),

@@ -80,8 +80,7 @@ def test_prune_keeps_the_most_recently_used_data_versions(tmp_path):
 
 # ------------------------------------------------------------------------------- selection
 def entry(name, val, loss=0.5, params=1_000_000, latency=10.0) -> Entry:
-    return Entry(name=name, weights="pypi", val_accuracy=val, val_log_loss=loss, test_accuracy=val,
-                 test_macro_f1=val, C=1.0, params=params, embedding_dim=8, latency_ms=latency, features=f"{name}.npz")
+    return Entry(name=name, weights="pypi", val_accuracy=val, val_log_loss=loss, C=1.0, params=params, embedding_dim=8, latency_ms=latency, features=f"{name}.npz")
 
 
 BOARD = [entry("small", 0.90, latency=4.0), entry("medium", 0.95, latency=8.0),
@@ -90,9 +89,9 @@ BOARD = [entry("small", 0.90, latency=4.0), entry("medium", 0.95, latency=8.0),
 
 def test_best_val_wins_and_ties_go_to_the_lower_val_loss():
     assert choose(BOARD, Select(rule="best_val")).name == "large_twin"
-    ranking = leaderboard(BOARD, choose(BOARD, Select()), Select())
-    assert ranking["winner"] == "large_twin"
-    assert [ranking["candidates"][n]["rank"] for n in ("large_twin", "large", "medium", "small")] == [1, 2, 3, 4]
+    ranking = leaderboard(BOARD, choose(BOARD, Select()), Select()).set_index("candidate")
+    assert ranking.index[ranking["chosen"]].tolist() == ["large_twin"]
+    assert [ranking.loc[n, "rank"] for n in ("large_twin", "large", "medium", "small")] == [1, 2, 3, 4]
     tied = [entry("big", 0.9, params=9_000_000), entry("tiny", 0.9, params=1_000)]
     assert choose(tied, Select()).name == "tiny"  # same accuracy and loss: fewer parameters
 

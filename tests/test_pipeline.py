@@ -168,3 +168,15 @@ def test_params_typo_fails_before_any_work(tiny_pipeline, tmp_path):
     restored = dvc(project, "repro")
     assert stages_run(restored.stdout) == []
     assert (project / "models/finetuned/model.pt").exists()
+
+
+def test_the_plots_page_is_self_contained_with_only_the_declared_charts(tiny_pipeline, tmp_path):
+    """`dvc plots show` renders without a network (vega inlined, no CDN script) and draws exactly the five
+    charts of dvc.yaml's top-level `plots` (no default line charts of plot files declared twice)."""
+    import re
+
+    dvc(tiny_pipeline, "plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots/index.html").read_text()
+    assert not re.findall(r"<script[^>]+src=", page) and "window.vegaEmbed" in page
+    declared = yaml.safe_load((tiny_pipeline / "dvc.yaml").read_text())["plots"]
+    assert page.count("vegaEmbed('#") == len(declared) == 5

@@ -35,14 +35,13 @@ import yaml
 from stages.lib import PipelineError
 from stages.lib.params import Params
 
-
 log = logging.getLogger(__name__)
 
 PIPELINE_TAG = "pipeline.execution"
 OUTPUTS_TAG = "outputs.digest"
-PIPELINE_FILE = Path("dvc.yaml")
+PIPELINE_FILE = Path("dvc.yaml")  # DVC's own pipeline file, in the working copy the stage runs in
 # the params sections a parent run shows: everything that defines an execution
-PARENT_SECTIONS = ("base", "data", "validate", "split", "model", "augment", "features", "finetune", "evaluate", "export")  # DVC's own pipeline file, in the working copy the stage runs in
+PARENT_SECTIONS = ("base", "data", "validate", "split", "model", "augment", "features", "finetune", "evaluate", "export")
 PIPELINE_WRITES = ("dvc.lock", "metrics", "plots", "**/.gitignore")  # git-tracked files that stages rewrite
 
 
