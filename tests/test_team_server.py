@@ -343,6 +343,23 @@ def test_missing_or_wrong_credentials_fail_before_any_work(auth_server, user, pa
         configure(parse_params({"finetune": {"phases": [{"name": "a", "epochs": 1, "lr": 0.1}]}}))
 
 
+def test_a_user_without_permission_on_the_experiment_is_told_so(auth_server, monkeypatch):
+    from mlflow.server import get_app_client
+
+    from stages.lib.params import parse_params
+    from stages.lib.tracking import TrackingError, configure
+
+    admin = auth_server.client("admin", auth_server.admin_password)
+    experiment = admin.get_experiment_by_name(EXPERIMENT).experiment_id
+    users = get_app_client("basic-auth", tracking_uri=auth_server.url)
+    users.create_user("outsider", READER_PASSWORD)
+    users.grant_user_permission("outsider", "experiment", experiment, "DENY")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server.url)
+    auth_server.client("outsider", READER_PASSWORD)
+    with pytest.raises(TrackingError, match=f"user 'outsider' has no permission on experiment '{EXPERIMENT}' .403"):
+        configure(parse_params({"finetune": {"phases": [{"name": "a", "epochs": 1, "lr": 0.1}]}}))
+
+
 def test_unauthenticated_pipeline_stops_at_the_check_with_no_stale_outputs(auth_server, project, tmp_path):
     copy = tmp_path / "project"
     shutil.copytree(project, copy, symlinks=True)

@@ -90,7 +90,7 @@ def _check_reachable(uri: str, experiment: str | None = None, timeout_s: float =
     if response.status_code == 403:
         raise TrackingError(
             f"MLflow tracking server {uri}: {who} has no permission on experiment {experiment!r} (403). "
-            "Ask the server's admin for EDIT on it and on the registered model."
+            "Ask the server's admin to make you a writer (EDIT on it, MANAGE on the registered model)."
         )
     if response.status_code not in (200, 404):  # 404: the experiment does not exist yet, configure creates it
         raise TrackingError(f"MLflow tracking server {uri} answered {response.status_code}: {response.text[:200]}")
