@@ -11,7 +11,7 @@ AGAINST ?= auto
 # pip prints a warning per package for this machine's local mirrors; keep real messages only
 PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help demo test install data repro summary gate seeds bench ui ui-check clean
+.PHONY: help demo test install data repro summary gate seeds bench ui ui-check clean server server-stop server-status
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -23,7 +23,7 @@ $(PYTHON):
 $(VENV)/.installed: pyproject.toml | $(PYTHON)
 	@echo "installing into $(VENV) (first time: a few minutes)"
 	@time ($(PYTHON) -m pip install -q --upgrade pip 2>&1 | $(PIP_FILTER))
-	@time ($(PYTHON) -m pip install -q -e ".[test,export,remote]" 2>&1 | $(PIP_FILTER))
+	@time ($(PYTHON) -m pip install -q -e ".[test,export,remote,server]" 2>&1 | $(PIP_FILTER))
 	$(PYTHON) -m scripts.offline_plots .dvc/plots_template.html   # dvc plots pages that render offline
 	@touch $@
 
@@ -72,6 +72,24 @@ ui: | install ## the MLflow UI on the local store at http://127.0.0.1:$(UI_PORT)
 
 ui-check: | install ## screenshot the MLflow UI's key pages (headless chromium) and fail on an empty one
 	$(PYTHON) -m scripts.ui_check --out .cache/ui_check
+
+# The team's MLflow tracking server (PostgreSQL + proxied artifacts) in the background, state in $(TEAM_HOME)/:
+#   make server [AUTH=1] [SERVER_PORT=5000] [PG_PORT=5433] [ARTIFACTS=s3://bucket/prefix]  |  make server-stop
+TEAM_HOME ?= .team
+SERVER_PORT ?= 5000
+PG_PORT ?= 5433
+AUTH ?= 0
+ARTIFACTS ?=
+SERVER_ARGS = --home $(TEAM_HOME) --port $(SERVER_PORT) --pg-port $(PG_PORT)
+
+server: | install ## the team tracking server (PostgreSQL, proxied artifacts; AUTH=1: users) in the background
+	@$(PYTHON) -m team.server start $(SERVER_ARGS) $(if $(filter 1 yes true,$(AUTH)),--auth) $(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
+
+server-stop: | install ## stop what make server started
+	@$(PYTHON) -m team.server stop $(SERVER_ARGS)
+
+server-status: | install ## is the team tracking server up (PIDs, health)
+	@$(PYTHON) -m team.server status $(SERVER_ARGS)
 
 clean: ## remove pipeline outputs, caches and the local MLflow store (not data/images)
 	rm -rf data/manifest.csv data/splits data/prepared data/features models reports .cache mlflow.db mlartifacts

@@ -62,19 +62,38 @@ def tracking_uri(root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
 
 
-def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast with a clear message when a tracking server does not answer."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
+def _check_reachable(uri: str, experiment: str | None = None, timeout_s: float = 10.0) -> None:
+    """Fail fast, before any work, when a tracking server does not answer or refuses these
+    credentials: one authenticated GET (the experiment by name) with MLflow's own client settings
+    (MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN, TLS options), no retries, timeout_s."""
+    if urlparse(uri).scheme not in ("http", "https"):
         return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    who = f"user {creds.username!r}" if creds.username else "no user (MLFLOW_TRACKING_USERNAME is not set)"
     try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
-    except OSError as error:
+        response = http_request(creds, "/api/2.0/mlflow/experiments/get-by-name", "GET", max_retries=0,
+                                timeout=timeout_s, params={"experiment_name": experiment or "Default"})
+    except MlflowException as error:
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({error}). "
-            "Start it, or unset MLFLOW_TRACKING_URI to use the local SQLite store."
+            f"MLflow tracking server {uri} is unreachable ({error.message.splitlines()[0][:200]}). "
+            "Start it (make server), or unset MLFLOW_TRACKING_URI to use the local SQLite store."
         ) from None
+    if response.status_code == 401:
+        raise TrackingError(
+            f"MLflow tracking server {uri} refused the credentials of {who} (401: missing or wrong). "
+            "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account on that server."
+        )
+    if response.status_code == 403:
+        raise TrackingError(
+            f"MLflow tracking server {uri}: {who} has no permission on experiment {experiment!r} (403). "
+            "Ask the server's admin to make you a writer (EDIT on it, MANAGE on the registered model)."
+        )
+    if response.status_code not in (200, 404):  # 404: the experiment does not exist yet, configure creates it
+        raise TrackingError(f"MLflow tracking server {uri} answered {response.status_code}: {response.text[:200]}")
 
 
 def configure(params: Params) -> str:
@@ -83,7 +102,7 @@ def configure(params: Params) -> str:
 
     root = repo_root()
     uri = tracking_uri(root)
-    _check_reachable(uri)
+    _check_reachable(uri, params.mlflow.experiment)
     mlflow.set_tracking_uri(uri)
     name = params.mlflow.experiment
     experiment = mlflow.get_experiment_by_name(name)
