@@ -256,6 +256,7 @@ class Finetune(Recipe):
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     channels_last: bool = True
     workers: int = Field(0, ge=0)                               # DataLoader worker processes
+    keep: Literal["best_val_loss", "last"] = "best_val_loss"   # the weights kept: best epoch by val loss, or the last
     phases: list[Phase] = Field(min_length=1)
 
     def recipe(self, phase: Phase) -> Recipe:

@@ -10,7 +10,8 @@ What each phase does (tests/test_training.py checks each point):
   statistics only with `train_bn`;
 - label smoothing, or timm's Mixup/CutMix with soft targets; gradient clipping; optionally an EMA of
   the weights (timm's ModelEmaV3), which is then what is validated and kept, as in timm's train.py;
-- stops after `patience` epochs without a new best val loss; the best weights are restored at the end.
+- stops after `patience` epochs without a new best val loss; at the end the weights of the best epoch by
+  val loss are restored (`keep: best_val_loss`), or the last epoch's are kept (`keep: last`).
 
 Determinism: every epoch reseeds torch, numpy, random and the sampler from (seed, epoch, rank), so
 the random state at an epoch follows from its number, and a run resumed from the checkpoint written
@@ -303,7 +304,7 @@ def run_phases(model: nn.Module, settings, train_loader: DataLoader, val_loader:
                seed: int, checkpoint_path: Path, fingerprint: str,
                on_epoch: Callable[[dict], None] = lambda row: None, dist: Distributed | None = None) -> TrainState:
     """Train the phases of `settings` (the finetune params) in order; return the final state, with the
-    best weights (by val loss) loaded into model.
+    kept weights (`settings.keep`: the best epoch by val loss, or the last) loaded into model.
 
     model sits on dist.device with the probe already in its classifier (LP-FT). A checkpoint is
     written to checkpoint_path after every epoch (by rank 0); if one with the same fingerprint
@@ -354,8 +355,9 @@ def run_phases(model: nn.Module, settings, train_loader: DataLoader, val_loader:
                 state.phase_best_val_loss, state.stale_epochs = val_metrics["val_loss"], 0
             else:
                 state.stale_epochs += 1
-            if val_metrics["val_loss"] < state.best_val_loss:  # the weights kept overall
-                state.best_val_loss, state.best_epoch = val_metrics["val_loss"], state.epoch
+            last = state.phase == len(settings.phases) - 1 and state.phase_epoch == phase.epochs
+            if (val_metrics["val_loss"] < state.best_val_loss if settings.keep == "best_val_loss" else last):
+                state.best_val_loss, state.best_epoch = val_metrics["val_loss"], state.epoch  # the weights kept
                 state.best_weights = trainer.kept_weights()
             log.info("epoch %d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f", state.epoch, phase.name,
                      row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"])
@@ -368,5 +370,8 @@ def run_phases(model: nn.Module, settings, train_loader: DataLoader, val_loader:
         if dist.is_main:
             _save_checkpoint(checkpoint_path, state, fingerprint, trainer, optimizer, scheduler)
 
+    if state.best_weights is None:  # keep: last, and the last phase stopped early: its final epoch
+        state.best_val_loss, state.best_epoch = state.history[-1]["val_loss"], state.epoch
+        state.best_weights = trainer.kept_weights()
     model.load_state_dict(state.best_weights)
     return state
