@@ -84,10 +84,10 @@ def log_epoch(row: dict) -> None:
     mlflow.log_metrics(metrics, step=row["epoch"])
 
 
-def calibrate(model: torch.nn.Module, val_loader, mean, std) -> tuple[float, float, float]:
-    """(temperature, val NLL before, after): temperature scaling fitted on the val logits."""
+def calibrate(model: torch.nn.Module, val_loader, mean, std, bounds) -> tuple[float, float, float]:
+    """(temperature, val NLL before, after): temperature scaling fitted on the val logits within bounds."""
     logits, labels = logits_of(model, val_loader, Inputs(mean, std, next(model.parameters()).device))
-    temperature = fit_temperature(logits.numpy(), labels.numpy())
+    temperature = fit_temperature(logits.numpy(), labels.numpy(), tuple(bounds))
     before = torch.nn.functional.cross_entropy(logits, labels).item()
     after = torch.nn.functional.cross_entropy(logits / temperature, labels).item()
     log.info("temperature %.3f fitted on val: NLL %.4f -> %.4f", temperature, before, after)
@@ -141,7 +141,8 @@ def main() -> None:
 
         mlflow.log_params({"world_size": dist.world_size, "device": dist.device.type})
         full_val = torch.utils.data.DataLoader(PreparedDataset(args.prepared, "val"), batch_size=settings.batch_size)
-        temperature, nll_before, nll_after = calibrate(model, full_val, config["mean"], config["std"])
+        temperature, nll_before, nll_after = calibrate(model, full_val, config["mean"], config["std"],
+                                                       settings.temperature_bounds)
         args.out.mkdir(parents=True, exist_ok=True)
         model = model.cpu().to(memory_format=torch.contiguous_format)
         torch.save(model.state_dict(), args.out / "model.pt")

@@ -257,6 +257,14 @@ class Finetune(Recipe):
     channels_last: bool = True
     workers: int = Field(0, ge=0)                               # DataLoader worker processes
     keep: Literal["best_val_loss", "last"] = "best_val_loss"   # the weights kept: best epoch by val loss, or the last
+    temperature_bounds: tuple[float, float] = (0.25, 4.0)      # calibration: the temperature is searched within
+
+    @field_validator("temperature_bounds")
+    @classmethod
+    def _positive_range(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < bounds[0] <= 1 <= bounds[1]:
+            raise ValueError("temperature_bounds must be [low, high] with 0 < low <= 1 <= high")
+        return bounds
     phases: list[Phase] = Field(min_length=1)
 
     def recipe(self, phase: Phase) -> Recipe:
