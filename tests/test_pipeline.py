@@ -150,7 +150,7 @@ def test_a_trial_experiment_leaves_the_registry_alone(tiny_pipeline, tmp_path):
     assert (after.tags, after.description) == (before.tags, before.description)
     runs = mlflow_runs(project)
     trial = runs[(runs.get("tags.dvc.exp_name") == "top2") & (runs["tags.stage"] == "evaluate")].iloc[0]
-    assert trial["tags.registry.version"] == before.version
+    assert trial["tags.registry.version"] == str(before.version)
 
 
 def test_params_typo_fails_before_any_work(tiny_pipeline, tmp_path):
