@@ -20,7 +20,6 @@ MLflow-tracked script pays here. Then `dvc repro -f -s split` end to end (DVC in
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
 import shutil
