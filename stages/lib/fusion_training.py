@@ -126,3 +126,30 @@ def weights_figure(table: "pd.DataFrame", mode: str, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def fuse_winner(winner, classes: list[str], image_size: int, settings, drop_rate: float, seed: int) -> dict:
+    """Train the `features.fusion_mode` head on the chosen candidate's cached embeddings.
+
+    winner: the leaderboard `Entry` (its `features` file holds the embeddings); settings: the `features`
+    params. Returns {'head' (the FusionHead), 'summary' (train_fusion_head's, plus latency_ms of the whole
+    fused model, batch 1, one thread, and params: its backbone without the head), 'weights' (weights_table
+    on val), 'sources' (the source widths)}.
+    """
+    from stages.lib.backbones import create_backbone
+    from stages.lib.fusion import FusedClassifier, source_dims
+    from stages.lib.leaderboard import backbone_params, latency_ms
+
+    with np.load(winner.features) as stored:
+        arrays = {name: stored[name] for name in ("train_x", "train_y", "val_x", "val_y")}
+    backbone = create_backbone(winner.name, "none", len(classes))  # shapes and latency only: weights do not matter
+    dims = source_dims(backbone, settings.fusion_stages)
+    if sum(dims) != arrays["train_x"].shape[1]:
+        raise ValueError(f"{winner.features}: {arrays['train_x'].shape[1]} columns, the sources need {sum(dims)}")
+    head, summary = train_fusion_head(arrays, dims, len(classes), settings.fusion_mode, settings.fusion_head,
+                                      drop_rate, seed)
+    names = source_names(len(backbone.feature_info), settings.fusion_stages)
+    model = FusedClassifier(backbone, copy.deepcopy(head), settings.fusion_stages)
+    summary |= {"latency_ms": latency_ms(model, image_size), "params": backbone_params(model)}
+    return {"head": head, "summary": summary, "sources": dims,
+            "weights": weights_table(head, arrays["val_x"], arrays["val_y"], classes, names)}
