@@ -170,3 +170,24 @@ def test_a_fusion_head_trains_on_cached_embeddings_and_reports_its_weights():
                                                                                                     "x", "y", "z"]
     assert table["all"].sum() == pytest.approx(1.0, abs=1e-5)
     assert table.set_index("source")["all"].idxmax() == "stage3"  # the informative source gets the weight
+
+
+def test_a_fused_fine_tune_resumes_after_a_crash_exactly_like_an_uninterrupted_one(tmp_path):
+    """Phases (head, top 2 groups with layer decay, all), EMA and mixup on a fused model; a crash after
+    epoch 3 resumes from the checkpoint and ends with the same history and weights."""
+    import timm
+    from test_training import Crash, crash_after, recipe_with_everything, train
+
+    def fused_tiny():
+        torch.manual_seed(0)
+        return fused_model(timm.create_model("test_efficientnet", num_classes=3), "gated", 2, 8, 3)
+
+    straight_model = fused_tiny()
+    straight = train(straight_model, recipe_with_everything(), tmp_path / "straight")
+    with pytest.raises(Crash):
+        train(fused_tiny(), recipe_with_everything(), tmp_path / "crashed", on_epoch=crash_after(4))
+    resumed_model = fused_tiny()
+    resumed = train(resumed_model, recipe_with_everything(), tmp_path / "crashed")
+    assert resumed.history == straight.history and len(straight.history) == 5
+    weights = straight_model.state_dict()
+    assert all(torch.equal(value, weights[key]) for key, value in resumed_model.state_dict().items())
