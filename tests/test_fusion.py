@@ -96,6 +96,16 @@ def test_too_many_stages_fail_naming_the_key(backbone_factory):
         fused_model(backbone, "gated", fusion_stages=stages + 1, dim=8, num_classes=4)
 
 
+def test_the_features_stage_checks_every_candidates_stages_before_any_work():
+    from stages.lib.leaderboard import check_candidates
+    from stages.lib.params import Candidate
+
+    candidates = [Candidate(name="tf_efficientnet_lite0", weights="none"), Candidate(name="convnext_atto", weights="none")]
+    check_candidates(candidates, fusion_stages=4)
+    with pytest.raises(PipelineError, match=r"features.fusion_stages=5: convnext_atto has only 4 feature stages"):
+        check_candidates(candidates, fusion_stages=5)
+
+
 @pytest.mark.parametrize("features, message", [
     ({"fusion_mode": "average"}, "features.fusion_mode: Input should be 'none', 'concat', 'gated' or 'attention'"),
     ({"fusion_mode": "gated", "fusion_stages": 0}, "fusion_mode gated needs fusion_stages >= 1"),
