@@ -11,7 +11,10 @@ Writes: --out/<candidate>.npz (embeddings per candidate), --baseline/head.pt (th
 linear head on raw embeddings: the baseline evaluate compares against), --baseline/classifier.pt (the
 LP-FT start for finetune: the same probe, or with fusion a probe on the pre-logits columns, which is
 all the model's classifier sees), --baseline/probe.json (names the chosen `model` and `weights`),
---metrics (the winner's probe val accuracy), --leaderboard (a CSV: every candidate's val accuracy and log
+--baseline/fusion.pt (with `features.fusion_mode` concat | gated | attention: a fusion head trained on the
+winner's cached embeddings, finetune's start instead of classifier.pt; stages/lib/fusion.py),
+--fusion-weights and --fusion-figure (its mean gate/attention weight per source on val, overall and per
+class; no rows without such a head), --metrics (the winner's probe val accuracy), --leaderboard (a CSV: every candidate's val accuracy and log
 loss, C, parameters, embedding dimension, CPU latency) and --plot. Choosing looks at val only: the
 test split is scored once, by evaluate.
 """
@@ -26,8 +29,9 @@ from pathlib import Path
 import torch
 
 from stages.lib import setup_logging
+from stages.lib.fusion_training import fuse_winner, weights_figure
 from stages.lib.leaderboard import (Entry, check_candidates, choose, leaderboard, leaderboard_figure,
-                                    log_leaderboard, probe_candidate)
+                                    log_leaderboard, probe_candidate, with_fusion_rows)
 from stages.lib.params import load_params
 from stages.lib.prepared import load_meta
 from stages.lib.probe import classifier_probe, prepared_digest, prune_cache
@@ -63,6 +67,22 @@ def save_baseline(folder: Path, winner: Entry, classifier_head: dict, classes: l
         "data_config": winner.data_config}, indent=2) + "\n")
 
 
+def no_weights(classes: list[str]):
+    """The fusion-weights table without a fusion head (fusion_mode none): no rows."""
+    import pandas as pd
+
+    return pd.DataFrame(columns=["source", "all"] + list(classes))
+
+
+def save_fusion_head(folder: Path, fused: dict, settings) -> None:
+    """fusion.pt (the fusion head's state dict: finetune's start) and its settings in probe.json."""
+    torch.save(fused["head"].state_dict(), folder / "fusion.pt")
+    probe = json.loads((folder / "probe.json").read_text())
+    probe["fusion"] = {"mode": settings.fusion_mode, "stages": settings.fusion_stages, "dim": settings.fusion_head.dim,
+                       "sources": fused["sources"], "val_accuracy": fused["summary"]["val_accuracy"]}
+    (folder / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", type=Path, required=True)
@@ -72,6 +92,10 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="the winner's probe val accuracy (JSON)")
     parser.add_argument("--leaderboard", type=Path, required=True, help="every candidate's row (CSV)")
     parser.add_argument("--plot", type=Path, required=True, help="the leaderboard figure (PNG)")
+    parser.add_argument("--fusion-weights", type=Path, required=True,
+                        help="mean fusion weight per source on val, overall and per class (CSV; empty without a "
+                             "gated or attention head)")
+    parser.add_argument("--fusion-figure", type=Path, required=True, help="the same as a figure (PNG)")
     args = parser.parse_args()
     setup_logging()
     params = load_params()
@@ -80,7 +104,7 @@ def main() -> None:
     with stage_run("features", params, ["base", "model", "features"]):
         import mlflow
 
-        check_candidates(params.candidates())
+        check_candidates(params.candidates(), settings.fusion_stages)
         meta = load_meta(args.prepared)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         digest = prepared_digest(args.prepared)
@@ -94,6 +118,18 @@ def main() -> None:
 
         classifier_head = lpft_head(winner, settings, params.base.seed)
         save_baseline(args.baseline, winner, classifier_head, meta["classes"], settings.fusion_stages)
+        weights = no_weights(meta["classes"])
+        if settings.fusion_mode != "none":
+            fused = fuse_winner(winner, meta["classes"], meta["image_size"], settings, params.model.drop_rate,
+                                params.base.seed)
+            save_fusion_head(args.baseline, fused, settings)
+            board = with_fusion_rows(board, winner, classifier_head, settings.fusion_mode, fused["summary"])
+            weights = fused["weights"]
+            mlflow.log_metrics({f"fusion.{key}": value for key, value in fused["summary"].items()})
+        args.fusion_weights.parent.mkdir(parents=True, exist_ok=True)
+        weights.to_csv(args.fusion_weights, index=False)
+        weights_figure(weights, settings.fusion_mode, args.fusion_figure)
+        mlflow.log_artifact(str(args.fusion_figure), artifact_path="fusion")
         write_metrics(args.metrics, {"probe": {"val_accuracy": winner.val_accuracy}})
         mlflow.log_metrics({"probe.val_log_loss": winner.val_log_loss,
                             "lpft_head.val_accuracy": classifier_head["val_accuracy"]})

@@ -1,6 +1,7 @@
 """finetune: staged fine-tuning from the linear probe (LP-FT), phase by phase.
 
-The classifier starts as the probe from the features stage; each phase in `finetune.phases`
+The classifier starts as the probe from the features stage (or, with `features.fusion_mode`, the
+model is a `fusion.FusedClassifier` whose fusion head starts as the one the features stage trained); each phase in `finetune.phases`
 trains the groups it names (head, the top N timm block groups, or all) with a fresh optimizer
 and warmup + cosine schedule, stops early on val loss, and the best epoch's weights are kept.
 After training, a temperature is fitted on val (NLL) and stored with the model: served
@@ -52,6 +53,21 @@ def start_from_probe(model: torch.nn.Module, head_file: Path) -> None:
     with torch.no_grad():
         classifier.weight.copy_(head["weight"])
         classifier.bias.copy_(head["bias"])
+
+
+def start_from_fusion_head(backbone: torch.nn.Module, fusion: dict, head_file: Path, num_classes: int,
+                           drop_rate: float) -> torch.nn.Module:
+    """The backbone with the features stage's fusion head (fusion.pt; `fusion`: probe.json's mode, stages,
+    dim) as its classifier: LP-FT with fusion. Returns the `FusedClassifier`."""
+    from stages.lib.fusion import fused_model
+
+    model = fused_model(backbone, fusion["mode"], fusion["stages"], fusion["dim"], num_classes, drop_rate)
+    try:
+        model.head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
+    except (RuntimeError, FileNotFoundError) as error:
+        raise PipelineError(f"{head_file}: does not fit the {fusion['mode']} fusion head of {fusion['stages']} "
+                            f"stages ({str(error).splitlines()[0]}); re-run the features stage") from None
+    return model
 
 
 def fingerprint(params: Params, meta: dict, head_file: Path) -> str:
@@ -120,7 +136,13 @@ def main() -> None:
             mlflow.set_tag("model.name", probe["model"])
         config = for_backbone(probe["model"], size, meta["interpolation"]).as_dict()  # the preprocessing contract
         model = create_backbone(probe["model"], probe["weights"], len(classes), params.model.drop_rate)
-        start_from_probe(model, args.baseline / "classifier.pt")
+        fusion = probe.get("fusion")  # a fusion head from the features stage (features.fusion_mode)
+        if fusion:
+            start = args.baseline / "fusion.pt"
+            model = start_from_fusion_head(model, fusion, start, len(classes), params.model.drop_rate)
+        else:
+            start = args.baseline / "classifier.pt"
+            start_from_probe(model, start)
         model = model.to(dist.device, memory_format=memory_format(settings.channels_last))
 
         train_loader, val_loader = make_loaders(
@@ -129,7 +151,7 @@ def main() -> None:
             threads.apply().workers(settings.workers),
             mixup=uses_mixup(settings))
         started = time.perf_counter()
-        key = fingerprint(params, meta, args.baseline / "classifier.pt")
+        key = fingerprint(params, meta, start)
         checkpoint = repo_root() / args.checkpoints / f"{key[:16]}.pt"
         state = run_phases(model, settings, train_loader, val_loader, config["mean"], config["std"],
                            params.base.seed, checkpoint, key,
@@ -149,7 +171,8 @@ def main() -> None:
         (args.out / "config.json").write_text(json.dumps({
             "model": probe["model"], "num_classes": len(classes), "classes": classes, "data_config": config,
             "temperature": round(temperature, 6), "classifier": classifier_prefix(model),
-            "best_epoch": state.best_epoch}, indent=2) + "\n")
+            "best_epoch": state.best_epoch} | ({"fusion": {key: fusion[key] for key in ("mode", "stages", "dim")}}
+                                              if fusion else {}), indent=2) + "\n")
         write_history(args.history, state.history)
         best = state.history[state.best_epoch - 1]
         write_metrics(args.metrics, {"best_epoch": state.best_epoch, "best_val_loss": round(best["val_loss"], 6),

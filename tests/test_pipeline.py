@@ -17,7 +17,7 @@ OUTS = [
     "data/splits/train.csv", "data/splits/val.csv", "data/splits/test.csv", "metrics/split.json",
     "data/prepared/train_images.npy", "data/prepared/meta.json", "reports/augment_preview.png",
     "data/features/tf_efficientnet_lite0.npz", "models/baseline/head.pt", "models/baseline/classifier.pt",
-    "metrics/features.json", "reports/leaderboard.csv",
+    "metrics/features.json", "reports/leaderboard.csv", "plots/fusion_weights.csv", "reports/fusion_weights.png",
     "models/finetuned/model.pt", "models/finetuned/config.json", "metrics/finetune.json", "plots/finetune_history.csv",
     "metrics/evaluate.json", "plots/evaluate/confusion.csv", "plots/evaluate/per_class_f1.csv",
     "plots/evaluate/reliability.csv", "reports/evaluate/confusion_finetuned.png", "reports/evaluate/predictions.csv",

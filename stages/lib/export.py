@@ -124,7 +124,13 @@ def to_int8(source: Path, path: Path, metadata: dict) -> None:
 
     prepared = path.with_suffix(".pre.onnx")
     with _quiet():
-        quant_pre_process(str(source), str(prepared))
+        try:
+            quant_pre_process(str(source), str(prepared))
+        except Exception as error:  # noqa: BLE001 (onnxruntime raises a bare Exception)
+            if "symbolic shape inference" not in str(error):
+                raise
+            # timm's forward_intermediates (a fused model) defeats the symbolic pass; ONNX's own shape inference suffices
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         head = [classifier_node(onnx.load(str(prepared)).graph)]
         # the quantizer renames a Gemm it splits into MatMul + Add: exclude both names
         quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8,

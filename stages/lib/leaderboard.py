@@ -64,11 +64,14 @@ class Entry:
 
 
 # ------------------------------------------------------------------- probing, measuring
-def check_candidates(candidates) -> None:
-    """Fail before any work when a candidate's timm name or weight source is unusable."""
+def check_candidates(candidates, fusion_stages: int = 0) -> None:
+    """Fail before any work when a candidate's timm name or weight source is unusable, or it has fewer
+    feature stages than `fusion_stages`."""
     import difflib
 
     import timm
+
+    from stages.lib.fusion import check_fusion
 
     for candidate in candidates:
         if not timm.is_model(candidate.name):
@@ -82,6 +85,8 @@ def check_candidates(candidates) -> None:
                 raise WeightsError(f"'{candidate.weights}' is not one of pypi, imagenet, none, nor an existing file")
         except WeightsError as error:
             raise WeightsError(f"features.candidates {candidate.name}: {error}") from None
+        if fusion_stages:
+            check_fusion(timm.create_model(candidate.name, pretrained=False), fusion_stages)
 
 
 def backbone_params(model: nn.Module) -> int:
@@ -174,6 +179,28 @@ def leaderboard(entries: list[Entry], winner: Entry, select) -> "pd.DataFrame":
             | {k: v for k, v in entry.row().items() if k not in ("name", "features")}
             for position, entry in enumerate(rank(entries), start=1)]
     return pd.DataFrame(rows)
+
+
+def with_fusion_rows(board: "pd.DataFrame", winner: Entry, prelogits_probe: dict, mode: str,
+                     fused: dict) -> "pd.DataFrame":
+    """The leaderboard with a `head` column (`logreg`: the candidates' probes) and two rows for the
+    chosen backbone: `logreg_prelogits` (the probe without fusion: pre-logits features only) and the
+    fusion head of `mode` (`fused`: fuse_winner's summary; its latency is the whole fused model's)."""
+    import pandas as pd
+
+    extra = [{"rank": None, "candidate": winner.name, "chosen": False, "rule": board["rule"].iloc[0],
+              "head": "logreg_prelogits", "weights": winner.weights, "val_accuracy": prelogits_probe["val_accuracy"],
+              "val_log_loss": prelogits_probe["val_log_loss"], "C": prelogits_probe["C"], "params": winner.params,
+              "embedding_dim": winner.classifier_dim, "latency_ms": winner.latency_ms},
+             {"rank": None, "candidate": winner.name, "chosen": False, "rule": board["rule"].iloc[0],
+              "head": mode, "weights": winner.weights, "val_accuracy": fused["val_accuracy"],
+              "val_log_loss": fused["val_loss"], "C": None, "params": fused["params"],
+              "embedding_dim": winner.embedding_dim, "latency_ms": fused["latency_ms"],
+              "head_params": fused["parameters"]}]
+    classes = len(prelogits_probe["bias"])
+    board = board.assign(head="logreg", head_params=(board["embedding_dim"] + 1) * classes)
+    extra[0]["head_params"] = (winner.classifier_dim + 1) * classes
+    return pd.concat([board, pd.DataFrame(extra)], ignore_index=True)
 
 
 # ---------------------------------------------------------------------------------- figure

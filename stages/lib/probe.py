@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.lib import PipelineError
+from stages.lib.fusion import check_fusion, pooled_sources
 from stages.lib.prepared import load_split
 from stages.lib.preprocessing import Normalize
 
@@ -48,25 +48,9 @@ KEEP_DATA_VERSIONS = 3
 
 
 # ------------------------------------------------------------------------------ extraction
-def check_fusion(model: nn.Module, fusion_stages: int) -> None:
-    """Fail clearly when the backbone cannot give the last `fusion_stages` feature stages."""
-    if not fusion_stages:
-        return
-    name = model.pretrained_cfg.get("architecture", type(model).__name__)
-    if not hasattr(model, "forward_intermediates"):
-        raise PipelineError(f"features.fusion_stages={fusion_stages}: {name} has no forward_intermediates in timm")
-    if fusion_stages > len(model.feature_info):
-        raise PipelineError(f"features.fusion_stages={fusion_stages}: {name} has only "
-                            f"{len(model.feature_info)} feature stages")
-
-
 def pooled_features(model: nn.Module, batch: torch.Tensor, fusion_stages: int = 0) -> torch.Tensor:
     """(N, D) embeddings of a normalised batch: pre-logits features, plus pooled stages if fused."""
-    if not fusion_stages:
-        return model.forward_head(model.forward_features(batch), pre_logits=True)
-    final, stages = model.forward_intermediates(batch, indices=fusion_stages)
-    pooled = [model.forward_head(final, pre_logits=True)] + [stage.mean(dim=(2, 3)) for stage in stages]
-    return torch.cat(pooled, dim=1)
+    return pooled_sources(model, batch, fusion_stages)
 
 
 @torch.inference_mode()

@@ -5,7 +5,8 @@ MLflow pyfunc registered by finetune, which `mlflow models serve` and `stages.pr
   prepares training images (`preprocessing.DataConfig.decode`: upright, RGB, shorter side resized
   with the model's interpolation, centre crop). Unreadable data raises `ImageDecodeError`.
 - `ImageClassifier`: the one model loader. A model folder (model.pt + config.json, as finetune
-  writes it: backbone, classes, the preprocessing contract, the calibration temperature) ->
+  writes it: backbone, classes, the preprocessing contract, the calibration temperature, and with
+  `features.fusion_mode` the fusion head's `fusion` settings: `fusion.FusedClassifier`) ->
   `probabilities(uint8 images)` for evaluate and export, and `predict(list of bytes)`: a DataFrame with one row per image: `label`, `probability` (of that
   label), `probabilities` (every class, in `classes` order) and `error` (empty when the image
   was read; otherwise the reason, and the other columns are null). A bad image never fails
@@ -85,6 +86,11 @@ class ImageClassifier:
         self.temperature: float = float(self.config.get("temperature", 1.0))
         self.batch_size = batch_size
         backbone = create_backbone(self.config["model"], "none", self.config["num_classes"])
+        fusion = self.config.get("fusion")  # {mode, stages, dim}: a fusion head over the backbone's stages
+        if fusion:
+            from stages.lib.fusion import fused_model
+
+            backbone = fused_model(backbone, fusion["mode"], fusion["stages"], fusion["dim"], self.config["num_classes"])
         backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.model = NormalizedClassifier(backbone, self.data_config.mean, self.data_config.std,
                                           self.temperature).eval()

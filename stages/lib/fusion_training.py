@@ -1,0 +1,155 @@
+"""Training a `FusionHead` on cached embeddings, and what it learned (gate/attention weight per source).
+
+The features stage caches, per candidate, embeddings whose columns are the fusion sources in order
+(pre-logits features, then the pooled last K stages: `fusion.pooled_sources`). `train_fusion_head`
+fits a head on train_x/train_y with AdamW and cross-entropy, evaluates val every epoch, keeps the
+epoch of lowest val loss and stops after `patience` epochs without improvement. Only val is used.
+
+`weights_table`: the mean gate/attention weight of each source over the val set, overall (`all`) and
+per true class; a wide table, one row per source (what `dvc plots` and the figure draw).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from stages.lib.fusion import FusionHead
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+def source_names(num_stages: int, fusion_stages: int) -> list[str]:
+    """Names of the sources: `pre_logits`, then `stage<i>` for the last `fusion_stages` of the
+    backbone's `num_stages` feature stages (timm's feature_info index)."""
+    return ["pre_logits"] + [f"stage{index}" for index in range(num_stages - fusion_stages, num_stages)]
+
+
+def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    head.eval()
+    with torch.no_grad():
+        logits = head(x)
+    return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def train_fusion_head(arrays: dict[str, np.ndarray], source_dims: list[int], num_classes: int, mode: str,
+                      settings, drop_rate: float, seed: int) -> tuple[FusionHead, dict]:
+    """A `FusionHead` trained on the cached embeddings `arrays` (train_x/train_y/val_x/val_y).
+
+    settings: the `features.fusion_head` params (dim, epochs, lr, weight_decay, batch_size, patience).
+    Returns (the head at its best val-loss epoch, in eval mode; a summary: val_accuracy, val_loss,
+    best_epoch, epochs_run, seconds, parameters).
+    """
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    train_x, train_y = torch.from_numpy(arrays["train_x"]).float(), torch.from_numpy(arrays["train_y"]).long()
+    val_x, val_y = torch.from_numpy(arrays["val_x"]).float(), torch.from_numpy(arrays["val_y"]).long()
+    head = FusionHead(source_dims, num_classes, mode, settings.dim, drop_rate)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    best, best_state, best_epoch, epoch = None, None, 0, 0
+    for epoch in range(1, settings.epochs + 1):
+        head.train()
+        for index in torch.randperm(len(train_x), generator=generator).split(settings.batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(head(train_x[index]), train_y[index]).backward()
+            optimizer.step()
+        loss, accuracy = _evaluate(head, val_x, val_y)
+        if best is None or loss < best[0]:
+            best, best_state, best_epoch = (loss, accuracy), copy.deepcopy(head.state_dict()), epoch
+        elif epoch - best_epoch >= settings.patience:
+            break
+    head.load_state_dict(best_state)
+    head.eval()
+    summary = {"val_loss": best[0], "val_accuracy": best[1], "best_epoch": best_epoch, "epochs_run": epoch,
+               "seconds": round(time.perf_counter() - started, 2),
+               "parameters": sum(p.numel() for p in head.parameters())}
+    log.info("fusion head (%s): val %.4f (loss %.4f) at epoch %d of %d, %.1f s", mode, best[1], best[0], best_epoch,
+             epoch, summary["seconds"])
+    return head, summary
+
+
+def weights_table(head: FusionHead, x: np.ndarray, y: np.ndarray, classes: list[str],
+                  names: list[str]) -> "pd.DataFrame":
+    """Mean source weight over the rows of x: columns source, all, then one per class present in y
+    (gated/attention heads; a concat head has no weights: the table has no rows)."""
+    import pandas as pd
+
+    columns = ["source", "all"] + [classes[i] for i in sorted(set(int(label) for label in y))]
+    weights = head.source_weights(torch.from_numpy(x).float())
+    if weights is None:
+        return pd.DataFrame(columns=columns)
+    weights = weights.numpy()
+    table = {"source": names, "all": weights.mean(axis=0)}
+    for index in sorted(set(int(label) for label in y)):
+        table[classes[index]] = weights[y == index].mean(axis=0)
+    return pd.DataFrame(table, columns=columns).round(6)
+
+
+def weights_figure(table: "pd.DataFrame", mode: str, path: Path) -> None:
+    """Two panels: the mean weight per source over val; the same per class (a heat map)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (bars, heat) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if table.empty:
+        bars.text(0.5, 0.5, f"fusion_mode {mode}: no learned weights", ha="center")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return
+    positions = np.arange(len(table))
+    bars.barh(positions, table["all"], height=0.6)
+    bars.set_yticks(positions, table["source"])
+    bars.invert_yaxis()
+    bars.set_xlabel("mean gate" if mode == "gated" else "mean attention weight")
+    bars.set_title(f"{mode} fusion: weight per source (val)")
+    per_class = table.drop(columns=["source", "all"]).to_numpy()
+    image = heat.imshow(per_class, aspect="auto", cmap="viridis")
+    heat.set_yticks(positions, table["source"])
+    heat.set_xticks(np.arange(per_class.shape[1]), table.columns[2:], rotation=45, ha="right")
+    heat.set_xlabel("true class")
+    heat.set_title("per class (val)")
+    figure.colorbar(image, ax=heat)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def fuse_winner(winner, classes: list[str], image_size: int, settings, drop_rate: float, seed: int) -> dict:
+    """Train the `features.fusion_mode` head on the chosen candidate's cached embeddings.
+
+    winner: the leaderboard `Entry` (its `features` file holds the embeddings); settings: the `features`
+    params. Returns {'head' (the FusionHead), 'summary' (train_fusion_head's, plus latency_ms of the whole
+    fused model, batch 1, one thread, and params: its backbone without the head), 'weights' (weights_table
+    on val), 'sources' (the source widths)}.
+    """
+    from stages.lib.backbones import create_backbone
+    from stages.lib.fusion import FusedClassifier, source_dims
+    from stages.lib.leaderboard import backbone_params, latency_ms
+
+    with np.load(winner.features) as stored:
+        arrays = {name: stored[name] for name in ("train_x", "train_y", "val_x", "val_y")}
+    backbone = create_backbone(winner.name, "none", len(classes))  # shapes and latency only: weights do not matter
+    dims = source_dims(backbone, settings.fusion_stages)
+    if sum(dims) != arrays["train_x"].shape[1]:
+        raise ValueError(f"{winner.features}: {arrays['train_x'].shape[1]} columns, the sources need {sum(dims)}")
+    head, summary = train_fusion_head(arrays, dims, len(classes), settings.fusion_mode, settings.fusion_head,
+                                      drop_rate, seed)
+    names = source_names(len(backbone.feature_info), settings.fusion_stages)
+    model = FusedClassifier(backbone, copy.deepcopy(head), settings.fusion_stages)
+    summary |= {"latency_ms": latency_ms(model, image_size), "params": backbone_params(model)}
+    return {"head": head, "summary": summary, "sources": dims,
+            "weights": weights_table(head, arrays["val_x"], arrays["val_y"], classes, names)}
