@@ -3,7 +3,7 @@
 The classifier starts as the probe from the features stage (or, with `features.fusion_mode`, the
 model is a `fusion.FusedClassifier` whose fusion head starts as the one the features stage trained); each phase in `finetune.phases`
 trains the groups it names (head, the top N timm block groups, or all) with a fresh optimizer
-and warmup + cosine schedule, stops early on val loss, and the best epoch's weights are kept.
+and warmup + cosine schedule, stops early on val loss; the last epoch's weights are kept (`finetune.keep`: or the best by val loss).
 After training, a temperature is fitted on val (NLL) and stored with the model: served
 probabilities are calibrated. A checkpoint after every epoch (--checkpoints, resolved under the
 real repository root and named by a fingerprint of the settings and inputs, so `dvc exp run
@@ -171,13 +171,13 @@ def main() -> None:
         (args.out / "config.json").write_text(json.dumps({
             "model": probe["model"], "num_classes": len(classes), "classes": classes, "data_config": config,
             "temperature": round(temperature, 6), "classifier": classifier_prefix(model),
-            "best_epoch": state.best_epoch} | ({"fusion": {key: fusion[key] for key in ("mode", "stages", "dim")}}
+            "kept_epoch": state.best_epoch} | ({"fusion": {key: fusion[key] for key in ("mode", "stages", "dim")}}
                                               if fusion else {}), indent=2) + "\n")
         write_history(args.history, state.history)
         best = state.history[state.best_epoch - 1]
-        write_metrics(args.metrics, {"best_epoch": state.best_epoch, "best_val_loss": round(best["val_loss"], 6),
+        write_metrics(args.metrics, {"kept_epoch": state.best_epoch, "kept_val_loss": round(best["val_loss"], 6),
                                      "temperature": round(temperature, 4)})
-        mlflow.log_metrics({"best/val_accuracy": best["val_accuracy"], "calibration/val_nll_before": nll_before,
+        mlflow.log_metrics({"kept/val_accuracy": best["val_accuracy"], "calibration/val_nll_before": nll_before,
                             "calibration/val_nll_after": nll_after, "time/train_seconds": round(seconds, 1)})
         mlflow.log_param("epochs_run", state.epoch)
         phase_ends = [i for i, row in enumerate(state.history[:-1])
@@ -190,7 +190,7 @@ def main() -> None:
         mlflow.set_tags({"registered.model": params.mlflow.registered_model,
                          "registered.version": str(info.registered_model_version)})
     checkpoint.unlink(missing_ok=True)
-    log.info("best epoch %d: val loss %.4f, val accuracy %.4f (%.0f s)", state.best_epoch, best["val_loss"],
+    log.info("kept epoch %d: val loss %.4f, val accuracy %.4f (%.0f s)", state.best_epoch, best["val_loss"],
              best["val_accuracy"], seconds)
 
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         row = results[name]["test"]
         ece = f"{row['ece']:>8.4f}" if "ece" in row else f"{'':>8}"
         print(f"{label:<28}{row['accuracy']:>10.4f}{row['macro_f1']:>10.4f}{ece}")
-    print(f"\nfine-tuning: best epoch {finetune['best_epoch']}, val accuracy {results['finetuned']['val']['accuracy']:.4f}, "
+    print(f"\nfine-tuning: kept epoch {finetune['kept_epoch']}, val accuracy {results['finetuned']['val']['accuracy']:.4f}, "
           f"temperature {finetune['temperature']:.3f}")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)

@@ -200,16 +200,19 @@ def test_lr_per_block_group_shows_the_phases(tmp_path):
     assert [row["phase_index"] for row in state.history] == [0, 1, 1]
 
 
-def test_the_best_epoch_by_val_loss_is_restored_at_the_end(tmp_path):
+@pytest.mark.parametrize("keep", ["best_val_loss", "last"])
+def test_the_kept_weights_are_the_best_epochs_by_val_loss_or_the_last(tmp_path, keep):
     model = tiny_model()
     recipe = settings([{"name": "good", "trainable": "all", "epochs": 2, "lr": 1e-2},
-                       {"name": "wreck", "trainable": "all", "epochs": 2, "lr": 1.0}], patience=5, clip_grad=None)
+                       {"name": "wreck", "trainable": "all", "epochs": 2, "lr": 1.0}], patience=5, clip_grad=None,
+                      keep=keep)
     kept = {}
     state = train(model, recipe, tmp_path, on_epoch=lambda row: kept.setdefault(row["epoch"], {
         name: value.clone() for name, value in model.state_dict().items()}))
     losses = [row["val_loss"] for row in state.history]
     assert all(math.isfinite(loss) for loss in losses) and len(losses) == 4
-    assert state.best_epoch == 1 + losses.index(min(losses)) and state.best_epoch <= 2
+    expected = 1 + losses.index(min(losses)) if keep == "best_val_loss" else 4
+    assert state.best_epoch == expected and (keep == "last" or state.best_epoch <= 2)
     assert all(torch.equal(value, kept[state.best_epoch][name]) for name, value in model.state_dict().items())
 
 

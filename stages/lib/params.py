@@ -270,7 +270,7 @@ class Finetune(Recipe):
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     channels_last: bool = True
     workers: int = Field(0, ge=0)                               # DataLoader worker processes
-    keep: Literal["best_val_loss", "last"] = "best_val_loss"   # the weights kept: best epoch by val loss, or the last
+    keep: Literal["best_val_loss", "last"] = "last"            # the weights kept: the last epoch, or the best by val loss
     temperature_bounds: tuple[float, float] = (0.25, 4.0)      # calibration: the temperature is searched within
 
     @field_validator("temperature_bounds")

@@ -10,8 +10,8 @@ What each phase does (tests/test_training.py checks each point):
   statistics only with `train_bn`;
 - label smoothing, or timm's Mixup/CutMix with soft targets; gradient clipping; optionally an EMA of
   the weights (timm's ModelEmaV3), which is then what is validated and kept, as in timm's train.py;
-- stops after `patience` epochs without a new best val loss; at the end the weights of the best epoch by
-  val loss are restored (`keep: best_val_loss`), or the last epoch's are kept (`keep: last`).
+- stops after `patience` epochs without a new best val loss; at the end the last epoch's weights are kept
+  (`keep: last`: the annealed end of the schedule), or the best epoch's by val loss restored (`keep: best_val_loss`).
 
 Determinism: every epoch reseeds torch, numpy, random and the sampler from (seed, epoch, rank), so
 the random state at an epoch follows from its number, and a run resumed from the checkpoint written
