@@ -65,10 +65,9 @@ def import_seconds(stderr: str) -> float:
 
 
 def run_start(project: Path, stage: str) -> float:
-    """The epoch seconds at which the stage's last MLflow run started (its lineage file names it)."""
-    run_id = yaml.safe_load((project / "reports/lineage" / f"{stage}.json").read_text())["run_id"]
+    """The epoch seconds at which the stage's newest MLflow run (named after the stage) started."""
     with sqlite3.connect(project / "mlflow.db") as db:
-        (start_ms,), = db.execute("select start_time from runs where run_uuid = ?", (run_id,)).fetchall()
+        (start_ms,), = db.execute("select max(start_time) from runs where name = ?", (stage,)).fetchall()
     return start_ms / 1000.0
 
 

@@ -1,6 +1,6 @@
 """Queued experiments in parallel: 4 fine-tuning experiments through `dvc queue start -j 1` and `-j 2`.
 
-    python benchmarks/queue.py [--workdir DIR] [--experiments 4] [--jobs 1 2] [--per-class N]
+    python benchmarks/dvc_queue.py [--workdir DIR] [--experiments 4] [--jobs 1 2] [--per-class N]
 
 Clones this repository's committed HEAD into a work folder, writes the demo digits, sets a short
 recipe (one candidate backbone, 1 head epoch + 2 full epochs, ONNX export only) and runs `dvc repro`
@@ -21,9 +21,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# run as `python benchmarks/queue.py`, this folder comes first on sys.path and this file would shadow the
-# standard library's `queue` (which torch imports): drop the folder, put the repository root instead
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
