@@ -50,7 +50,7 @@ test: install ## run the test suite (PYTEST_ARGS="-m 'not slow'" for the quick p
 gate: | install ## is the model worse than the champion (or AGAINST=file) beyond noise? exit 1 if so
 	$(PYTHON) -m stages.gate --against $(AGAINST) --report reports/gate.md
 
-# Every benchmark, each against a plain baseline in the same run (about 15 minutes on 2 cores); writes
+# Every benchmark, each against a plain baseline in the same run (about 12 minutes on 2 quiet cores); writes
 # benchmarks/results/*.json and the table benchmarks/results/summary.md. Torch keeps to BENCH_THREADS threads.
 BENCH_THREADS ?= 1
 bench: | install ## every benchmark beside a plain baseline; benchmarks/results/*.json and summary.md

@@ -18,7 +18,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import statistics
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -55,6 +57,16 @@ def preprocessing(config: dict) -> dict:
 def as_metadata(values: dict) -> dict[str, str]:
     """ONNX metadata_props and TorchScript extra files hold strings: lists and numbers as JSON."""
     return {key: value if isinstance(value, str) else json.dumps(value) for key, value in values.items()}
+
+
+@contextmanager
+def _working_directory(folder: str):
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 @contextmanager
@@ -125,7 +137,10 @@ def to_int8(source: Path, path: Path, metadata: dict) -> None:
     prepared = path.with_suffix(".pre.onnx")
     with _quiet():
         try:
-            quant_pre_process(str(source), str(prepared))
+            # onnxruntime drops a debug model into the working directory when its symbolic pass fails: not ours
+            absolute = str(source.resolve()), str(prepared.resolve())
+            with tempfile.TemporaryDirectory(prefix="int8-") as scratch, _working_directory(scratch):
+                quant_pre_process(*absolute)
         except Exception as error:  # noqa: BLE001 (onnxruntime raises a bare Exception)
             if "symbolic shape inference" not in str(error):
                 raise
