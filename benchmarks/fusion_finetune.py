@@ -55,7 +55,7 @@ def describe(values: list[float]) -> str:
     values = [value for value in values if value is not None and value == value]
     if not values:
         return ""
-    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.pstdev(values):.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
 def main() -> None:
