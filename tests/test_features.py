@@ -171,14 +171,19 @@ def test_with_fusion_the_lpft_head_is_a_probe_on_the_classifier_columns(tmp_path
 def test_leaderboard_and_the_winner_probe(tiny_pipeline):
     import pandas as pd
 
-    table = pd.read_csv(tiny_pipeline / "reports/leaderboard.csv")
+    everything = pd.read_csv(tiny_pipeline / "reports/leaderboard.csv")
+    table = everything[everything["head"] == "logreg"]  # one row per candidate: its logistic probe
     assert sorted(table["candidate"]) == DEFAULT_CANDIDATES
-    assert not [column for column in table.columns if "test" in column]  # choosing never looks at test
+    assert not [column for column in everything.columns if "test" in column]  # choosing never looks at test
     assert table["val_accuracy"].between(0, 1).all() and (table["latency_ms"] > 0).all()
     assert (table["embedding_dim"] > 1280).all() and (table["params"] > 1_000_000).all()  # fused
     winner = table[table["chosen"]].iloc[0]
     assert winner["rank"] == 1 and winner["val_accuracy"] == table["val_accuracy"].max()
     board = {"winner": winner["candidate"]}
+    # the default fusion_mode concat adds the winner's unfused probe and its fusion head (finetune's start)
+    fusion_rows = everything[everything["head"] != "logreg"]
+    assert sorted(fusion_rows["head"]) == ["concat", "logreg_prelogits"]
+    assert (fusion_rows["candidate"] == board["winner"]).all() and fusion_rows["val_accuracy"].between(0, 1).all()
     assert (tiny_pipeline / "reports/leaderboard.png").stat().st_size > 10_000
 
     probe = json.loads((tiny_pipeline / "models/baseline/probe.json").read_text())
@@ -204,7 +209,7 @@ def test_leaderboard_and_the_winner_probe(tiny_pipeline):
 
     table = load_dict(f"runs:/{features_run['run_id']}/leaderboard/leaderboard.json")  # mlflow.log_table's format
     candidates = [row[table["columns"].index("candidate")] for row in table["data"]]
-    assert sorted(candidates) == DEFAULT_CANDIDATES
+    assert sorted(set(candidates)) == DEFAULT_CANDIDATES and len(candidates) == len(everything)
 
 
 def test_adding_a_candidate_extracts_only_that_one(tiny_pipeline, tmp_path):
@@ -226,7 +231,7 @@ def test_adding_a_candidate_extracts_only_that_one(tiny_pipeline, tmp_path):
     assert (project / "data/features/mobilenetv3_small_050.npz").is_file()
     import pandas as pd
 
-    board = pd.read_csv(project / "reports/leaderboard.csv").set_index("candidate")
+    board = pd.read_csv(project / "reports/leaderboard.csv").query("head == 'logreg'").set_index("candidate")
     columns = np.load(project / "data/features/mobilenetv3_small_050.npz")["train_x"].shape[1]
     assert len(board) == 4 and board.loc["mobilenetv3_small_050", "embedding_dim"] == columns
     assert columns > 1024  # its 1024 pre-logits features plus the fused stages
