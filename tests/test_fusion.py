@@ -43,12 +43,9 @@ def test_each_mode_gives_logits_and_gradients_to_every_source(mode):
         assert x.grad[:, start:start + width].abs().sum() > 0  # every source reaches the logits
     assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
     weights = head.source_weights(x)
-    if mode == "concat":
-        assert weights is None
-    else:
-        assert weights.shape == (7, 3) and ((weights > 0) & (weights < 1)).all()
-        if mode == "attention":
-            torch.testing.assert_close(weights.sum(1), torch.ones(7))
+    assert weights.shape == (7, 3) and ((weights > 0) & (weights < 1)).all()
+    if mode != "gated":  # attention weights and concat's shares of the predicted logit sum to 1
+        torch.testing.assert_close(weights.sum(1), torch.ones(7))
 
 
 def test_an_unknown_mode_names_the_key():
@@ -160,7 +157,8 @@ def test_the_loader_rebuilds_a_fused_model_from_config_json(backbone_factory, tm
     assert isinstance(classifier.model.model, FusedClassifier)
 
 
-def test_a_fusion_head_trains_on_cached_embeddings_and_reports_its_weights():
+@pytest.mark.parametrize("mode", ["attention", "concat"])
+def test_a_fusion_head_trains_on_cached_embeddings_and_reports_its_weights(mode):
     from stages.lib.fusion_training import source_names, train_fusion_head, weights_table
     from stages.lib.params import FusionHead as Settings
 
@@ -172,9 +170,9 @@ def test_a_fusion_head_trains_on_cached_embeddings_and_reports_its_weights():
         x = rng.normal(size=(60, sum(dims))).astype(np.float32)
         x[:, 4:7] += 3.0 * np.eye(3, dtype=np.float32)[y]  # only the second source tells the classes apart
         arrays |= {f"{split}_x": x, f"{split}_y": y}
-    head, summary = train_fusion_head(arrays, dims, 3, "attention", Settings(dim=8, epochs=40, patience=40, batch_size=8, lr=1e-2), 0.0, seed=0)
+    head, summary = train_fusion_head(arrays, dims, 3, mode, Settings(dim=8, epochs=40, patience=40, batch_size=8, lr=1e-2), 0.0, seed=0)
     assert summary["val_accuracy"] > 0.9 and 1 <= summary["best_epoch"] <= summary["epochs_run"] <= 40
-    again, _ = train_fusion_head(arrays, dims, 3, "attention", Settings(dim=8, epochs=40, patience=40, batch_size=8, lr=1e-2), 0.0, seed=0)
+    again, _ = train_fusion_head(arrays, dims, 3, mode, Settings(dim=8, epochs=40, patience=40, batch_size=8, lr=1e-2), 0.0, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values()))
     table = weights_table(head, arrays["val_x"], arrays["val_y"], ["x", "y", "z"], source_names(5, 2))
     assert list(table["source"]) == ["pre_logits", "stage3", "stage4"] and list(table.columns) == ["source", "all",

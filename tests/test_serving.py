@@ -106,7 +106,7 @@ def test_registered_version_is_an_image_pyfunc(tiny_pipeline):
     version = mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion")
     results = json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())["finetuned"]
     assert version.description.startswith(f"Val accuracy {results['val']['accuracy']:.4f} (what promotion compares)")
-    assert float(version.tags["test.accuracy"]) == pytest.approx(results["test"]["accuracy"])
+    assert float(version.tags["test.accuracy"]) == pytest.approx(results["test"]["accuracy"], abs=1e-6)  # tags hold 6 decimals
     logged = {metric.key: metric.value for metric in mlflow.get_logged_model(info.model_id).metrics}
     assert logged["test.accuracy"] == pytest.approx(results["test"]["accuracy"])
     model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")

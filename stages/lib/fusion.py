@@ -15,7 +15,9 @@ Every source is first layer-normalised (pooled stages differ in scale by orders 
 - `attention`: each source projected to `dim`; additive attention scores per source
   (v . tanh(W p_s)), softmax across the sources (N, S, summing to 1); the weighted sum (N, dim),
   dropout, linear.
-`source_weights(x)` gives the (N, S) gate or attention weights of a batch (None for concat).
+`source_weights(x)` gives (N, S) weights of a batch, each row what each source contributes: the gates
+(gated), the attention weights (attention), or for concat each source's share of the predicted class's
+logit (the sum of |weight x feature| over the source's columns, normalised to sum to 1 per image).
 
 `FusedClassifier(backbone, head, fusion_stages)`: normalised images (N, 3, H, W) -> logits, the contract
 of a timm model, so `NormalizedClassifier`, the trainer's phases (`classifier_prefix`, `group_matcher`),
@@ -114,11 +116,16 @@ class FusionHead(nn.Module):
         return self.fc(self.drop((projected * weights.unsqueeze(-1)).sum(dim=1)))
 
     @torch.no_grad()
-    def source_weights(self, x: torch.Tensor) -> torch.Tensor | None:
-        """(N, S) gate (gated: each in (0, 1)) or attention (rows sum to 1) weights; None for concat."""
-        if self.mode == "concat":
-            return None
-        return self._weighted(x)[1]
+    def source_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, S): gates (gated: each in (0, 1)), attention weights (rows sum to 1), or for concat each source's
+        share of the predicted class's logit (rows sum to 1)."""
+        if self.mode != "concat":
+            return self._weighted(x)[1]
+        sources = self._sources(x)
+        rows = self.fc.weight[self.fc(torch.cat(sources, dim=1)).argmax(dim=1)]  # (N, D): the predicted class's
+        parts = torch.split(rows, self.source_dims, dim=1)
+        shares = torch.stack([(weight * source).abs().sum(dim=1) for weight, source in zip(parts, sources)], dim=1)
+        return shares / shares.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 class FusedClassifier(nn.Module):

@@ -5,8 +5,8 @@ The features stage caches, per candidate, embeddings whose columns are the fusio
 fits a head on train_x/train_y with AdamW and cross-entropy, evaluates val every epoch, keeps the
 epoch of lowest val loss and stops after `patience` epochs without improvement. Only val is used.
 
-`weights_table`: the mean gate/attention weight of each source over the val set, overall (`all`) and
-per true class; a wide table, one row per source (what `dvc plots` and the figure draw).
+`weights_table`: the mean weight of each source over the val set (gate, attention weight, or for concat
+its share of the predicted logit), overall (`all`) and per true class; a wide table, one row per source (what `dvc plots` and the figure draw).
 """
 
 from __future__ import annotations
@@ -82,14 +82,11 @@ def train_fusion_head(arrays: dict[str, np.ndarray], source_dims: list[int], num
 def weights_table(head: FusionHead, x: np.ndarray, y: np.ndarray, classes: list[str],
                   names: list[str]) -> "pd.DataFrame":
     """Mean source weight over the rows of x: columns source, all, then one per class present in y
-    (gated/attention heads; a concat head has no weights: the table has no rows)."""
+    (`FusionHead.source_weights`: gates, attention weights, or concat's shares of the predicted logit)."""
     import pandas as pd
 
     columns = ["source", "all"] + [classes[i] for i in sorted(set(int(label) for label in y))]
-    weights = head.source_weights(torch.from_numpy(x).float())
-    if weights is None:
-        return pd.DataFrame(columns=columns)
-    weights = weights.numpy()
+    weights = head.source_weights(torch.from_numpy(x).float()).numpy()
     table = {"source": names, "all": weights.mean(axis=0)}
     for index in sorted(set(int(label) for label in y)):
         table[classes[index]] = weights[y == index].mean(axis=0)
@@ -114,7 +111,7 @@ def weights_figure(table: "pd.DataFrame", mode: str, path: Path) -> None:
     bars.barh(positions, table["all"], height=0.6)
     bars.set_yticks(positions, table["source"])
     bars.invert_yaxis()
-    bars.set_xlabel("mean gate" if mode == "gated" else "mean attention weight")
+    bars.set_xlabel({"gated": "mean gate", "attention": "mean attention weight"}.get(mode, "mean share of the predicted logit"))
     bars.set_title(f"{mode} fusion: weight per source (val)")
     per_class = table.drop(columns=["source", "all"]).to_numpy()
     image = heat.imshow(per_class, aspect="auto", cmap="viridis")
