@@ -55,16 +55,24 @@ def save_head(head: dict, path: Path) -> None:
     torch.save({"weight": torch.from_numpy(head["weight"]), "bias": torch.from_numpy(head["bias"])}, path)
 
 
-def save_baseline(folder: Path, winner: Entry, classifier_head: dict, classes: list[str], fusion_stages: int) -> None:
-    """head.pt (the baseline probe), classifier.pt (the LP-FT start) and probe.json (what later stages need)."""
+def save_baseline(folder: Path, winner: Entry, classifier_head: dict, classes: list[str], settings,
+                  fused: dict | None) -> None:
+    """head.pt (the baseline probe), classifier.pt (the LP-FT start), with a fusion head (`fused`: fuse_winner's)
+    fusion.pt (finetune's start instead), and probe.json (what later stages need; `settings`: the features params)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_head(winner.head, folder / "head.pt")
     save_head(classifier_head, folder / "classifier.pt")
-    (folder / "probe.json").write_text(json.dumps({
+    probe = {
         "model": winner.name, "weights": winner.weights, "classes": classes, "embedding_dim": winner.embedding_dim,
-        "classifier_dim": winner.classifier_dim, "fusion_stages": fusion_stages, "C": winner.C,
+        "classifier_dim": winner.classifier_dim, "fusion_stages": settings.fusion_stages, "C": winner.C,
         "grid": winner.head["grid"], "classifier_C": classifier_head["C"], "features": winner.features,
-        "data_config": winner.data_config}, indent=2) + "\n")
+        "data_config": winner.data_config}
+    if fused:
+        torch.save(fused["head"].state_dict(), folder / "fusion.pt")
+        probe["fusion"] = {"mode": settings.fusion_mode, "stages": settings.fusion_stages,
+                           "dim": settings.fusion_head.dim, "sources": fused["sources"],
+                           "val_accuracy": fused["summary"]["val_accuracy"]}
+    (folder / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
 
 
 def no_weights(classes: list[str]):
@@ -72,15 +80,6 @@ def no_weights(classes: list[str]):
     import pandas as pd
 
     return pd.DataFrame(columns=["source", "all"] + list(classes))
-
-
-def save_fusion_head(folder: Path, fused: dict, settings) -> None:
-    """fusion.pt (the fusion head's state dict: finetune's start) and its settings in probe.json."""
-    torch.save(fused["head"].state_dict(), folder / "fusion.pt")
-    probe = json.loads((folder / "probe.json").read_text())
-    probe["fusion"] = {"mode": settings.fusion_mode, "stages": settings.fusion_stages, "dim": settings.fusion_head.dim,
-                       "sources": fused["sources"], "val_accuracy": fused["summary"]["val_accuracy"]}
-    (folder / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
 
 
 def main() -> None:
@@ -117,12 +116,11 @@ def main() -> None:
         board = leaderboard(entries, winner, settings.select)
 
         classifier_head = lpft_head(winner, settings, params.base.seed)
-        save_baseline(args.baseline, winner, classifier_head, meta["classes"], settings.fusion_stages)
+        fused = None if settings.fusion_mode == "none" else fuse_winner(
+            winner, meta["classes"], meta["image_size"], settings, params.model.drop_rate, params.base.seed)
+        save_baseline(args.baseline, winner, classifier_head, meta["classes"], settings, fused)
         weights = no_weights(meta["classes"])
-        if settings.fusion_mode != "none":
-            fused = fuse_winner(winner, meta["classes"], meta["image_size"], settings, params.model.drop_rate,
-                                params.base.seed)
-            save_fusion_head(args.baseline, fused, settings)
+        if fused:
             board = with_fusion_rows(board, winner, classifier_head, settings.fusion_mode, fused["summary"])
             weights = fused["weights"]
             mlflow.log_metrics({f"fusion.{key}": value for key, value in fused["summary"].items()})

@@ -3,7 +3,7 @@
 Sources (S = K + 1 of them, in this order): the backbone's pooled pre-logits features (N, D0) and
 the global-average-pooled outputs of its last K feature stages (N, C1) ... (N, CK), shallow to deep
 (timm's `forward_intermediates(indices=K)`). Concatenated, they are exactly the embeddings the
-features stage caches (`probe.pooled_features`), so a `FusionHead` trains on the cached embeddings
+features stage caches (`probe.extract_embeddings`), so a `FusionHead` trains on the cached embeddings
 and then sits on the live backbone unchanged.
 
 `FusionHead(source_dims, num_classes, mode, dim, drop_rate)`: (N, sum(source_dims)) -> (N, num_classes).
@@ -50,10 +50,16 @@ def check_fusion(model: nn.Module, fusion_stages: int) -> None:
                             f"{len(model.feature_info)} feature stages")
 
 
+def prelogits_width(backbone: nn.Module) -> int:
+    """The width of a timm model's pre-logits features (its classifier's input, also once the classifier is reset)."""
+    return int(getattr(backbone, "head_hidden_size", None) or getattr(backbone.get_classifier(), "in_features", None)
+               or backbone.num_features)
+
+
 def source_dims(backbone: nn.Module, fusion_stages: int) -> list[int]:
     """Widths of the sources: the pre-logits features, then the last `fusion_stages` stages' channels."""
     check_fusion(backbone, fusion_stages)
-    prelogits = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    prelogits = prelogits_width(backbone)
     stages = [info["num_chs"] for info in backbone.feature_info[len(backbone.feature_info) - fusion_stages:]]
     return [int(prelogits)] + [int(c) for c in stages] if fusion_stages else [int(prelogits)]
 

@@ -85,12 +85,11 @@ def weights_table(head: FusionHead, x: np.ndarray, y: np.ndarray, classes: list[
     (`FusionHead.source_weights`: gates, attention weights, or concat's shares of the predicted logit)."""
     import pandas as pd
 
-    columns = ["source", "all"] + [classes[i] for i in sorted(set(int(label) for label in y))]
     weights = head.source_weights(torch.from_numpy(x).float()).numpy()
     table = {"source": names, "all": weights.mean(axis=0)}
     for index in sorted(set(int(label) for label in y)):
         table[classes[index]] = weights[y == index].mean(axis=0)
-    return pd.DataFrame(table, columns=columns).round(6)
+    return pd.DataFrame(table).round(6)
 
 
 def weights_figure(table: "pd.DataFrame", mode: str, path: Path) -> None:

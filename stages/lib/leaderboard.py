@@ -28,6 +28,7 @@ from torch import nn
 
 from stages.lib import PipelineError
 from stages.lib.backbones import WeightsError, classifier_prefix, create_backbone, pypi_checkpoint
+from stages.lib.fusion import check_fusion, prelogits_width
 from stages.lib.prepared import load_meta
 from stages.lib.preprocessing import for_backbone
 from stages.lib.probe import cache_file, cache_key, embed_splits, file_stem, fit_probe, load_cached, save_cached
@@ -71,8 +72,6 @@ def check_candidates(candidates, fusion_stages: int = 0) -> None:
 
     import timm
 
-    from stages.lib.fusion import check_fusion
-
     for candidate in candidates:
         if not timm.is_model(candidate.name):
             close = difflib.get_close_matches(candidate.name, timm.list_models(), n=1)
@@ -93,11 +92,6 @@ def backbone_params(model: nn.Module) -> int:
     """Parameters of the backbone, without the classifier."""
     head = classifier_prefix(model)
     return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(head))
-
-
-def classifier_inputs(model: nn.Module) -> int:
-    """The width of the model's classifier input (its pre-logits features)."""
-    return getattr(model.get_classifier(), "in_features", None) or model.num_features
 
 
 def latency_ms(model: nn.Module, image_size: int) -> float:
@@ -144,7 +138,7 @@ def probe_candidate(candidate, prepared: Path, data_digest: str, cache: Path, ou
     entry = Entry(name=name, weights=weights, val_accuracy=probe["val_accuracy"], val_log_loss=probe["val_log_loss"],
                   C=probe["C"],
                   params=backbone_params(model), embedding_dim=int(arrays["train_x"].shape[1]),
-                  latency_ms=latency_ms(model, size), features=str(path), classifier_dim=classifier_inputs(model),
+                  latency_ms=latency_ms(model, size), features=str(path), classifier_dim=prelogits_width(model),
                   head=probe, data_config=config)
     log.info("%s: probe val %.4f, %d-d, %.1f ms/img", name, entry.val_accuracy, entry.embedding_dim,
              entry.latency_ms)

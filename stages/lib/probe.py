@@ -48,11 +48,6 @@ KEEP_DATA_VERSIONS = 3
 
 
 # ------------------------------------------------------------------------------ extraction
-def pooled_features(model: nn.Module, batch: torch.Tensor, fusion_stages: int = 0) -> torch.Tensor:
-    """(N, D) embeddings of a normalised batch: pre-logits features, plus pooled stages if fused."""
-    return pooled_sources(model, batch, fusion_stages)
-
-
 @torch.inference_mode()
 def extract_embeddings(model: nn.Module, images: np.ndarray, mean, std, batch_size: int,
                        fusion_stages: int = 0, device: torch.device | None = None) -> np.ndarray:
@@ -66,7 +61,7 @@ def extract_embeddings(model: nn.Module, images: np.ndarray, mean, std, batch_si
         for start in tqdm(range(0, len(images), batch_size), desc="embed", unit="batch", mininterval=2):
             batch = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
             batch = normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-            chunks.append(pooled_features(model, batch, fusion_stages).float().cpu().numpy())
+            chunks.append(pooled_sources(model, batch, fusion_stages).float().cpu().numpy())
     return np.concatenate(chunks)
 
 
