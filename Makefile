@@ -22,8 +22,7 @@ $(PYTHON):
 
 $(VENV)/.installed: pyproject.toml | $(PYTHON)
 	@echo "installing into $(VENV) (first time: a few minutes)"
-	@time ($(PYTHON) -m pip install -q --upgrade pip 2>&1 | $(PIP_FILTER))
-	@time ($(PYTHON) -m pip install -q -e ".[test,export,remote,server]" 2>&1 | $(PIP_FILTER))
+	@time ($(PYTHON) -m scripts.install ".[test,export,remote,server]" 2>&1 | $(PIP_FILTER))   # uv, with pip's settings
 	$(PYTHON) -m scripts.offline_plots .dvc/plots_template.html   # dvc plots pages that render offline
 	@touch $@
 
