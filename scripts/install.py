@@ -4,8 +4,8 @@
 
     .venv/bin/python -m scripts.install ".[test,export,remote,server]"
 
-uv unpacks and links wheels in parallel: the whole set (torch included) installs in about a third of pip's
-time. uv does not read pip's configuration, so the index, extra indexes, find-links folders, constraint
+uv unpacks and links wheels in parallel: the whole set (torch included) installs in about half of pip's time,
+bytecode compiled as pip does (`--compile-bytecode`: without it every process would compile on import). uv does not read pip's configuration, so the index, extra indexes, find-links folders, constraint
 files and certificate bundle that pip is configured with (`pip config list`: files and PIP_* variables)
 are handed to it, and it picks the best version across all indexes as pip does
 (`--index-strategy unsafe-best-match`). When uv cannot be installed or fails, pip does the install.
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ)
         if settings.get("cert"):
             env.setdefault("SSL_CERT_FILE", settings["cert"])
-        uv = [sys.executable, "-m", "uv", "pip", "install", "-q", "--python", sys.executable]
+        uv = [sys.executable, "-m", "uv", "pip", "install", "-q", "--compile-bytecode", "--python", sys.executable]
         if run(uv + uv_arguments(settings) + editable, env=env) == 0:
             return 0
         print("uv failed: installing with pip instead", file=sys.stderr)
