@@ -1,7 +1,8 @@
 """export: the fine-tuned model as deployable files, each checked against PyTorch on the test split.
 
 Writes models/export/ (model.onnx with the preprocessing in its metadata, model_fp16.onnx,
-model_int8.onnx, model_torchscript.pt, preprocessing.json; `export.variants` picks them) and
+model_int8.onnx calibrated on training images, model_torchscript.pt on request, preprocessing.json;
+`export.variants` picks them) and
 metrics/export.json: per variant, the deterministic parity figure the gate checks (top-1
 agreement with PyTorch on the test split). The rest (accuracy and its delta, max abs logit
 difference, and what differs from run to run or machine to machine: file size, CPU latency per image at
@@ -41,6 +42,7 @@ def main() -> None:
 
     with stage_run("export", params, ["export"]):
         import mlflow
+        import numpy as np
         import torch
 
         from stages.lib.export import (export_all, latency_ms, logits_of, parity, preprocessing, pytorch_runner,
@@ -53,6 +55,8 @@ def main() -> None:
         model, size = classifier.model, classifier.size
         metadata = preprocessing(classifier.config)
         images, labels = load_split(args.prepared, "test")
+        train, _ = load_split(args.prepared, "train")
+        calibration = train[np.linspace(0, len(train) - 1, min(settings.calibration_images, len(train))).astype(int)]
 
         shutil.rmtree(args.out, ignore_errors=True)
         args.out.mkdir(parents=True)
@@ -62,7 +66,7 @@ def main() -> None:
         reference = logits_of(run_pytorch, images, settings.batch_size)
         results = {"pytorch": {"accuracy": float((reference.argmax(1) == labels).mean()),
                                "size_mb": round(state_dict_mb(model), 3)}}
-        files = export_all(settings.variants, model, args.out, size, settings.opset, metadata)
+        files = export_all(settings.variants, model, args.out, size, settings.opset, metadata, calibration)
         for variant, path in files.items():
             logits = logits_of(runner(variant, path, cores), images, settings.batch_size)
             results[variant] = parity(reference, logits, labels) | {"size_mb": round(size_mb(path), 3)}

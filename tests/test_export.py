@@ -4,17 +4,19 @@ and the export stage's outputs in a real pipeline."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import mlflow_runs
 from stages.lib.backbones import NormalizedClassifier, create_backbone
-from stages.lib.export import (FILES, as_input, as_metadata, export_all, latency_ms, logits_of, parity,
-                               preprocessing, pytorch_runner, runner)
+from stages.lib.export import (FILES, as_input, as_metadata, classifier_node, export_all, latency_ms, logits_of,
+                               parity, preprocessing, pytorch_runner, runner)
 
 SIZE = 32
 CONFIG = {"model": "tf_efficientnet_lite0", "classes": ["china", "flower"],
@@ -60,14 +62,23 @@ def probe_model(images: np.ndarray, labels: np.ndarray) -> NormalizedClassifier:
 def exported(tmp_path_factory):
     images, labels = photo_crops()
     model = probe_model(images, labels)
-    folder = tmp_path_factory.mktemp("export")
-    files = export_all(list(FILES), model, folder, SIZE, 17, preprocessing(CONFIG))
-    return model, images, labels, files
+    folder, workdir = tmp_path_factory.mktemp("export"), tmp_path_factory.mktemp("workdir")
+    previous = os.getcwd()
+    os.chdir(workdir)  # where a repository would be: the exporters must leave no scratch files there
+    try:
+        files = export_all(list(FILES), model, folder, SIZE, 17, preprocessing(CONFIG), calibration=images)
+    finally:
+        os.chdir(previous)
+    return model, images, labels, files, workdir
+
+
+def test_exporting_leaves_no_scratch_files_in_the_working_directory(exported):
+    assert list(exported[4].iterdir()) == []
 
 
 @pytest.mark.parametrize("variant", list(TOLERANCE))
 def test_each_variant_agrees_with_pytorch(exported, variant):
-    model, images, labels, files = exported
+    model, images, labels, files, _ = exported
     reference = logits_of(pytorch_runner(model), images, 8)
     assert (reference.argmax(1) == labels).mean() == 1.0  # the probe separates the two photos
     result = parity(reference, logits_of(runner(variant, files[variant], 1), images, 8), labels)
@@ -85,15 +96,20 @@ def test_smaller_variants_are_smaller(exported):
     full = files["onnx"].stat().st_size
     assert files["onnx_fp16"].stat().st_size < 0.6 * full
     assert files["onnx_int8"].stat().st_size < 0.35 * full
-    operators = {node.op_type for node in onnx.load(str(files["onnx_int8"])).graph.node}
-    assert "ConvInteger" in operators and "MatMulInteger" not in operators  # convolutions int8, the head float
+    graph = onnx.load(str(files["onnx_int8"])).graph
+    producer = {output: node.op_type for node in graph.node for output in node.output}
+    convolutions = [node for node in graph.node if node.op_type == "Conv"]
+    # static QDQ: every convolution reads int8-dequantized activations and weights; the classifier stays float
+    assert convolutions and all(producer.get(name) == "DequantizeLinear" for node in convolutions for name in node.input[:2])
+    head = next(node for node in graph.node if node.name == classifier_node(graph))
+    assert producer.get(head.input[1]) != "DequantizeLinear"
 
 
 def test_onnx_files_record_the_preprocessing_and_take_any_batch(exported):
     import onnx
     import onnxruntime
 
-    model, images, _, files = exported
+    model, images, _, files, _ = exported
     expected = as_metadata(preprocessing(CONFIG))
     for variant in ("onnx", "onnx_fp16", "onnx_int8"):
         metadata = {prop.key: prop.value for prop in onnx.load(str(files[variant])).metadata_props}
@@ -120,8 +136,9 @@ def test_export_stage_outputs(tiny_pipeline):
 
     # the DVC metrics file holds only deterministic headline figures (it is shared through the DVC remote)
     results = json.loads((tiny_pipeline / "metrics/export.json").read_text())
-    assert results.keys() == set(FILES)
-    for variant in FILES:
+    variants = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())["export"]["variants"]
+    assert results.keys() == set(variants) == {"onnx", "onnx_fp16", "onnx_int8"}  # torchscript only on request
+    for variant in variants:
         assert (tiny_pipeline / "models/export" / FILES[variant]).is_file()
         assert results[variant].keys() == {"top1_agreement"}
     assert results["onnx"]["top1_agreement"] == 1.0
@@ -141,10 +158,10 @@ def test_export_stage_outputs(tiny_pipeline):
     from mlflow import MlflowClient
 
     logged = {item.path for item in MlflowClient().list_artifacts(run_id, "export")}
-    assert {f"export/{name}" for name in FILES.values()} <= logged
+    assert {f"export/{FILES[variant]}" for variant in variants} <= logged
     # timings and sizes go to the MLflow run only, bounded in runs
     metrics = MlflowClient().get_run(run_id).data.metrics
-    for variant in ("pytorch", *FILES):
+    for variant in ("pytorch", *variants):
         assert metrics[f"{variant}.latency_ms_b1"] > 0 and metrics[f"{variant}.size_mb"] > 0
         assert 1 <= metrics[f"{variant}.latency_runs_b32"] <= 10
     assert metrics["onnx.max_abs_logit_diff"] < 1e-2

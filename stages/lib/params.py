@@ -300,13 +300,13 @@ ExportVariant = Literal["onnx", "onnx_fp16", "onnx_int8", "torchscript"]
 
 
 class Export(Section):
-    variants: list[ExportVariant] = Field(default_factory=lambda: ["onnx", "onnx_fp16", "onnx_int8", "torchscript"],
-                                          min_length=1)
+    variants: list[ExportVariant] = Field(default_factory=lambda: ["onnx", "onnx_fp16", "onnx_int8"], min_length=1)
+    calibration_images: int = Field(64, ge=1)       # training images that calibrate the int8 activation ranges
     opset: int = Field(17, ge=13, le=20)  # the TorchScript-based ONNX exporter writes up to 20
     batch_size: int = Field(64, ge=1)
     latency_batches: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
     latency_repeats: int = Field(10, ge=1)            # at most this many timed runs per batch size
-    latency_seconds: float = Field(0.2, gt=0.0)       # ... and no more timing than this per batch size
+    latency_seconds: float = Field(0.1, gt=0.0)       # ... and no more timing than this per batch size
     latency_warmup: int = Field(2, ge=0)              # untimed runs per batch size (TorchScript compiles on 2)
     threads: int = Field(1, ge=1)                     # CPU threads for the latency runs (parity uses every core)
 
