@@ -266,6 +266,7 @@ class Finetune(Recipe):
     clip_grad: float | None = Field(1.0, gt=0.0)               # max gradient norm; null disables
     model_ema: bool = True                                      # keep an EMA of the weights (timm ModelEmaV3)
     model_ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
+    model_ema_warmup: bool = True                               # timm's decay warmup, capped at model_ema_decay
     amp: bool = True                                            # CUDA only: autocast in amp_dtype
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     channels_last: bool = True

@@ -183,7 +183,7 @@ class Trainer:
         if settings.model_ema:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(model, decay=settings.model_ema_decay, use_warmup=True)
+            self.ema = ModelEmaV3(model, decay=settings.model_ema_decay, use_warmup=settings.model_ema_warmup)
         self.lr_columns = lr_labels(model)
 
     def autocast(self):
