@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,13 +42,26 @@ def test_a_bad_setting_is_one_clear_error(value):
         decide(2, 1, requested=value)
 
 
+def fake_worker() -> subprocess.Popen:
+    """A live process named like a DVC queue worker, returned once /proc shows its command line (a just
+    started child may still show its parent's, or none at all)."""
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "exp", "queue-worker"])
+    cmdline, deadline = Path(f"/proc/{worker.pid}/cmdline"), time.monotonic() + 10
+    while time.monotonic() < deadline and worker.poll() is None:
+        if not cmdline.exists() or b"queue-worker" in cmdline.read_bytes():
+            return worker
+        time.sleep(0.01)
+    worker.kill()
+    raise AssertionError(f"the fake worker did not start (exit code {worker.poll()})")
+
+
 @pytest.fixture
 def fake_queue(tmp_path):
     """A repository whose DVC queue records three workers the way `dvc queue start` does: one alive
     (a real process named like a worker), one whose process is gone, one DVC marked as ended."""
     records = tmp_path / QUEUE_WORKERS_DIR
     records.mkdir(parents=True)
-    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "exp", "queue-worker"])
+    worker = fake_worker()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     try:
@@ -78,7 +92,7 @@ def test_the_queue_counts_only_inside_a_queued_experiment(fake_queue):
     assert queue_workers(queued, cwd=copy) == 1
     # a second live worker
     record = root / QUEUE_WORKERS_DIR / "dvc-exp-worker-2.pid"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "exp", "queue-worker"])
+    other = fake_worker()
     try:
         record.write_text(str(other.pid))
         assert queue_workers(queued, cwd=copy) == 2
@@ -123,7 +137,7 @@ def test_a_stage_in_a_queued_experiment_gets_its_share_of_the_cores(fake_queue):
     root, _ = fake_queue
     copy = root / ".dvc/tmp/exps/tmpabc123"
     copy.mkdir(parents=True)
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "exp", "queue-worker"])
+    other = fake_worker()
     try:
         (root / QUEUE_WORKERS_DIR / "dvc-exp-worker-2.pid").write_text(str(other.pid))
         got = stage_budget({**clean_env(), "DVC_ROOT": str(root), "DVC_EXP_NAME": "exp-1"}, copy)
