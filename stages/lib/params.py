@@ -70,7 +70,7 @@ class Split(Section):
 class Model(Section):
     """What every candidate backbone shares; which backbone finetune uses is chosen by the
     features stage (`features.candidates` + `features.select`) and recorded in models/baseline/probe.json."""
-    image_size: int = Field(64, ge=16)
+    image_size: int = Field(80, ge=16)
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
     weights: str | None = None  # when set, replaces every candidate's weight source (none: the from-scratch ablation)
