@@ -5,9 +5,10 @@
     .venv/bin/python -m scripts.install ".[test,export,remote,server]"
 
 uv unpacks and links wheels in parallel: the whole set (torch included) installs in about half of pip's time,
-bytecode compiled as pip does (`--compile-bytecode`: without it every process would compile on import). uv does not read pip's configuration, so the index, extra indexes, find-links folders, constraint
-files and certificate bundle that pip is configured with (`pip config list`: files and PIP_* variables)
-are handed to it, and it picks the best version across all indexes as pip does
+bytecode compiled as pip does (`--compile-bytecode`: without it every process would compile on import).
+uv does not read pip's configuration, so the index, extra indexes, find-links folders, constraint files
+and certificate bundle that pip is configured with (`pip config list`: files and PIP_* variables) are
+handed to it, and it picks the best version across all indexes as pip does
 (`--index-strategy unsafe-best-match`). When uv cannot be installed or fails, pip does the install.
 """
 

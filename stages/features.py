@@ -14,9 +14,10 @@ all the model's classifier sees), --baseline/probe.json (names the chosen `model
 --baseline/fusion.pt (with `features.fusion_mode` concat | gated | attention: a fusion head trained on the
 winner's cached embeddings, finetune's start instead of classifier.pt; stages/lib/fusion.py),
 --fusion-weights and --fusion-figure (its mean weight per source on val, overall and per class: gate,
-attention weight, or concat's share of the predicted logit; no rows with fusion_mode none), --metrics (the winner's probe val accuracy), --leaderboard (a CSV: every candidate's val accuracy and log
-loss, C, parameters, embedding dimension, CPU latency) and --plot. Choosing looks at val only: the
-test split is scored once, by evaluate.
+attention weight, or concat's share of the predicted logit; no rows with fusion_mode none), --metrics (the
+winner's probe val accuracy), --leaderboard (a CSV: every candidate's val accuracy and log loss, C,
+parameters, embedding dimension, CPU latency) and --plot. Choosing looks at val only: the test split is
+scored once, by evaluate.
 """
 
 from __future__ import annotations

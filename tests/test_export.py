@@ -100,7 +100,8 @@ def test_smaller_variants_are_smaller(exported):
     producer = {output: node.op_type for node in graph.node for output in node.output}
     convolutions = [node for node in graph.node if node.op_type == "Conv"]
     # static QDQ: every convolution reads int8-dequantized activations and weights; the classifier stays float
-    assert convolutions and all(producer.get(name) == "DequantizeLinear" for node in convolutions for name in node.input[:2])
+    assert convolutions and all(producer.get(name) == "DequantizeLinear"
+                                for node in convolutions for name in node.input[:2])
     head = next(node for node in graph.node if node.name == classifier_node(graph))
     assert producer.get(head.input[1]) != "DequantizeLinear"
 

@@ -6,7 +6,8 @@ fits a head on train_x/train_y with AdamW and cross-entropy, evaluates val every
 epoch of lowest val loss and stops after `patience` epochs without improvement. Only val is used.
 
 `weights_table`: the mean weight of each source over the val set (gate, attention weight, or for concat
-its share of the predicted logit), overall (`all`) and per true class; a wide table, one row per source (what `dvc plots` and the figure draw).
+its share of the predicted logit), overall (`all`) and per true class; a wide table, one row per source
+(what `dvc plots` and the figure draw).
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def weights_figure(table: "pd.DataFrame", mode: str, path: Path) -> None:
     bars.barh(positions, table["all"], height=0.6)
     bars.set_yticks(positions, table["source"])
     bars.invert_yaxis()
-    bars.set_xlabel({"gated": "mean gate", "attention": "mean attention weight"}.get(mode, "mean share of the predicted logit"))
+    labels = {"gated": "mean gate", "attention": "mean attention weight"}
+    bars.set_xlabel(labels.get(mode, "mean share of the predicted logit"))
     bars.set_title(f"{mode} fusion: weight per source (val)")
     per_class = table.drop(columns=["source", "all"]).to_numpy()
     image = heat.imshow(per_class, aspect="auto", cmap="viridis")
