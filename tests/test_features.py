@@ -167,6 +167,24 @@ def test_with_fusion_the_lpft_head_is_a_probe_on_the_classifier_columns(tmp_path
     np.testing.assert_allclose(head["weight"], expected["weight"])
 
 
+def test_the_probe_is_the_same_on_any_core_count():
+    """One BLAS thread inside the fits: the same head, bit for bit, whatever threads the stage may use."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 600))
+    train_y, val_y = np.arange(800) % 4, np.arange(200) % 4
+    train_x = (centres[train_y] + rng.normal(scale=3.0, size=(800, 600))).astype(np.float32)
+    val_x = (centres[val_y] + rng.normal(scale=3.0, size=(200, 600))).astype(np.float32)
+    heads = []
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            heads.append(fit_probe(train_x, train_y, val_x, val_y, [0.1, 1.0], 1000, 0))
+    one, two = heads
+    assert np.array_equal(one["weight"], two["weight"]) and np.array_equal(one["bias"], two["bias"])
+    assert one["grid"] == two["grid"]
+
+
 # ----------------------------------------------------------------------- through dvc repro
 def test_leaderboard_and_the_winner_probe(tiny_pipeline):
     import pandas as pd

@@ -178,9 +178,9 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     Returns {'C', 'weight' (classes x features), 'bias', 'val_accuracy', 'val_log_loss', 'grid'}
     with the standardisation folded into weight and bias.
 
-    The fits use one BLAS thread, whatever the stage's thread budget: at this size (about a thousand
-    rows, a few thousand columns) a second OpenBLAS thread made them 3x slower here, and with one
-    thread the probe's floats do not depend on the machine's core count.
+    The fits and their val scores use one BLAS thread, whatever the stage's thread budget: at this
+    size (about a thousand rows, a few thousand columns) a second OpenBLAS thread made them 3x slower
+    here, and with one thread the probe's floats do not depend on the machine's core count.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
@@ -190,14 +190,14 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     train_s, val_s = (train_x - mean) / scale, (val_x - mean) / scale
     labels = np.arange(int(max(train_y.max(), val_y.max())) + 1)
     best, grid = None, []
-    for c in c_grid:
-        with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1, user_api="blas"):
+        for c in c_grid:
             clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed).fit(train_s, train_y)
-        accuracy = float((clf.predict(val_s) == val_y).mean())
-        loss = float(log_loss(val_y, clf.predict_proba(val_s), labels=clf.classes_))
-        grid.append({"C": c, "val_accuracy": accuracy, "val_log_loss": loss})
-        if best is None or (accuracy, -loss) > (best[1], -best[2]):
-            best = (clf, accuracy, loss, c)
+            accuracy = float((clf.predict(val_s) == val_y).mean())
+            loss = float(log_loss(val_y, clf.predict_proba(val_s), labels=clf.classes_))
+            grid.append({"C": c, "val_accuracy": accuracy, "val_log_loss": loss})
+            if best is None or (accuracy, -loss) > (best[1], -best[2]):
+                best = (clf, accuracy, loss, c)
     clf, accuracy, loss, c = best
     if len(clf.classes_) != len(labels):
         raise ValueError("every class must appear in the training split")
