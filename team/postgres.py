@@ -76,7 +76,16 @@ class Cluster:
     # ------------------------------------------------------------------ commands
     def _command(self, program: str, *args: str) -> list[str]:
         command = [str(self.bindir / program), *args]
-        return ["runuser", "-u", self.run_as, "--", *command] if self.run_as else command
+        return self._as_user(command) if self.run_as else command
+
+    def _as_user(self, command: list[str]) -> list[str]:
+        """`command` run as `run_as` through util-linux's runuser (found also where root's PATH lacks sbin)."""
+        runuser = shutil.which("runuser") or next(
+            (path for path in ("/usr/sbin/runuser", "/sbin/runuser") if os.access(path, os.X_OK)), None)
+        if runuser is None:
+            raise TeamError(f"running as root, PostgreSQL must run as {self.run_as!r}: that needs `runuser` "
+                            "(util-linux), found neither on PATH nor in /usr/sbin or /sbin")
+        return [runuser, "-u", self.run_as, "--", *command]
 
     def _run(self, program: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         result = subprocess.run(self._command(program, *args), capture_output=True, text=True, timeout=timeout)
@@ -91,7 +100,7 @@ class Cluster:
             return
         user = pwd.getpwnam(self.run_as)
         os.chown(path, user.pw_uid, user.pw_gid)
-        probe = subprocess.run(["runuser", "-u", self.run_as, "--", "test", "-w", str(path)], capture_output=True)
+        probe = subprocess.run(self._as_user(["test", "-w", str(path)]), capture_output=True)
         if probe.returncode != 0:
             raise TeamError(f"{path}: user {self.run_as!r} (PostgreSQL does not run as root) cannot reach it; "
                             "choose a state folder whose parents are world-executable (e.g. under /tmp or the repo)")
