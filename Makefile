@@ -60,6 +60,7 @@ bench: | install ## every benchmark beside a plain baseline; benchmarks/results/
 	  $(PYTHON) benchmarks/decode.py && \
 	  $(PYTHON) benchmarks/features.py --threads $(BENCH_THREADS) && \
 	  $(PYTHON) benchmarks/train.py'
+	$(PYTHON) benchmarks/probe.py   # outside OMP_NUM_THREADS=1: OpenBLAS cannot raise its threads past it later
 	@$(PYTHON) benchmarks/summary.py
 	@uptime
 
