@@ -20,7 +20,6 @@ Writes benchmarks/results/probe.json.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from threadpoolctl import threadpool_limits
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stages.lib.parallel import available_cores  # noqa: E402
 from stages.lib.probe import fit_probe  # noqa: E402
 from machine import headline, write_result  # noqa: E402  (benchmarks/machine.py, beside this script)
 
@@ -63,7 +63,7 @@ def one_thread(function, *args):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidate", default="tf_efficientnet_lite0", help="whose demo embeddings to fit")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=available_cores())
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     settings = yaml.safe_load((ROOT / "params.yaml").read_text())["features"]
@@ -92,28 +92,28 @@ def main() -> None:
                 results[name] = function()
                 seconds[name].append(time.perf_counter() - started)
     best = {name: min(values) for name, values in seconds.items()}
-    ratio = best["plain"] / best["pipeline"]
-    ratio_1_thread = best["plain_1_thread"] / best["pipeline"]
+    plains = {"plain": args.threads, "plain_1_thread": 1}  # the plain sides and their BLAS threads
+    ratios = {name: best[name] / best["pipeline"] for name in plains}
     same = all(results[name]["C"] == results["pipeline"]["C"]
                and abs(results[name]["val_accuracy"] - results["pipeline"]["val_accuracy"]) < 1e-9
-               for name in ("plain", "plain_1_thread"))
+               for name in plains)
 
     shape = f"{len(train_x)}+{len(val_x)} x {train_x.shape[1]}"
     print(f"\nlinear probe on {source} ({shape}), C grid {c_grid}, {args.threads} BLAS threads for the plain "
           f"loop, best of {args.repeats}")
     for name, values in seconds.items():
         print(f"{name:<16}{min(values):>8.2f} s   median {float(np.median(values)):.2f} s")
-    print(f"plain / pipeline: {ratio:.2f}x; plain on one thread / pipeline: {ratio_1_thread:.2f}x; "
-          f"same C and val accuracy: {same}")
+    print(f"plain / pipeline: {ratios['plain']:.2f}x; plain on one thread / pipeline: "
+          f"{ratios['plain_1_thread']:.2f}x; same C and val accuracy: {same}")
 
     write_result("probe", {
         "embeddings": source, "shape": shape, "c_grid": c_grid,
         "blas_threads_plain": args.threads, "repeats": args.repeats, "seconds": seconds,
-        "ratio": ratio, "ratio_1_thread": ratio_1_thread, "same_choice": same,
+        "ratio": ratios["plain"], "ratio_1_thread": ratios["plain_1_thread"], "same_choice": same,
     }, [headline(f"linear probe, {len(c_grid)} C values ({source}, {shape})", "s", best["pipeline"],
                  best[name], f"plain scikit-learn loop, {threads} BLAS thread(s)", higher_is_better=False,
                  goal=">= 1.0 (not slower than plain)", met=best["pipeline"] <= best[name])
-        for name, threads in (("plain", args.threads), ("plain_1_thread", 1))])
+        for name, threads in plains.items()])
 
 
 if __name__ == "__main__":
