@@ -201,6 +201,13 @@ def stage_runs(client, **tags) -> list:
     return client.search_runs([experiment.experiment_id], filter_string=where, max_results=1000)
 
 
+def finetune_runs(client, lr: float) -> list:
+    """The finetune runs whose full phase ran at `lr`. A run whose server was killed right after the run was
+    created has no params at all: it is not one of them."""
+    return [run for run in stage_runs(client, stage="finetune")
+            if run.data.params.get("finetune.phases.1.lr") == str(lr)]
+
+
 @pytest.fixture(scope="module")
 def project(server, tmp_path_factory) -> Path:
     """The tiny pipeline after one complete `dvc repro` against the server (no auth)."""
@@ -328,7 +335,7 @@ def test_a_restart_keeps_runs_and_versions(auth_server, project):
     client = auth_server.client("reader", READER_PASSWORD)
     stages = {run.data.tags["stage"] for run in stage_runs(client)}
     assert {"validate", "finetune", "evaluate", "export"} <= stages
-    [first] = [run for run in stage_runs(client, stage="finetune") if run.data.params["finetune.phases.1.lr"] == "0.0005"]
+    [first] = finetune_runs(client, 5.0e-4)
     assert client.get_model_version(MODEL, first.data.tags["registered.version"]).tags["test.accuracy"]
 
 
@@ -425,8 +432,7 @@ def test_two_writers_at_once_complete_and_agree_on_the_aliases(auth_server, proj
 
     client = auth_server.client("admin", auth_server.admin_password)
     for user, lr in clones.items():
-        [finetune] = [run for run in stage_runs(client, stage="finetune")
-                      if run.data.params["finetune.phases.1.lr"] == str(lr)]
+        [finetune] = finetune_runs(client, lr)
         parent = finetune.data.tags["mlflow.parentRunId"]
         family = client.search_runs([finetune.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
         assert sorted(run.data.tags["stage"] for run in family) == ["evaluate", "export", "finetune"]
