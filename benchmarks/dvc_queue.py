@@ -36,7 +36,8 @@ import time
 
 import yaml
 
-from stages.lib.threads import available_cores, live_queue_workers  # noqa: E402
+from stages.lib.parallel import available_cores  # noqa: E402
+from stages.lib.threads import live_queue_workers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.queue")

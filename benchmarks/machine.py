@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from stages.lib.parallel import available_cores  # each benchmark puts the repository on sys.path first
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -28,7 +30,7 @@ def environment() -> dict:
     return {
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "cpu_count": os.cpu_count(),
-        "available_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "available_cores": available_cores(),
         "load_average_1_5_15": [round(value, 2) for value in os.getloadavg()],
         "torch": _version("torch"),
         "torch_threads": torch_threads,

@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from stages.lib import setup_logging
+from stages.lib import setup_stage
 from stages.lib.images import read_labelled_csv
 from stages.lib.params import load_params
 from stages.lib.parallel import worker_count
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the prepared cache folder")
     parser.add_argument("--preview", type=Path, required=True, help="PNG grid of augmented images")
     args = parser.parse_args()
-    setup_logging()
+    setup_stage()
     params = load_params()
 
     with stage_run("augment", params, ["base", "model", "augment"]):

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.lib import setup_logging
+from stages.lib import setup_stage
 from stages.lib.comparison import ComparisonError, compare, paired, predictions_frame, read_predictions
 from stages.lib.images import read_labelled_csv
 from stages.lib.metrics import (classification_metrics, confusion_figure, error_gallery,
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True, help="folder for the DVC plot files")
     args = parser.parse_args()
-    setup_logging()
+    setup_stage()
     params = load_params()
     settings = params.evaluate
 

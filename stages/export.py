@@ -19,7 +19,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from stages.lib import setup_logging
+from stages.lib import setup_stage
 from stages.lib.params import load_params
 from stages.lib.parallel import available_cores
 from stages.lib.prepared import load_split
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the exported files")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
-    setup_logging()
+    setup_stage()
     params = load_params()
     settings = params.export
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from stages.lib import setup_logging
+from stages.lib import setup_stage
 from stages.lib.fusion_training import fuse_winner, weights_figure
 from stages.lib.leaderboard import (Entry, check_candidates, choose, leaderboard, leaderboard_figure,
                                     log_leaderboard, probe_candidate, with_fusion_rows)
@@ -97,7 +97,7 @@ def main() -> None:
                              "gated or attention head)")
     parser.add_argument("--fusion-figure", type=Path, required=True, help="the same as a figure (PNG)")
     args = parser.parse_args()
-    setup_logging()
+    setup_stage()
     params = load_params()
     settings = params.features
 

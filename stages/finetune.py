@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.lib import PipelineError, distributed, setup_logging, threads
+from stages.lib import PipelineError, distributed, setup_stage, threads
 from stages.lib.augmentation import train_transform
 from stages.lib.backbones import classifier_prefix, create_backbone
 from stages.lib.metrics import fit_temperature, line_figure
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, required=True,
                         help="folder for resumable checkpoints, relative to the repository root (not a DVC out)")
     args = parser.parse_args()
-    setup_logging()
+    setup_stage()
     params = load_params()
     settings = params.finetune
     dist = distributed.setup()  # one process, or this process's rank under torchrun

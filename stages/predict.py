@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from stages.lib import setup_logging
+from stages.lib import setup_stage
 
 log = logging.getLogger("predict")
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
-    setup_logging()
+    setup_stage()
 
     from stages.lib.serving import image_files, load_predictor, predict_files
 

@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from stages.lib import setup_logging
+from stages.lib import setup_stage
 from stages.lib.images import read_labelled_csv
 from stages.lib.params import load_params
 from stages.lib.splits import SPLITS, split_counts, split_manifest
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for train/val/test.csv")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
-    setup_logging()
+    setup_stage()
     params = load_params()
 
     with stage_run("split", params, ["base", "split"]):

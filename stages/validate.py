@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from stages.lib import PipelineError, setup_logging
+from stages.lib import PipelineError, setup_stage
 from stages.lib.checks import blocking_problems, markdown_report, run_checks, summarise
 from stages.lib.manifest import build_manifest, list_files
 from stages.lib.params import load_params
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--reports", type=Path, required=True, help="folder for validation.json/.md, gx_results.json")
     parser.add_argument("--metrics", type=Path, required=True, help="DVC metrics JSON to write")
     args = parser.parse_args()
-    setup_logging()
+    setup_stage()
     params = load_params()
     settings = params.validate_
 

@@ -105,8 +105,8 @@ def test_the_queue_counts_only_inside_a_queued_experiment(fake_queue):
 
 STAGE_START = """
 import json, os, torch
-from stages.lib import setup_logging
-setup_logging()
+from stages.lib import setup_stage
+setup_stage()
 from stages.lib import threads
 print(json.dumps({"threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
                   "omp": os.environ["OMP_NUM_THREADS"], "loader": threads.apply().workers(8)}))
@@ -114,7 +114,7 @@ print(json.dumps({"threads": torch.get_num_threads(), "interop": torch.get_num_i
 
 
 def stage_budget(env: dict, cwd: Path) -> dict:
-    """What a process starting like a stage (torch imported, then setup_logging) ends up with."""
+    """What a process starting like a stage (torch imported, then setup_stage) ends up with."""
     result = subprocess.run([sys.executable, "-c", STAGE_START], cwd=cwd, capture_output=True, text=True,
                             env={**env, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr

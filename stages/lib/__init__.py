@@ -32,12 +32,13 @@ def _report_pipeline_errors(kind, error, traceback):
         sys.__excepthook__(kind, error, traceback)
 
 
-def setup_logging() -> None:
-    """Concise stage logs, quiet third-party chatter, PipelineErrors without a traceback, this
-    process's CPU thread budget (stages/lib/threads.py: `PIPELINE_THREADS`, or the cores shared by
-    the live `dvc queue` workers), and a quick exit: once the exit handlers have run (MLflow's
-    included), the interpreter's final garbage collection skips the millions of objects torch,
-    scikit-learn and MLflow leave behind (0.4-0.7 s per stage process here)."""
+def setup_stage() -> None:
+    """What every stage (and predict) does first: concise logs, quiet third-party chatter,
+    PipelineErrors without a traceback, this process's CPU thread budget (stages/lib/threads.py:
+    `PIPELINE_THREADS`, or the cores shared by the live `dvc queue` workers), and a quick exit: once
+    the exit handlers have run (MLflow's included), the interpreter's final garbage collection skips
+    the millions of objects torch, scikit-learn and MLflow leave behind (0.4-0.7 s per stage process
+    here)."""
     atexit.register(gc.freeze)  # exit handlers registered later (MLflow's) run before it
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("mlflow", "alembic", "urllib3", "great_expectations", "PIL", "matplotlib", "git"):

@@ -1,6 +1,6 @@
 """The CPU thread budget of one pipeline process, so parallel workers share the machine.
 
-Every stage calls `apply()` (through `setup_logging()`) before it does any work. The budget is
+Every stage calls `apply()` (through `setup_stage()`) before it does any work. The budget is
 
 - `PIPELINE_THREADS` when set (a whole number >= 1): the one setting a user changes;
 - otherwise the cores this process may run on (`os.sched_getaffinity`), divided by the number of
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib import PipelineError
+from stages.lib.parallel import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,6 @@ class Budget:
     def workers(self, requested: int) -> int:
         """DataLoader worker processes for a request of `requested` (finetune.workers)."""
         return min(requested, self.loader_workers)
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. under `taskset` or a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _positive_int(name: str, value: str) -> int:
