@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -242,10 +243,19 @@ def _end_parent(parent: str | None, experiment_id: str, status: str) -> None:
 
 # ---------------------------------------------------------------------- stages and outputs
 def pipeline_stages() -> dict:
-    """The `stages` of dvc.yaml, as written (empty when there is none, e.g. in unit tests)."""
+    """The `stages` of dvc.yaml, as written (empty when there is none, e.g. in unit tests). Read once
+    per file version: a stage asks for it a dozen times, at its start and at its end."""
     try:
-        return yaml.safe_load(PIPELINE_FILE.read_text()).get("stages") or {}
-    except (OSError, AttributeError, yaml.YAMLError):
+        return _read_stages(PIPELINE_FILE.resolve(), PIPELINE_FILE.stat().st_mtime_ns)
+    except OSError:
+        return {}
+
+
+@functools.lru_cache(maxsize=8)
+def _read_stages(path: Path, mtime_ns: int) -> dict:
+    try:  # libyaml's loader when PyYAML has it (ten times faster); the file is DVC's, not typed by hand here
+        return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)).get("stages") or {}
+    except (AttributeError, yaml.YAMLError):
         return {}
 
 
