@@ -81,7 +81,7 @@ def log_model(model_dir: Path, example: np.ndarray, registered_name: str):
     """Log the model in model_dir to MLflow as a pyfunc that takes encoded images and does its own
     preprocessing (stages/lib/serving.py), and register a version; example (uint8 HWC) is its
     input example."""
-    from stages.lib.serving import log_image_classifier
+    from stages.lib.pyfunc import log_image_classifier
 
     return log_image_classifier(model_dir, example, registered_name)
 

@@ -1,5 +1,5 @@
-"""Inference on encoded image files: the fine-tuned model with its own preprocessing, and the
-MLflow pyfunc registered by finetune, which `mlflow models serve` and `stages.predict` use.
+"""Inference on encoded image files: the fine-tuned model with its own preprocessing, as evaluate,
+export, `stages.predict` and the MLflow pyfunc (stages/lib/pyfunc.py) use it.
 
 - `decode_image`: bytes of any image file -> uint8 (size, size, 3), exactly as the augment stage
   prepares training images (`preprocessing.DataConfig.decode`: upright, RGB, shorter side resized
@@ -11,9 +11,8 @@ MLflow pyfunc registered by finetune, which `mlflow models serve` and `stages.pr
   label), `probabilities` (every class, in `classes` order) and `error` (empty when the image
   was read; otherwise the reason, and the other columns are null). A bad image never fails
   the batch.
-- `ImageClassifierModel`: the MLflow pyfunc around it. Input: a DataFrame with a binary column
-  `image` (over REST: base64 strings in `dataframe_split`). `log_image_classifier` logs and
-  registers it with this package's code, so the model loads without the project installed.
+- `load_predictor` / `predict_files`: `stages.predict`'s model (a folder, or an MLflow model URI:
+  only then is MLflow imported) and its table of top-k predictions per file.
 """
 
 from __future__ import annotations
@@ -22,12 +21,9 @@ import base64
 import binascii
 import io
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -36,7 +32,6 @@ from stages.lib import PipelineError
 from stages.lib.preprocessing import DataConfig
 
 OUTPUT_COLUMNS = ["label", "probability", "probabilities", "error"]
-PACKAGE = Path(__file__).resolve().parents[1]  # the `stages` package, shipped with the model
 
 
 class ImageDecodeError(PipelineError, ValueError):
@@ -140,72 +135,6 @@ class ImageClassifier:
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)
 
 
-class ImageClassifierModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: a DataFrame with a binary `image` column -> `ImageClassifier.predict`'s rows."""
-
-    def load_context(self, context):
-        self.classifier = ImageClassifier(Path(context.artifacts["weights"]), Path(context.artifacts["config"]))
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        if isinstance(model_input, pd.DataFrame):
-            if "image" not in model_input.columns:
-                raise PipelineError(f"expected a column 'image' of encoded images, got {list(model_input.columns)}")
-            values = model_input["image"].tolist()
-        else:
-            values = list(model_input)
-        return self.classifier.predict(values)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-MODEL_CODE = """# The model's entry point (MLflow "models from code"): the pyfunc in stages/lib/serving.py.
-import mlflow
-from stages.lib.serving import ImageClassifierModel
-
-mlflow.models.set_model(ImageClassifierModel())
-"""
-
-
-def _package_copy(destination: Path) -> Path:
-    """This project's shared library (stages/__init__.py, stages/lib/) without caches, to ship inside the model."""
-    target = destination / "stages"
-    shutil.copytree(PACKAGE / "lib", target / "lib", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy2(PACKAGE / "__init__.py", target / "__init__.py")
-    return target
-
-
-def log_image_classifier(model_dir: Path, example_image: np.ndarray, registered_name: str):
-    """Log the model of model_dir (model.pt, config.json) as an `ImageClassifierModel` pyfunc in
-    the active run, with signature, an input example (example_image, uint8 HWC, PNG-encoded) and
-    the class list in its metadata, and register it as a new version of registered_name."""
-    import PIL
-    import timm
-    import torch
-    from mlflow.models import infer_signature
-
-    model_dir = Path(model_dir)
-    classifier = ImageClassifier.from_folder(model_dir)
-    config = classifier.config
-    example = pd.DataFrame({"image": [encode_png(example_image)]})
-    output = classifier.predict(example["image"].tolist())
-    with tempfile.TemporaryDirectory() as scratch:
-        entry_point = Path(scratch) / "image_classifier.py"
-        entry_point.write_text(MODEL_CODE)
-        return mlflow.pyfunc.log_model(
-            name=registered_name, python_model=str(entry_point),
-            artifacts={"weights": str(model_dir / "model.pt"), "config": str(model_dir / "config.json")},
-            code_paths=[str(_package_copy(Path(scratch)))],
-            signature=infer_signature(example, output), input_example=example,
-            registered_model_name=registered_name,
-            metadata={"classes": config["classes"], "data_config": config["data_config"], "input": "encoded image"},
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}",
-                              f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}", f"numpy=={np.__version__}"])
-
-
 # ------------------------------------------------------------------------ batch prediction
 def image_files(paths: list[str | Path]) -> list[Path]:
     """The files to predict: each file as given, each folder's files recursively (sorted, hidden
@@ -226,6 +155,7 @@ def load_predictor(model: str):
     as `models:/<name>@champion` (resolved in the pipeline's MLflow store)."""
     if "://" in model or model.startswith("models:/") or (Path(model) / "MLmodel").is_file():
         import mlflow
+        import mlflow.pyfunc
 
         from stages.lib.tracking import tracking_uri
 
