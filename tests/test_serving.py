@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -118,6 +119,33 @@ def test_registered_version_is_an_image_pyfunc(tiny_pipeline):
     assert rows.loc[0, "label"] == local.loc[0, "label"]
     assert rows.loc[0, "probability"] == pytest.approx(local.loc[0, "probability"], abs=1e-5)
     assert rows.loc[1, "error"].startswith(("not an image", "corrupt image"))
+
+
+OLD_ENTRY_POINT = """
+import sys
+import mlflow
+import numpy as np
+from stages.lib import pyfunc
+
+pyfunc.MODEL_CODE = pyfunc.MODEL_CODE.replace("from stages.lib.pyfunc import", "from stages.lib.serving import")
+assert "from stages.lib.serving import ImageClassifierModel" in pyfunc.MODEL_CODE
+mlflow.set_tracking_uri(sys.argv[1])
+with mlflow.start_run():
+    pyfunc.log_image_classifier(sys.argv[2], np.zeros((32, 32, 3), np.uint8), "before-the-move")
+"""
+
+
+def test_a_version_registered_before_the_pyfunc_moved_still_predicts(model_folder, tmp_path):
+    """Versions registered before stages/lib/pyfunc.py existed import their pyfunc from stages.lib.serving;
+    `stages.predict --model models:/...` loads them in a process where this project's package is imported."""
+    run(tmp_path, sys.executable, "-c", OLD_ENTRY_POINT, f"sqlite:///{tmp_path / 'mlflow.db'}", str(model_folder))
+    (tmp_path / "in.png").write_bytes(png_bytes(np.full((40, 40, 3), 90, np.uint8)))
+    run(tmp_path, sys.executable, "-m", "stages.predict", "in.png", "--model", "models:/before-the-move/1",
+        "--out", "out.csv")
+    import pandas as pd
+
+    [row] = pd.read_csv(tmp_path / "out.csv", keep_default_na=False).to_dict("records")
+    assert row["error"] == "" and row["pred_1"] in ("cat", "dog", "fox")
 
 
 def free_port() -> int:

@@ -34,6 +34,17 @@ from stages.lib.preprocessing import DataConfig
 OUTPUT_COLUMNS = ["label", "probability", "probabilities", "error"]
 
 
+def __getattr__(name: str):
+    """`ImageClassifierModel` for model versions registered before it moved to pyfunc.py: their entry point
+    imports it from here, and in a process that has imported this project's `stages` (as `stages.predict
+    --model models:/...` has) that import finds this module, not the copy shipped with the model."""
+    if name == "ImageClassifierModel":
+        from stages.lib.pyfunc import ImageClassifierModel
+
+        return ImageClassifierModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class ImageDecodeError(PipelineError, ValueError):
     """One input is not a readable image."""
 
