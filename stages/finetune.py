@@ -79,7 +79,7 @@ def fingerprint(params: Params, meta: dict, head_file: Path) -> str:
 
 def log_model(model_dir: Path, example: np.ndarray, registered_name: str):
     """Log the model in model_dir to MLflow as a pyfunc that takes encoded images and does its own
-    preprocessing (stages/lib/serving.py), and register a version; example (uint8 HWC) is its
+    preprocessing (stages/lib/pyfunc.py), and register a version; example (uint8 HWC) is its
     input example."""
     from stages.lib.pyfunc import log_image_classifier
 

@@ -253,7 +253,7 @@ def pipeline_stages() -> dict:
 
 @functools.lru_cache(maxsize=8)
 def _read_stages(path: Path, mtime_ns: int) -> dict:
-    try:  # libyaml's loader when PyYAML has it (ten times faster); the file is DVC's, not typed by hand here
+    try:  # libyaml's loader when PyYAML has it (ten times faster); DVC reports a broken dvc.yaml itself
         return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)).get("stages") or {}
     except (AttributeError, yaml.YAMLError):
         return {}
