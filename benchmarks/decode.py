@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from machine import headline, write_result  # noqa: E402  (benchmarks/machine.py, beside this script)
-from stages.lib.parallel import available_cores  # noqa: E402
-from stages.lib.prepared import create_images, decode_into  # noqa: E402
+
+from stages.lib.core.parallel import available_cores  # noqa: E402
+from stages.lib.data.prepared import create_images, decode_into  # noqa: E402
 
 CHUNKSIZE = 16
 

@@ -9,7 +9,7 @@ once so the upstream stages are done. Then, for each worker count, it queues the
 starts `dvc queue start -j N` and stops the clock when the last experiment's ref appears in git. The run
 cache is emptied between rounds so nothing is restored instead of run.
 
-Every stage takes its thread budget from stages/lib/threads.py; the environment's PIPELINE_THREADS,
+Every stage takes its thread budget from stages/lib/core/threads.py; the environment's PIPELINE_THREADS,
 OMP_NUM_THREADS and MKL_NUM_THREADS are removed so the default (cores / live queue workers) is what is
 measured. Writes benchmarks/results/queue.json: wall seconds per round, the ratio (-j 2 / -j 1; the goal
 is <= 0.75 on 2 cores), cores, torch version, the budget each experiment's stages logged, and `uptime`'s
@@ -36,8 +36,8 @@ import time
 
 import yaml
 
-from stages.lib.parallel import available_cores  # noqa: E402
-from stages.lib.threads import live_queue_workers  # noqa: E402
+from stages.lib.core.parallel import available_cores  # noqa: E402
+from stages.lib.core.threads import live_queue_workers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.queue")

@@ -30,11 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.lib.backbones import create_backbone  # noqa: E402
-from stages.lib.preprocessing import for_backbone  # noqa: E402
-from stages.lib.probe import extract_embeddings  # noqa: E402
 from machine import headline, write_result  # noqa: E402  (benchmarks/machine.py, beside this script)
 from timing import timed  # noqa: E402  (benchmarks/timing.py, beside this script)
+
+from stages.lib.data.preprocessing import for_backbone  # noqa: E402
+from stages.lib.model.backbones import create_backbone  # noqa: E402
+from stages.lib.training.probe import extract_embeddings  # noqa: E402
 
 
 def plain_loop(model, images: np.ndarray, mean, std, batch_size: int, device: torch.device, amp: bool,

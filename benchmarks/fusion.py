@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.lib.fusion_training import train_fusion_head  # noqa: E402
-from stages.lib.params import load_params  # noqa: E402
-from stages.lib.probe import fit_probe, probe_logits  # noqa: E402
+from stages.lib.core.params import load_params  # noqa: E402
+from stages.lib.training.fusion_training import train_fusion_head  # noqa: E402
+from stages.lib.training.probe import fit_probe, probe_logits  # noqa: E402
 
 
 def main() -> None:
@@ -47,8 +47,8 @@ def main() -> None:
     dims = [probe["classifier_dim"]]
     sources = probe.get("fusion", {}).get("sources")
     if sources is None:  # the sources' widths from the backbone
-        from stages.lib.backbones import create_backbone
-        from stages.lib.fusion import source_dims
+        from stages.lib.model.backbones import create_backbone
+        from stages.lib.model.fusion import source_dims
 
         sources = source_dims(create_backbone(probe["model"], "none", len(probe["classes"])), settings.fusion_stages)
     assert sum(sources) == arrays["train_x"].shape[1] and sources[0] == dims[0]

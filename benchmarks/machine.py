@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.lib.parallel import available_cores  # each benchmark puts the repository on sys.path first
+from stages.lib.core.parallel import available_cores  # each benchmark puts the repository on sys.path first
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -31,9 +31,10 @@ from threadpoolctl import threadpool_limits
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.lib.parallel import available_cores  # noqa: E402
-from stages.lib.probe import fit_probe  # noqa: E402
 from machine import headline, write_result  # noqa: E402  (benchmarks/machine.py, beside this script)
+
+from stages.lib.core.parallel import available_cores  # noqa: E402
+from stages.lib.training.probe import fit_probe  # noqa: E402
 
 
 def embeddings(rows: int, dim: int, classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -40,7 +40,7 @@ MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 
 def make_images(folder: Path, count: int, size: int) -> None:
     """Random uint8 images and labels in the prepared-cache layout (train and val splits)."""
-    from stages.lib.prepared import save_split
+    from stages.lib.data.prepared import save_split
 
     rng = np.random.default_rng(0)
     for split, n in (("train", count), ("val", 10)):
@@ -57,11 +57,18 @@ def new_model(name: str, device: torch.device) -> nn.Module:
 
 def pipeline_epoch(args, folder: Path, device: torch.device):
     """An epoch function running the pipeline's training code."""
-    from stages.lib.backbones import set_trainable
-    from stages.lib.distributed import Distributed
-    from stages.lib.params import Finetune, Phase
-    from stages.lib.prepared import PreparedDataset
-    from stages.lib.training import Trainer, TrainState, build_loss, build_optimizer, build_scheduler, make_loaders
+    from stages.lib.core.params import Finetune, Phase
+    from stages.lib.data.prepared import PreparedDataset
+    from stages.lib.model.backbones import set_trainable
+    from stages.lib.training.distributed import Distributed
+    from stages.lib.training.trainer import (
+        Trainer,
+        TrainState,
+        build_loss,
+        build_optimizer,
+        build_scheduler,
+        make_loaders,
+    )
 
     settings = Finetune(batch_size=args.batch_size, phases=[Phase(name="all", epochs=1, lr=1e-4)])
     recipe = settings.recipe(settings.phases[0])

@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 
 from machine import headline, write_result  # noqa: E402  (benchmarks/machine.py, beside this script)
 
-
 SIDE = 64  # pixels: 12 KB decoded per image, so holding images would show in the memory figures
 
 
@@ -79,7 +78,7 @@ def plain_pool(folder: Path, workers: int) -> int:
 
 
 def pipeline(folder: Path, workers: int = 1) -> int:
-    from stages.lib.manifest import build_manifest, scan_image_folder
+    from stages.lib.data.manifest import build_manifest, scan_image_folder
 
     manifest = build_manifest(scan_image_folder(folder), min_side=8, max_pixels=40_000_000, workers=workers)
     assert (manifest["status"] == "ok").all(), manifest[manifest["status"] != "ok"].head()
@@ -87,9 +86,9 @@ def pipeline(folder: Path, workers: int = 1) -> int:
 
 
 def checks_seconds(folder: Path) -> float:
-    from stages.lib.checks import run_checks
-    from stages.lib.manifest import build_manifest, scan_image_folder
-    from stages.lib.params import Validate
+    from stages.lib.core.params import Validate
+    from stages.lib.data.checks import run_checks
+    from stages.lib.data.manifest import build_manifest, scan_image_folder
 
     manifest = build_manifest(scan_image_folder(folder), 8, 40_000_000)
     import great_expectations  # noqa: F401  (import time is not part of the checks)
@@ -143,7 +142,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.folder, args.trace, args.workers)))
         return
-    from stages.lib.parallel import available_cores
+    from stages.lib.core.parallel import available_cores
 
     workers = args.workers or available_cores()
 
@@ -175,7 +174,7 @@ def main() -> None:
                 "checks_seconds": round(measure("checks", folder)["seconds"], 2),
             })
 
-    header = ["files", "pipeline f/s", "plain f/s", "ratio", "workers", f"pipeline f/s", "plain pool f/s",
+    header = ["files", "pipeline f/s", "plain f/s", "ratio", "workers", "pipeline f/s", "plain pool f/s",
               "ratio", "peak RSS MB", "RSS growth MB", "plain RSS MB", "tracemalloc MB", "GX checks s"]
     print(" | ".join(f"{h:>13}" for h in header))
     for row in rows:

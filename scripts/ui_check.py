@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow import MlflowClient
 
-    from stages.lib.params import load_params
-    from stages.lib.tracking import tracking_uri
+    from stages.lib.core.params import load_params
+    from stages.lib.core.store import tracking_uri
 
     binary, uri = browser(), tracking_uri()
     if binary is None:

@@ -15,12 +15,12 @@ import json
 import logging
 from pathlib import Path
 
-from stages.lib import setup_stage
-from stages.lib.images import read_labelled_csv
-from stages.lib.params import load_params
-from stages.lib.parallel import worker_count
-from stages.lib.prepared import create_images, decode_into, oversampled_index, save_labels, save_train_index
-from stages.lib.tracking import stage_run
+from stages.lib.core.parallel import worker_count
+from stages.lib.core.params import load_params
+from stages.lib.core.stage import setup_stage
+from stages.lib.core.tracking import stage_run
+from stages.lib.data.images import read_labelled_csv
+from stages.lib.data.prepared import create_images, decode_into, oversampled_index, save_labels, save_train_index
 
 log = logging.getLogger("augment")
 SPLITS = ("train", "val", "test")
@@ -35,7 +35,7 @@ def main() -> None:
     setup_stage()
     params = load_params()
 
-    with stage_run("augment", params, ["base", "model", "augment"]):
+    with stage_run("augment", params):
         import mlflow
 
         size, interpolation = params.model.image_size, params.model.interpolation
@@ -61,7 +61,7 @@ def main() -> None:
             log.info("oversampling: %d training samples per epoch from %d images", len(index), len(train_labels))
         (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-        from stages.lib.augmentation import preview_grid, train_transform  # torch: only for the preview
+        from stages.lib.data.augmentation import preview_grid, train_transform  # torch: only for the preview
 
         args.preview.parent.mkdir(parents=True, exist_ok=True)
         preview_grid(train_images, train_transform(params.augment), params.augment.preview_images,

@@ -9,14 +9,13 @@ its calibration temperature) on the val and test splits. Writes:
 - plots/: confusion.csv, per_class_f1.csv, reliability.csv (DVC plots).
 The registered version gets its own evaluation's tags (val score and val image digest for
 promotion, test numbers for reporting, the paired comparison on val with the champion of the time),
-then @champion / @challenger are settled by the val rule (stages/lib/registry.py). Test numbers never
+then @champion / @challenger are settled by the val rule (stages/lib/registry/aliases.py). Test numbers never
 choose anything.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -25,16 +24,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.lib import setup_stage
-from stages.lib.comparison import ComparisonError, compare, paired, predictions_frame, read_predictions
-from stages.lib.images import read_labelled_csv
-from stages.lib.metrics import (classification_metrics, confusion_figure, error_gallery,
-                                expected_calibration_error, per_class_table, reliability_figure, softmax)
-from stages.lib.params import load_params
-from stages.lib.prepared import load_split
-from stages.lib.probe import probe_logits
-from stages.lib.serving import ImageClassifier
-from stages.lib.tracking import numeric_leaves, stage_run, write_metrics
+from stages.lib.core.arrays import softmax
+from stages.lib.core.digest import bytes_sha256
+from stages.lib.core.metrics_io import numeric_leaves, write_metrics
+from stages.lib.core.params import load_params
+from stages.lib.core.stage import setup_stage
+from stages.lib.core.tracking import stage_run
+from stages.lib.data.images import read_labelled_csv
+from stages.lib.data.prepared import load_split
+from stages.lib.evaluation.comparison import ComparisonError, compare, paired, predictions_frame, read_predictions
+from stages.lib.evaluation.metrics import (
+    classification_metrics,
+    confusion_figure,
+    error_gallery,
+    expected_calibration_error,
+    per_class_table,
+    reliability_figure,
+)
+from stages.lib.inference.classifier import ImageClassifier
+from stages.lib.model.card import BaselineCard
+from stages.lib.training.probe import probe_logits
 
 log = logging.getLogger("evaluate")
 SPLITS = ("val", "test")
@@ -51,24 +60,24 @@ def baseline_probabilities(features_file: Path, head_file: Path) -> dict[str, np
 def images_digest(paths: list[str], labels: list[str]) -> str:
     """Identifies a set of labelled images: evaluations on the same digest are comparable."""
     lines = sorted(f"{path}\t{label}" for path, label in zip(paths, labels))
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    return bytes_sha256("\n".join(lines).encode())[:16]
 
 
 def champion_evidence(client, name: str, version: str, current_val: pd.DataFrame, val_digest: str) -> dict[str, str]:
     """`promotion.*` tags: this version against the champion of the time, paired on the same val images."""
     import mlflow
 
-    from stages.lib.registry import CHAMPION, current_alias
+    from stages.lib.registry.champion import evaluation_predictions, version_with_alias
 
-    champion = current_alias(client, name, CHAMPION)
+    found = version_with_alias(client, name)
+    champion = str(found.version) if found else None
     if champion is None or champion == version:
         return {"promotion.compared_with": "none (no champion yet)"}
-    tags = client.get_model_version(name, champion).tags or {}
+    tags = found.tags or {}
     if tags.get("val.images") != val_digest or "evaluation.run_id" not in tags:
         return {"promotion.compared_with": f"v{champion}: not comparable (other val images)"}
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=tags["evaluation.run_id"],
-                                                    artifact_path=f"evaluation/{PREDICTIONS}")
+        local = evaluation_predictions(tags["evaluation.run_id"])
         labels, reference, current = paired(read_predictions(local, "val"), current_val, f"v{champion}")
     except (ComparisonError, mlflow.exceptions.MlflowException, OSError) as error:
         log.warning("no paired comparison with champion v%s: %s", champion, error)
@@ -85,7 +94,7 @@ def record_in_registry(run, params, results: dict, val_predictions: pd.DataFrame
 
     from mlflow import MlflowClient
 
-    from stages.lib.registry import own_evaluation, record_evaluation, settle_aliases
+    from stages.lib.registry.aliases import own_evaluation, record_evaluation, settle_aliases
 
     settings, name, client = params.evaluate, params.mlflow.registered_model, MlflowClient()
     finetune_run = run.data.tags.get("upstream.finetune")
@@ -152,13 +161,13 @@ def main() -> None:
     params = load_params()
     settings = params.evaluate
 
-    with stage_run("evaluate", params, ["evaluate"]) as run:
+    with stage_run("evaluate", params) as run:
         import mlflow
 
-        probe = json.loads((args.baseline / "probe.json").read_text())
-        classes = probe["classes"]
+        probe = BaselineCard.read(args.baseline)
+        classes = probe.classes
         classifier = ImageClassifier.from_folder(args.finetuned, settings.batch_size)
-        baseline = baseline_probabilities(Path(probe["features"]), args.baseline / "head.pt")
+        baseline = baseline_probabilities(Path(probe.features), args.baseline / "head.pt")
         data, probabilities, frames = {}, {}, []
         for split in SPLITS:
             images, labels = load_split(args.prepared, split)

@@ -19,11 +19,12 @@ import logging
 import shutil
 from pathlib import Path
 
-from stages.lib import setup_stage
-from stages.lib.params import load_params
-from stages.lib.parallel import available_cores
-from stages.lib.prepared import load_split
-from stages.lib.tracking import numeric_leaves, stage_run, write_metrics
+from stages.lib.core.metrics_io import numeric_leaves, write_metrics
+from stages.lib.core.parallel import available_cores
+from stages.lib.core.params import load_params
+from stages.lib.core.stage import setup_stage
+from stages.lib.core.tracking import stage_run
+from stages.lib.data.prepared import load_split
 
 log = logging.getLogger("export")
 HEADLINE = ("top1_agreement",)  # per variant, in metrics/export.json (the rest goes to MLflow)
@@ -40,20 +41,29 @@ def main() -> None:
     params = load_params()
     settings = params.export
 
-    with stage_run("export", params, ["export"]):
+    with stage_run("export", params):
         import mlflow
         import numpy as np
         import torch
 
-        from stages.lib.export import (export_all, latency_ms, logits_of, parity, preprocessing, pytorch_runner,
-                                       runner, size_mb, state_dict_mb)
-        from stages.lib.serving import ImageClassifier
+        from stages.lib.inference.classifier import ImageClassifier
+        from stages.lib.inference.export import (
+            export_all,
+            latency_ms,
+            logits_of,
+            parity,
+            preprocessing,
+            pytorch_runner,
+            runner,
+            size_mb,
+            state_dict_mb,
+        )
 
         cores = available_cores()
         torch.set_num_threads(cores)  # parity runs on every core; latency at export.threads below
         classifier = ImageClassifier.from_folder(args.finetuned)
         model, size = classifier.model, classifier.size
-        metadata = preprocessing(classifier.config)
+        metadata = preprocessing(classifier.card)
         images, labels = load_split(args.prepared, "test")
         train, _ = load_split(args.prepared, "train")
         calibration = train[np.linspace(0, len(train) - 1, min(settings.calibration_images, len(train))).astype(int)]

@@ -12,7 +12,7 @@ linear head on raw embeddings: the baseline evaluate compares against), --baseli
 LP-FT start for finetune: the same probe, or with fusion a probe on the pre-logits columns, which is
 all the model's classifier sees), --baseline/probe.json (names the chosen `model` and `weights`),
 --baseline/fusion.pt (with `features.fusion_mode` concat | gated | attention: a fusion head trained on the
-winner's cached embeddings, finetune's start instead of classifier.pt; stages/lib/fusion.py),
+winner's cached embeddings, finetune's start instead of classifier.pt; stages/lib/model/fusion.py),
 --fusion-weights and --fusion-figure (its mean weight per source on val, overall and per class: gate,
 attention weight, or concat's share of the predicted logit; no rows with fusion_mode none), --metrics (the
 winner's probe val accuracy), --leaderboard (a CSV: every candidate's val accuracy and log loss, C,
@@ -23,20 +23,30 @@ scored once, by evaluate.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import torch
 
-from stages.lib import setup_stage
-from stages.lib.fusion_training import fuse_winner, weights_figure
-from stages.lib.leaderboard import (Entry, check_candidates, choose, leaderboard, leaderboard_figure,
-                                    log_leaderboard, probe_candidate, with_fusion_rows)
-from stages.lib.params import load_params
-from stages.lib.prepared import load_meta
-from stages.lib.probe import classifier_probe, prepared_digest, prune_cache
-from stages.lib.tracking import repo_root, stage_run, write_metrics
+from stages.lib.core.metrics_io import write_metrics
+from stages.lib.core.params import load_params
+from stages.lib.core.stage import setup_stage
+from stages.lib.core.store import repo_root
+from stages.lib.core.tracking import stage_run
+from stages.lib.data.prepared import load_meta
+from stages.lib.model.card import BaselineCard, BaselineFusion
+from stages.lib.training.fusion_training import fuse_winner, weights_figure
+from stages.lib.training.leaderboard import (
+    Entry,
+    check_candidates,
+    choose,
+    leaderboard,
+    leaderboard_figure,
+    log_leaderboard,
+    probe_candidate,
+    with_fusion_rows,
+)
+from stages.lib.training.probe import classifier_probe, prepared_digest, prune_cache
 
 log = logging.getLogger("features")
 
@@ -63,17 +73,15 @@ def save_baseline(folder: Path, winner: Entry, classifier_head: dict, classes: l
     folder.mkdir(parents=True, exist_ok=True)
     save_head(winner.head, folder / "head.pt")
     save_head(classifier_head, folder / "classifier.pt")
-    probe = {
-        "model": winner.name, "weights": winner.weights, "classes": classes, "embedding_dim": winner.embedding_dim,
-        "classifier_dim": winner.classifier_dim, "fusion_stages": settings.fusion_stages, "C": winner.C,
-        "grid": winner.head["grid"], "classifier_C": classifier_head["C"], "features": winner.features,
-        "data_config": winner.data_config}
+    fusion = None
     if fused:
         torch.save(fused["head"].state_dict(), folder / "fusion.pt")
-        probe["fusion"] = {"mode": settings.fusion_mode, "stages": settings.fusion_stages,
-                           "dim": settings.fusion_head.dim, "sources": fused["sources"],
-                           "val_accuracy": fused["summary"]["val_accuracy"]}
-    (folder / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
+        fusion = BaselineFusion(mode=settings.fusion_mode, stages=settings.fusion_stages, dim=settings.fusion_head.dim,
+                                sources=fused["sources"], val_accuracy=fused["summary"]["val_accuracy"])
+    BaselineCard(model=winner.name, weights=winner.weights, classes=classes, embedding_dim=winner.embedding_dim,
+                 classifier_dim=winner.classifier_dim, fusion_stages=settings.fusion_stages, C=winner.C,
+                 grid=winner.head["grid"], classifier_C=classifier_head["C"], features=winner.features,
+                 data_config=winner.data_config, fusion=fusion).write(folder)
 
 
 def no_weights(classes: list[str]):
@@ -101,7 +109,7 @@ def main() -> None:
     params = load_params()
     settings = params.features
 
-    with stage_run("features", params, ["base", "model", "features"]):
+    with stage_run("features", params):
         import mlflow
 
         check_candidates(params.candidates(), settings.fusion_stages)

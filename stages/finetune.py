@@ -19,7 +19,6 @@ to MLflow and registers a version.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
@@ -29,16 +28,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.lib import PipelineError, distributed, setup_stage, threads
-from stages.lib.augmentation import train_transform
-from stages.lib.backbones import classifier_prefix, create_backbone
-from stages.lib.metrics import fit_temperature, line_figure
-from stages.lib.params import Params, load_params
-from stages.lib.preprocessing import for_backbone
-from stages.lib.prepared import PreparedDataset, load_meta, load_split, training_dataset
-from stages.lib.tracking import repo_root, stage_run, write_metrics
-from stages.lib.training import (Inputs, logits_of, make_loaders, memory_format, run_phases, uses_mixup,
-                                 write_history)
+from stages.lib.core import threads
+from stages.lib.core.digest import bytes_sha256
+from stages.lib.core.errors import PipelineError
+from stages.lib.core.metrics_io import write_metrics
+from stages.lib.core.params import Params, load_params
+from stages.lib.core.pipeline import stage_params
+from stages.lib.core.stage import setup_stage
+from stages.lib.core.store import repo_root
+from stages.lib.core.tracking import stage_run
+from stages.lib.data.augmentation import train_transform
+from stages.lib.data.prepared import PreparedDataset, load_meta, load_split, training_dataset
+from stages.lib.data.preprocessing import for_backbone
+from stages.lib.evaluation.metrics import fit_temperature, line_figure
+from stages.lib.model.backbones import classifier_prefix
+from stages.lib.model.card import BaselineCard, FinetunedCard, FusionSpec, build_model
+from stages.lib.training import distributed
+from stages.lib.training.trainer import (
+    Inputs,
+    logits_of,
+    make_loaders,
+    memory_format,
+    run_phases,
+    uses_mixup,
+    write_history,
+)
 
 log = logging.getLogger("finetune")
 
@@ -55,33 +69,27 @@ def start_from_probe(model: torch.nn.Module, head_file: Path) -> None:
         classifier.bias.copy_(head["bias"])
 
 
-def start_from_fusion_head(backbone: torch.nn.Module, fusion: dict, head_file: Path, num_classes: int,
-                           drop_rate: float) -> torch.nn.Module:
-    """The backbone with the features stage's fusion head (fusion.pt; `fusion`: probe.json's mode, stages,
-    dim) as its classifier: LP-FT with fusion. Returns the `FusedClassifier`."""
-    from stages.lib.fusion import fused_model
-
-    model = fused_model(backbone, fusion["mode"], fusion["stages"], fusion["dim"], num_classes, drop_rate)
+def start_from_fusion_head(model: torch.nn.Module, fusion: FusionSpec, head_file: Path) -> None:
+    """Load the features stage's fusion head (fusion.pt) into the `FusedClassifier`'s head: LP-FT with fusion."""
     try:
         model.head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
     except (RuntimeError, FileNotFoundError) as error:
-        raise PipelineError(f"{head_file}: does not fit the {fusion['mode']} fusion head of {fusion['stages']} "
+        raise PipelineError(f"{head_file}: does not fit the {fusion.mode} fusion head of {fusion.stages} "
                             f"stages ({str(error).splitlines()[0]}); re-run the features stage") from None
-    return model
 
 
 def fingerprint(params: Params, meta: dict, head_file: Path) -> str:
-    """What a checkpoint must match to be resumed: the settings and the inputs."""
-    settings = {name: params.section(name) for name in ("base", "model", "augment", "finetune")}
+    """What a checkpoint must match to be resumed: the settings the stage declares in dvc.yaml, and the inputs."""
+    settings = params.subset(stage_params("finetune"))
     blob = json.dumps([settings, meta], sort_keys=True).encode() + head_file.read_bytes()
-    return hashlib.sha256(blob).hexdigest()
+    return bytes_sha256(blob)
 
 
 def log_model(model_dir: Path, example: np.ndarray, registered_name: str):
     """Log the model in model_dir to MLflow as a pyfunc that takes encoded images and does its own
-    preprocessing (stages/lib/pyfunc.py), and register a version; example (uint8 HWC) is its
+    preprocessing (stages/lib/registry/pyfunc.py), and register a version; example (uint8 HWC) is its
     input example."""
-    from stages.lib.pyfunc import log_image_classifier
+    from stages.lib.registry.pyfunc import log_image_classifier
 
     return log_image_classifier(model_dir, example, registered_name)
 
@@ -125,21 +133,22 @@ def main() -> None:
     settings = params.finetune
     dist = distributed.setup()  # one process, or this process's rank under torchrun
 
-    tracked = stage_run("finetune", params, ["base", "model", "augment", "finetune"])
+    tracked = stage_run("finetune", params)
     with tracked if dist.is_main else nullcontext():  # torchrun workers log nothing
         import mlflow
 
         meta = load_meta(args.prepared)
         classes, size = meta["classes"], meta["image_size"]
-        probe = json.loads((args.baseline / "probe.json").read_text())  # the backbone the features stage chose
+        probe = BaselineCard.read(args.baseline)  # the backbone the features stage chose
         if dist.is_main:
-            mlflow.set_tag("model.name", probe["model"])
-        config = for_backbone(probe["model"], size, meta["interpolation"]).as_dict()  # the preprocessing contract
-        model = create_backbone(probe["model"], probe["weights"], len(classes), params.model.drop_rate)
-        fusion = probe.get("fusion")  # a fusion head from the features stage (features.fusion_mode)
+            mlflow.set_tag("model.name", probe.model)
+        config = for_backbone(probe.model, size, meta["interpolation"]).as_dict()  # the preprocessing contract
+        # a fusion head from the features stage (features.fusion_mode)
+        fusion = FusionSpec(**probe.fusion.model_dump(include={"mode", "stages", "dim"})) if probe.fusion else None
+        model = build_model(probe.model, len(classes), probe.weights, params.model.drop_rate, fusion)
         if fusion:
             start = args.baseline / "fusion.pt"
-            model = start_from_fusion_head(model, fusion, start, len(classes), params.model.drop_rate)
+            start_from_fusion_head(model, fusion, start)
         else:
             start = args.baseline / "classifier.pt"
             start_from_probe(model, start)
@@ -168,11 +177,9 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         model = model.cpu().to(memory_format=torch.contiguous_format)
         torch.save(model.state_dict(), args.out / "model.pt")
-        (args.out / "config.json").write_text(json.dumps({
-            "model": probe["model"], "num_classes": len(classes), "classes": classes, "data_config": config,
-            "temperature": round(temperature, 6), "classifier": classifier_prefix(model),
-            "kept_epoch": state.best_epoch} | ({"fusion": {key: fusion[key] for key in ("mode", "stages", "dim")}}
-                                              if fusion else {}), indent=2) + "\n")
+        FinetunedCard(model=probe.model, num_classes=len(classes), classes=classes, data_config=config,
+                      temperature=round(temperature, 6), classifier=classifier_prefix(model),
+                      kept_epoch=state.best_epoch, fusion=fusion).write(args.out)
         write_history(args.history, state.history)
         best = state.history[state.best_epoch - 1]
         write_metrics(args.metrics, {"kept_epoch": state.best_epoch, "kept_val_loss": round(best["val_loss"], 6),

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stages.lib import PipelineError
+from stages.lib.core.errors import PipelineError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, help="also write the Markdown report to this file")
     args = parser.parse_args(argv)
 
-    from stages.lib.gate import absolute_checks, markdown, reference_for, statistical_checks
-    from stages.lib.params import load_params
+    from stages.lib.core.params import load_params
+    from stages.lib.evaluation.gate import absolute_checks, markdown, statistical_checks
+    from stages.lib.registry.champion import gate_reference
 
     try:
         params = load_params(args.params, timm_names=False)  # starts fast: no torch
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.write_reference} from {settings.predictions}")
             return 0
         with tempfile.TemporaryDirectory() as scratch:
-            reference, name = reference_for(args.against, settings, params.mlflow.registered_model, Path(scratch))
+            reference, name = gate_reference(args.against, settings, params.mlflow.registered_model, Path(scratch))
             differences, images = statistical_checks(settings, reference, name, params.base.seed)
         checks = absolute_checks(settings.checks, Path(settings.metrics_dir))
     except (PipelineError, FileNotFoundError) as error:

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from stages.lib import setup_stage
+from stages.lib.core.stage import setup_stage
 
 log = logging.getLogger("predict")
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top-k must be at least 1")
     setup_stage()
 
-    from stages.lib.serving import image_files, load_predictor, predict_files
+    from stages.lib.inference.predict import image_files, load_predictor, predict_files
 
     files = image_files(args.paths)
     if not files:

@@ -14,11 +14,12 @@ import json
 import logging
 from pathlib import Path
 
-from stages.lib import setup_stage
-from stages.lib.images import read_labelled_csv
-from stages.lib.params import load_params
-from stages.lib.splits import SPLITS, split_counts, split_manifest
-from stages.lib.tracking import stage_run, write_metrics
+from stages.lib.core.metrics_io import write_metrics
+from stages.lib.core.params import load_params
+from stages.lib.core.stage import setup_stage
+from stages.lib.core.tracking import stage_run
+from stages.lib.data.images import read_labelled_csv
+from stages.lib.data.splits import SPLITS, split_counts, split_manifest
 
 log = logging.getLogger("split")
 
@@ -32,7 +33,7 @@ def main() -> None:
     setup_stage()
     params = load_params()
 
-    with stage_run("split", params, ["base", "split"]):
+    with stage_run("split", params):
         import mlflow
 
         splits = split_manifest(read_labelled_csv(args.manifest), params.split, params.base.seed)

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    from stages.lib.params import load_params
-    from stages.lib.tracking import tracking_uri
+    from stages.lib.core.params import load_params
+    from stages.lib.core.store import tracking_uri
 
     results, finetune = json.loads(args.evaluate.read_text()), json.loads(args.finetune.read_text())
     params = load_params(timm_names=False)

@@ -15,12 +15,14 @@ import json
 import logging
 from pathlib import Path
 
-from stages.lib import PipelineError, setup_stage
-from stages.lib.checks import blocking_problems, markdown_report, run_checks, summarise
-from stages.lib.manifest import build_manifest, list_files
-from stages.lib.params import load_params
-from stages.lib.parallel import worker_count
-from stages.lib.tracking import stage_run, write_metrics
+from stages.lib.core.errors import PipelineError
+from stages.lib.core.metrics_io import write_metrics
+from stages.lib.core.parallel import worker_count
+from stages.lib.core.params import load_params
+from stages.lib.core.stage import setup_stage
+from stages.lib.core.tracking import stage_run
+from stages.lib.data.checks import blocking_problems, markdown_report, run_checks, summarise
+from stages.lib.data.manifest import build_manifest, list_files
 
 log = logging.getLogger("validate")
 
@@ -35,7 +37,7 @@ def main() -> None:
     params = load_params()
     settings = params.validate_
 
-    with stage_run("validate", params, ["data", "validate"]):
+    with stage_run("validate", params):
         import mlflow
 
         workers = worker_count(settings.workers)

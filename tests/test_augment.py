@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import dvc
 from PIL import Image
+from test_pipeline import copy_project, stages_run
 from torchvision.transforms import v2
 
-from conftest import dvc
-from stages.lib.augmentation import augment_batch, preview_grid, train_transform
-from stages.lib.params import Augment, ParamsError, parse_params
-from stages.lib.prepared import create_images, oversampled_index, save_labels, save_train_index, training_dataset
-from test_pipeline import copy_project, stages_run
+from stages.lib.core.params import Augment, ParamsError, parse_params
+from stages.lib.data.augmentation import augment_batch, preview_grid, train_transform
+from stages.lib.data.prepared import create_images, oversampled_index, save_labels, save_train_index, training_dataset
 
 STILL = {"rotation": 0.0, "translate": 0.0, "scale": (1.0, 1.0)}  # no affine step
 

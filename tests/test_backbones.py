@@ -4,9 +4,16 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.lib.backbones import (NormalizedClassifier, WeightsError, apply_batchnorm_policy, block_groups,
-                                  create_backbone, map_by_position, set_trainable)
-from stages.lib.preprocessing import for_backbone
+from stages.lib.data.preprocessing import for_backbone
+from stages.lib.model.backbones import (
+    NormalizedClassifier,
+    WeightsError,
+    apply_batchnorm_policy,
+    block_groups,
+    create_backbone,
+    map_by_position,
+    set_trainable,
+)
 
 
 @pytest.fixture(scope="module")

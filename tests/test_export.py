@@ -11,16 +11,29 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import mlflow_runs
 from PIL import Image
 
-from conftest import mlflow_runs
-from stages.lib.backbones import NormalizedClassifier, create_backbone
-from stages.lib.export import (FILES, as_input, as_metadata, classifier_node, export_all, latency_ms, logits_of,
-                               parity, preprocessing, pytorch_runner, runner)
+from stages.lib.data.pixels import to_float_array as as_input
+from stages.lib.inference.export import (
+    FILES,
+    as_metadata,
+    classifier_node,
+    export_all,
+    latency_ms,
+    logits_of,
+    parity,
+    preprocessing,
+    pytorch_runner,
+    runner,
+)
+from stages.lib.model.backbones import NormalizedClassifier, create_backbone
+from stages.lib.model.card import FinetunedCard
 
 SIZE = 32
-CONFIG = {"model": "tf_efficientnet_lite0", "classes": ["china", "flower"],
-          "data_config": {"input_size": [3, SIZE, SIZE], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}}
+CONFIG = FinetunedCard(model="tf_efficientnet_lite0", num_classes=2, classes=["china", "flower"],
+                       data_config={"input_size": [3, SIZE, SIZE], "interpolation": "bicubic", "mean": [0.5] * 3,
+                                    "std": [0.5] * 3})
 # variant -> (largest logit difference allowed, smallest top-1 agreement)
 TOLERANCE = {"onnx": (1e-3, 1.0), "torchscript": (1e-4, 1.0), "onnx_fp16": (0.25, 1.0), "onnx_int8": (None, 0.9)}
 
@@ -45,7 +58,7 @@ def probe_model(images: np.ndarray, labels: np.ndarray) -> NormalizedClassifier:
     weight to zero if the head were quantized to int8 with one scale."""
     from sklearn.linear_model import LogisticRegression
 
-    model = NormalizedClassifier(create_backbone(CONFIG["model"], "pypi", 2), [0.5] * 3, [0.5] * 3).eval()
+    model = NormalizedClassifier(create_backbone(CONFIG.model, "pypi", 2), [0.5] * 3, [0.5] * 3).eval()
     with torch.inference_mode():
         inputs = (torch.from_numpy(as_input(images)) - 0.5) / 0.5
         features = model.model.forward_head(model.model.forward_features(inputs), pre_logits=True).numpy()
@@ -115,7 +128,7 @@ def test_onnx_files_record_the_preprocessing_and_take_any_batch(exported):
     for variant in ("onnx", "onnx_fp16", "onnx_int8"):
         metadata = {prop.key: prop.value for prop in onnx.load(str(files[variant])).metadata_props}
         assert metadata == expected
-    assert json.loads(expected["classes"]) == CONFIG["classes"] and expected["image_size"] == str(SIZE)
+    assert json.loads(expected["classes"]) == CONFIG.classes and expected["image_size"] == str(SIZE)
     assert json.loads(expected["mean"]) == [0.5] * 3 and json.loads(expected["std"]) == [0.5] * 3
     assert "do not normalise again" in expected["normalization"]
     session = onnxruntime.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
@@ -133,7 +146,7 @@ def test_torchscript_carries_the_preprocessing(exported):
 def test_export_stage_outputs(tiny_pipeline):
     import onnxruntime
 
-    from stages.lib.serving import ImageClassifier
+    from stages.lib.inference.classifier import ImageClassifier
 
     # the DVC metrics file holds only deterministic headline figures (it is shared through the DVC remote)
     results = json.loads((tiny_pipeline / "metrics/export.json").read_text())

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import dvc, mlflow_runs
-from stages.lib import PipelineError
-from stages.lib.backbones import create_backbone
-from stages.lib.leaderboard import Entry, SelectionError, choose, leaderboard
-from stages.lib.params import ParamsError, Select, parse_params
-from stages.lib.probe import cache_file, cache_key, extract_embeddings, fit_probe, prune_cache
+
+from stages.lib.core.errors import PipelineError
+from stages.lib.core.params import ParamsError, Select, parse_params
+from stages.lib.model.backbones import create_backbone
+from stages.lib.training.leaderboard import Entry, SelectionError, choose, leaderboard
+from stages.lib.training.probe import cache_file, cache_key, extract_embeddings, fit_probe, prune_cache
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CANDIDATES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
@@ -147,7 +147,7 @@ def test_a_head_that_does_not_fit_the_classifier_fails_naming_the_file(tmp_path)
 def test_with_fusion_the_lpft_head_is_a_probe_on_the_classifier_columns(tmp_path):
     """The fused baseline sees more columns than the classifier; LP-FT needs a head on the classifier's own."""
     from stages.features import lpft_head
-    from stages.lib.params import Features
+    from stages.lib.core.params import Features
 
     rng = np.random.default_rng(0)
     labels = {split: np.arange(40) % 4 for split in ("train", "val")}
@@ -257,7 +257,7 @@ def test_adding_a_candidate_extracts_only_that_one(tiny_pipeline, tmp_path):
 
 def test_probe_head_is_exact_and_tame_with_near_constant_features():
     """The folded head reproduces the probe's predictions; a near-dead feature cannot blow up its weights."""
-    from stages.lib.probe import fit_probe, probe_logits
+    from stages.lib.training.probe import fit_probe, probe_logits
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 40)

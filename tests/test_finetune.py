@@ -17,13 +17,13 @@ import pytest
 import timm
 import torch
 import yaml
-
 from conftest import BIN, dvc, mlflow_runs, pipeline_env, run
+
 from stages.finetune import fingerprint, start_from_probe
 
 CHECKPOINTS = ".cache/checkpoints"  # dvc.yaml: finetune --checkpoints, under the repository root
-from stages.lib.params import load_params
-from stages.lib.probe import extract_embeddings, probe_logits
+from stages.lib.core.params import load_params
+from stages.lib.training.probe import extract_embeddings, probe_logits
 
 STAGE_ARGS = ["--prepared", "data/prepared", "--baseline", "models/baseline", "--checkpoints", CHECKPOINTS]
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
-from stages.lib import PipelineError
-from stages.lib.fusion import FUSION_MODES, FusedClassifier, FusionHead, fused_model, pooled_sources, source_dims
-from stages.lib.params import ParamsError, parse_params
+from stages.lib.core.errors import PipelineError
+from stages.lib.core.params import ParamsError, parse_params
+from stages.lib.model.fusion import FUSION_MODES, FusedClassifier, FusionHead, fused_model, pooled_sources, source_dims
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = "mobilenetv3_small_050"
@@ -68,9 +69,9 @@ def test_the_fused_model_takes_images_and_its_head_sees_the_cached_embeddings(ba
 
 
 def test_the_trainer_sees_the_head_as_the_classifier_and_the_backbone_groups(backbone_factory):
-    from stages.lib.backbones import block_groups, classifier_prefix, set_trainable
-    from stages.lib.training import build_optimizer
-    from stages.lib.params import Recipe
+    from stages.lib.core.params import Recipe
+    from stages.lib.model.backbones import block_groups, classifier_prefix, set_trainable
+    from stages.lib.training.trainer import build_optimizer
 
     model = fused_model(backbone_factory(), "gated", fusion_stages=3, dim=16, num_classes=4)
     assert classifier_prefix(model) == "head"
@@ -94,8 +95,8 @@ def test_too_many_stages_fail_naming_the_key(backbone_factory):
 
 
 def test_the_features_stage_checks_every_candidates_stages_before_any_work():
-    from stages.lib.leaderboard import check_candidates
-    from stages.lib.params import Candidate
+    from stages.lib.core.params import Candidate
+    from stages.lib.training.leaderboard import check_candidates
 
     candidates = [Candidate(name="tf_efficientnet_lite0", weights="none"), Candidate(name="convnext_atto", weights="none")]
     check_candidates(candidates, fusion_stages=4)
@@ -122,7 +123,7 @@ def test_onnx_and_torchscript_exports_match_pytorch(backbone_factory, tmp_path, 
 
     import onnxruntime
 
-    from stages.lib.backbones import NormalizedClassifier
+    from stages.lib.model.backbones import NormalizedClassifier
 
     model = NormalizedClassifier(fused_model(backbone_factory(), mode, 3, 16, 4), [0.5] * 3, [0.5] * 3, 1.5).eval()
     images = torch.rand(2, 3, 64, 64)
@@ -141,7 +142,7 @@ def test_onnx_and_torchscript_exports_match_pytorch(backbone_factory, tmp_path, 
 
 
 def test_the_loader_rebuilds_a_fused_model_from_config_json(backbone_factory, tmp_path):
-    from stages.lib.serving import ImageClassifier
+    from stages.lib.inference.classifier import ImageClassifier
 
     model = fused_model(backbone_factory(), "attention", 2, 16, 4).eval()
     torch.save(model.state_dict(), tmp_path / "model.pt")
@@ -159,8 +160,8 @@ def test_the_loader_rebuilds_a_fused_model_from_config_json(backbone_factory, tm
 
 @pytest.mark.parametrize("mode", ["attention", "concat"])
 def test_a_fusion_head_trains_on_cached_embeddings_and_reports_its_weights(mode):
-    from stages.lib.fusion_training import source_names, train_fusion_head, weights_table
-    from stages.lib.params import FusionHead as Settings
+    from stages.lib.core.params import FusionHead as Settings
+    from stages.lib.training.fusion_training import source_names, train_fusion_head, weights_table
 
     rng = np.random.default_rng(0)
     dims = [4, 3, 5]
@@ -207,7 +208,6 @@ def test_a_gated_pipeline_trains_exports_and_predicts_through_dvc_repro(tmp_path
     """features.fusion_mode gated end to end: the leaderboard's fusion rows, the weights plot, finetune from
     the fusion head, config.json's fusion keys, export parity and predict from the folder."""
     import pandas as pd
-
     from conftest import dvc, make_project, run
 
     project = make_project(tmp_path / "project", overrides={"features": {

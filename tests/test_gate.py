@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from stages.gate import main as gate
-from stages.lib.comparison import compare, predictions_frame
+from stages.lib.evaluation.comparison import compare, predictions_frame
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [str(i) for i in range(10)]

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.lib.images import ManifestRow, inspect_image, load_rgb, reason_code, to_rgb
-from stages.lib.manifest import build_manifest, scan_image_folder
+from stages.lib.data.images import ManifestRow, inspect_image, load_rgb, reason_code, to_rgb
+from stages.lib.data.manifest import build_manifest, scan_image_folder
 
 MIN_SIDE, MAX_PIXELS = 8, 40_000_000
 
@@ -275,7 +275,7 @@ def test_an_unreadable_folder_is_reported(tmp_path):
 
 
 def test_scan_of_a_missing_folder_names_it(tmp_path):
-    from stages.lib import PipelineError
+    from stages.lib.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match="not a folder"):
         scan_image_folder(tmp_path / "nowhere")

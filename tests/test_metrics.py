@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.lib.metrics import (classification_metrics, error_gallery, expected_calibration_error, per_class_table,
-                                reliability_figure, top_k_accuracy)
+from stages.lib.evaluation.metrics import (
+    classification_metrics,
+    error_gallery,
+    expected_calibration_error,
+    per_class_table,
+    reliability_figure,
+    top_k_accuracy,
+)
 
 # 4 test images, 3 classes. Predictions: 0 (right, p=.7), 0 (wrong, true 1 is 2nd), 2 (right, p=.5),
 # 1 (wrong, true 2 is 2nd).

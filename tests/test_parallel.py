@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
-from stages.lib.manifest import build_manifest, scan_image_folder
-from stages.lib.params import Augment, Validate
-from stages.lib.parallel import available_cores, ordered_map, worker_count
-from stages.lib.prepared import create_images, decode_into
 from test_images import write_bad_folder
+
+from stages.lib.core.parallel import available_cores, ordered_map, worker_count
+from stages.lib.core.params import Augment, Validate
+from stages.lib.data.manifest import build_manifest, scan_image_folder
+from stages.lib.data.prepared import create_images, decode_into
 
 
 def square(value: int) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.lib.params import ParamsError, load_params, parse_params
+from stages.lib.core.params import ParamsError, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def _schema_defaults(model, prefix=""):
 def test_params_yaml_is_the_one_source_of_values():
     """Every schema default equals the value params.yaml sets, so the code holds no competing default
     (an empty collection as default means "none given", e.g. no gate checks)."""
-    from stages.lib.params import Params
+    from stages.lib.core.params import Params
 
     def flatten(raw: dict, prefix: str = "") -> dict:
         flat = {}
@@ -123,7 +123,7 @@ def test_dvc_exp_run_set_changes_only_the_values_it_sets(tmp_path, overrides):
 
 CHECK_WITHOUT_TORCH = """
 import sys
-from stages.lib.params import ParamsError, load_params
+from stages.lib.core.params import ParamsError, load_params
 try:
     load_params(sys.argv[1])
     print("ok", "torch" in sys.modules)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import dvc, mlflow_runs
 
 STAGES = ["validate", "split", "augment", "features", "finetune", "evaluate", "export"]

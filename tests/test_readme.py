@@ -19,7 +19,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, REPO
 
 README = (REPO / "README.md").read_text()

@@ -7,8 +7,7 @@ import random
 
 import pytest
 
-from stages.lib.registry import (Evaluated, choose_aliases, own_evaluation, record_evaluation,
-                                 settle_aliases)
+from stages.lib.registry.aliases import Evaluated, choose_aliases, own_evaluation, record_evaluation, settle_aliases
 
 _names = itertools.count()
 

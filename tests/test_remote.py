@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, dvc, make_project, run
 
 pytestmark = pytest.mark.remote

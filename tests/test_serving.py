@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import BIN, pipeline_env, run
 from PIL import Image
 
-from conftest import BIN, pipeline_env, run
-from stages.lib import PipelineError
-from stages.lib.backbones import create_backbone
-from stages.lib.preprocessing import DataConfig, decode
-from stages.lib.serving import ImageClassifier, ImageDecodeError, decode_image
+from stages.lib.core.errors import PipelineError
+from stages.lib.data.preprocessing import DataConfig, decode
+from stages.lib.inference.classifier import ImageClassifier, ImageDecodeError, decode_image
+from stages.lib.model.backbones import create_backbone
 
 MODEL_NAME = "image-classifier"  # params.yaml: mlflow.registered_model
 
@@ -125,20 +125,23 @@ OLD_ENTRY_POINT = """
 import sys
 import mlflow
 import numpy as np
-from stages.lib import pyfunc
+from stages.lib.registry import pyfunc
 
-pyfunc.MODEL_CODE = pyfunc.MODEL_CODE.replace("from stages.lib.pyfunc import", "from stages.lib.serving import")
-assert "from stages.lib.serving import ImageClassifierModel" in pyfunc.MODEL_CODE
+pyfunc.MODEL_CODE = pyfunc.MODEL_CODE.replace("from stages.lib.registry.pyfunc import", f"from {sys.argv[3]} import")
+assert f"from {sys.argv[3]} import ImageClassifierModel" in pyfunc.MODEL_CODE
 mlflow.set_tracking_uri(sys.argv[1])
 with mlflow.start_run():
     pyfunc.log_image_classifier(sys.argv[2], np.zeros((32, 32, 3), np.uint8), "before-the-move")
 """
 
 
-def test_a_version_registered_before_the_pyfunc_moved_still_predicts(model_folder, tmp_path):
-    """Versions registered before stages/lib/pyfunc.py existed import their pyfunc from stages.lib.serving;
-    `stages.predict --model models:/...` loads them in a process where this project's package is imported."""
-    run(tmp_path, sys.executable, "-c", OLD_ENTRY_POINT, f"sqlite:///{tmp_path / 'mlflow.db'}", str(model_folder))
+@pytest.mark.parametrize("old_module", ["stages.lib.serving", "stages.lib.pyfunc"])
+def test_a_version_registered_with_an_old_import_path_still_predicts(model_folder, tmp_path, old_module):
+    """Versions registered before the library's packages existed import their pyfunc from `stages.lib.serving`
+    or `stages.lib.pyfunc`; `stages.predict --model models:/...` loads them in a process where this project's
+    package is imported, so those two modules stay as re-exports."""
+    run(tmp_path, sys.executable, "-c", OLD_ENTRY_POINT, f"sqlite:///{tmp_path / 'mlflow.db'}", str(model_folder),
+        old_module)
     (tmp_path / "in.png").write_bytes(png_bytes(np.full((40, 40, 3), 90, np.uint8)))
     run(tmp_path, sys.executable, "-m", "stages.predict", "in.png", "--model", "models:/before-the-move/1",
         "--out", "out.csv")
@@ -234,8 +237,8 @@ def test_every_consumer_agrees_with_evaluate_on_encoded_files(tiny_pipeline, ser
     import onnxruntime
     import pandas as pd
 
-    from stages.lib.images import read_labelled_csv
-    from stages.lib.preprocessing import decode
+    from stages.lib.data.images import read_labelled_csv
+    from stages.lib.data.preprocessing import decode
 
     assert json.loads((tiny_pipeline / "models/finetuned/config.json").read_text())["data_config"]["interpolation"] \
         == "bilinear"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from stages.lib.params import Split
-from stages.lib.splits import SPLITS, SplitError, split_counts, split_manifest
+from stages.lib.core.params import Split
+from stages.lib.data.splits import SPLITS, SplitError, split_counts, split_manifest
 
 
 def manifest(per_class: dict[str, int], split: dict[int, str] | None = None, copies: int = 1) -> pd.DataFrame:

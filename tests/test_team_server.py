@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import BIN, dvc, make_project, pipeline_env, run
 
 pytestmark = pytest.mark.server
@@ -130,7 +129,7 @@ def test_secrets_are_generated_once_private_and_overridden_by_the_environment(tm
 def test_a_lost_server_is_reported_in_one_line():
     from mlflow.exceptions import MlflowException
 
-    from stages.lib import lost_tracking_server
+    from stages.lib.core.errors import lost_tracking_server
 
     error = MlflowException(
         "API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-batch failed with exception "
@@ -341,8 +340,8 @@ def test_a_restart_keeps_runs_and_versions(auth_server, project):
 
 @pytest.mark.parametrize("user, password", [(None, None), ("writer1", "wrong-password-1")])
 def test_missing_or_wrong_credentials_fail_before_any_work(auth_server, user, password, monkeypatch):
-    from stages.lib.params import parse_params
-    from stages.lib.tracking import TrackingError, configure
+    from stages.lib.core.params import parse_params
+    from stages.lib.core.store import TrackingError, configure
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server.url)
     auth_server.client(user, password)  # sets or clears the credentials in the environment
@@ -353,8 +352,8 @@ def test_missing_or_wrong_credentials_fail_before_any_work(auth_server, user, pa
 def test_a_user_without_permission_on_the_experiment_is_told_so(auth_server, monkeypatch):
     from mlflow.server import get_app_client
 
-    from stages.lib.params import parse_params
-    from stages.lib.tracking import TrackingError, configure
+    from stages.lib.core.params import parse_params
+    from stages.lib.core.store import TrackingError, configure
 
     admin = auth_server.client("admin", auth_server.admin_password)
     experiment = admin.get_experiment_by_name(EXPERIMENT).experiment_id
@@ -407,7 +406,7 @@ def test_a_writer_can_log_runs_and_set_an_alias(auth_server):
 def test_two_writers_at_once_complete_and_agree_on_the_aliases(auth_server, project, tmp_path):
     """Two clones, two users, `dvc repro` started together: every run finishes, each version carries its
     own evaluation, and the aliases end as the promotion rule says whatever order the writes came in."""
-    from stages.lib.registry import evaluated_versions
+    from stages.lib.registry.aliases import evaluated_versions
 
     clones = {"writer1": 4.0e-4, "writer2": 6.0e-4}
     processes = {}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib import PipelineError
-from stages.lib.threads import QUEUE_WORKERS_DIR, decide, live_queue_workers, queue_workers
+from stages.lib.core.errors import PipelineError
+from stages.lib.core.threads import QUEUE_WORKERS_DIR, decide, live_queue_workers, queue_workers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,9 +105,9 @@ def test_the_queue_counts_only_inside_a_queued_experiment(fake_queue):
 
 STAGE_START = """
 import json, os, torch
-from stages.lib import setup_stage
+from stages.lib.core.stage import setup_stage
 setup_stage()
-from stages.lib import threads
+from stages.lib.core import threads
 print(json.dumps({"threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
                   "omp": os.environ["OMP_NUM_THREADS"], "loader": threads.apply().workers(8)}))
 """

@@ -4,8 +4,10 @@ import socket
 
 import pytest
 
-from stages.lib.params import parse_params
-from stages.lib.tracking import TrackingError, configure, data_version, flatten, repo_root, tracking_uri
+from stages.lib.core.metrics_io import flatten
+from stages.lib.core.params import parse_params
+from stages.lib.core.store import TrackingError, configure, repo_root, tracking_uri
+from stages.lib.core.tracking import data_version
 
 
 def test_store_is_under_the_real_repository_root(monkeypatch, tmp_path):
@@ -42,15 +44,15 @@ def test_the_parent_run_spans_its_stages_and_shows_a_failed_one(monkeypatch, tmp
     import mlflow
     from mlflow import MlflowClient
 
-    from stages.lib import tracking
+    from stages.lib.core import tracking
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setattr(tracking, "pipeline_execution_key", lambda: "host:123:456")
     params = parse_params({"finetune": {"phases": [{"name": "a", "epochs": 1, "lr": 0.1}]}})
-    with tracking.stage_run("validate", params, ["base"]) as first:
+    with tracking.stage_run("validate", params) as first:
         pass
-    with pytest.raises(RuntimeError), tracking.stage_run("split", params, ["base"]) as second:
+    with pytest.raises(RuntimeError), tracking.stage_run("split", params) as second:
         raise RuntimeError("the split failed")
     client = MlflowClient()
     parent_id = client.get_run(first.info.run_id).data.tags["mlflow.parentRunId"]

@@ -1,4 +1,4 @@
-"""Staged fine-tuning (stages/lib/training.py) on a tiny timm model and tiny tensors: each practice
+"""Staged fine-tuning (stages/lib/training/trainer.py) on a tiny timm model and tiny tensors: each practice
 the recipe relies on, determinism and resuming after a crash."""
 
 from __future__ import annotations
@@ -18,12 +18,23 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 
-from stages.lib import PipelineError
-from stages.lib.backbones import block_groups, set_trainable
-from stages.lib.distributed import Distributed
-from stages.lib.params import Finetune, Phase
-from stages.lib.training import (Inputs, Trainer, TrainState, build_loss, build_optimizer, build_scheduler,
-                                 logits_of, lr_labels, make_loaders, run_phases, seed_epoch)
+from stages.lib.core.errors import PipelineError
+from stages.lib.core.params import Finetune, Phase
+from stages.lib.model.backbones import block_groups, set_trainable
+from stages.lib.training.distributed import Distributed
+from stages.lib.training.trainer import (
+    Inputs,
+    Trainer,
+    TrainState,
+    build_loss,
+    build_optimizer,
+    build_scheduler,
+    logits_of,
+    lr_labels,
+    make_loaders,
+    run_phases,
+    seed_epoch,
+)
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 CLASSES = 3
@@ -273,7 +284,7 @@ def test_a_crashed_run_resumes_from_its_last_epoch_and_ends_as_an_uninterrupted_
     replayed = []
     resumed_model = tiny_model()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="stages.lib.training"):
+    with caplog.at_level(logging.INFO, logger="stages.lib.training.trainer"):
         resumed = train(resumed_model, recipe_with_everything(), tmp_path, on_epoch=replayed.append)
     assert f"resuming after epoch {crash_epoch} " in caplog.text
     trained = [int(line.split()[1]) for line in caplog.messages if line.startswith("epoch ")]
@@ -287,8 +298,8 @@ DDP_SCRIPT = """
 import json, sys
 from pathlib import Path
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
-from stages.lib import distributed
-from stages.lib.training import make_loaders, run_phases
+from stages.lib.training import distributed
+from stages.lib.training.trainer import make_loaders, run_phases
 from test_training import MEAN, STD, recipe_with_everything, tiny_data, tiny_model
 dist = distributed.setup()
 recipe = recipe_with_everything().model_copy(update={"mixup_alpha": 0.0})  # mixup pairs differ per process

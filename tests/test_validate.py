@@ -7,14 +7,14 @@ import os
 
 import pandas as pd
 import pytest
-
 from conftest import dvc, make_project, run
-from stages.lib import PipelineError
-from stages.lib.checks import blocking_problems, markdown_report, run_checks, summarise
-from stages.lib.images import reason_code
-from stages.lib.manifest import build_manifest, read_manifest_csv, scan_image_folder
-from stages.lib.params import Validate
 from test_images import tree_digest, write_bad_folder, write_png
+
+from stages.lib.core.errors import PipelineError
+from stages.lib.core.params import Validate
+from stages.lib.data.checks import blocking_problems, markdown_report, run_checks, summarise
+from stages.lib.data.images import reason_code
+from stages.lib.data.manifest import build_manifest, read_manifest_csv, scan_image_folder
 
 
 def manifest_of(rows) -> pd.DataFrame:

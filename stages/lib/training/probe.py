@@ -23,8 +23,6 @@ a second probe fit on those columns (`classifier_probe`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
@@ -36,9 +34,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.lib.fusion import check_fusion, pooled_sources
-from stages.lib.prepared import load_split
-from stages.lib.preprocessing import Normalize
+from stages.lib.core.digest import file_sha256, folder_sha256, json_sha256
+from stages.lib.data.prepared import load_split
+from stages.lib.model.backbones import Normalize
+from stages.lib.model.fusion import check_fusion, pooled_sources
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -77,17 +76,9 @@ def embed_splits(model: nn.Module, prepared: Path, config: dict, batch_size: int
 
 
 # ----------------------------------------------------------------------------------- cache
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def prepared_digest(prepared: Path) -> str:
-    """sha256 over the prepared cache's files (names and contents)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(prepared).iterdir() if p.is_file()):
-        digest.update(path.name.encode() + _file_digest(path).encode())
-    return digest.hexdigest()
+    """The prepared cache's files (names and contents)."""
+    return folder_sha256(prepared)
 
 
 def cache_key(name: str, weights: str, image_size: int, fusion_stages: int, data_digest: str,
@@ -101,7 +92,7 @@ def cache_key(name: str, weights: str, image_size: int, fusion_stages: int, data
     if weights == "none":
         key["seed"] = seed
     elif weights not in BUILTIN_WEIGHTS and Path(weights).is_file():
-        key["weights_sha256"] = _file_digest(Path(weights))
+        key["weights_sha256"] = file_sha256(weights)
     return key
 
 
@@ -112,7 +103,7 @@ def file_stem(name: str) -> str:
 
 def cache_file(cache: Path, key: dict) -> Path:
     """<cache>/<data digest>/<model>-<weights>-<size>px-fusion<K>-<digest of the key>.npz."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    digest = json_sha256(key)[:12]
     source = key["weights"] if key["weights"] in BUILTIN_WEIGHTS else "file"
     name = f"{file_stem(key['model'])}-{source}-{key['image_size']}px-fusion{key['fusion_stages']}-{digest}.npz"
     return data_folder(cache, key["data"]) / name

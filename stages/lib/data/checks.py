@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from stages.lib.images import REASONS, reason_code
+from stages.lib.data.images import REASONS, reason_code
 
 NOT_DATA = ("hidden or OS file", "symlink loop")  # left out, but not images a user lost: not in the fraction
 CHECK_NAMES = ("label_set", "image_size", "unique_content", "min_images_per_class",

@@ -8,8 +8,8 @@ input size; normalisation is inside the graph) and returns logits:
 - `onnx_fp16`: weights and compute in float16, float32 inputs/outputs
   (onnxruntime.transformers.float16).
 - `onnx_int8`: static int8 quantization of the convolutions (onnxruntime.quantization.quantize_static,
-  QDQ, weights per channel), activation ranges calibrated on training images: about 3.4x smaller than
-  float32 (speed depends on the CPU's int8 kernels; at 64-80 px float32 is a little faster here).
+  QDQ, weights per channel), activation ranges calibrated on training images: several times smaller
+  than float32; whether it is also faster depends on the CPU's int8 kernels.
 - `torchscript`: `torch.jit.trace` (deprecated by PyTorch; not a default), with the same preprocessing JSON
   as an extra file.
 `parity` compares a variant's logits on the test split with PyTorch's; `latency_ms` times it on
@@ -22,9 +22,7 @@ import io
 import json
 import logging
 import os
-import statistics
 import tempfile
-import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,19 +31,23 @@ from typing import Callable
 import numpy as np
 import torch
 
+from stages.lib.core.arrays import batched
+from stages.lib.core.timing import median_seconds
+from stages.lib.data.pixels import to_float_array
+from stages.lib.model.card import FinetunedCard
 
 FILES = {"onnx": "model.onnx", "onnx_fp16": "model_fp16.onnx", "onnx_int8": "model_int8.onnx",
          "torchscript": "model_torchscript.pt"}
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW in [0, 1] -> logits
 
 
-def preprocessing(config: dict) -> dict:
-    """What a caller must do before the model and how to read its output, from finetune's config.json."""
-    data = config["data_config"]
+def preprocessing(card: FinetunedCard) -> dict:
+    """What a caller must do before the model and how to read its output, from finetune's model card."""
+    data = card.data_config
     size = data["input_size"][-1]
     return {
-        "model": config["model"],
-        "classes": config["classes"],
+        "model": card.model,
+        "classes": card.classes,
         "image_size": size,
         "interpolation": data["interpolation"],
         "mean": data["mean"],
@@ -129,7 +131,7 @@ class _Calibration:
     """onnxruntime's CalibrationDataReader over uint8 NHWC images, `batch_size` at a time."""
 
     def __init__(self, images: np.ndarray, batch_size: int):
-        self.batches = iter([{"image": as_input(images[start:start + batch_size])}
+        self.batches = iter([{"image": to_float_array(images[start:start + batch_size])}
                              for start in range(0, len(images), batch_size)])
 
     def get_next(self) -> dict | None:
@@ -227,14 +229,8 @@ def pytorch_runner(model: torch.nn.Module) -> Runner:
     return run_pytorch
 
 
-def as_input(images: np.ndarray) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW in [0, 1], contiguous: what every variant takes."""
-    return np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
-
-
 def logits_of(run: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate([run(as_input(images[start:start + batch_size]))
-                           for start in range(0, len(images), batch_size)])
+    return batched(lambda batch: run(to_float_array(batch)), images, batch_size)
 
 
 def parity(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -254,19 +250,10 @@ def latency_ms(run: Runner, images: np.ndarray, batch: int, repeats: int, max_se
 
     After `warmup` untimed runs at this batch size (allocations; TorchScript specialises its graph on
     its first two runs, so fewer would time the compiler), times at most `repeats` runs and stops
-    early once `max_seconds` have been spent timing (at least one run counts): the cost of measuring
-    is bounded whatever the model, batch size and machine."""
-    picks = np.resize(np.arange(len(images)), batch)
-    inputs = as_input(images[picks])
-    for _ in range(warmup):
-        run(inputs)
-    timings: list[float] = []
-    deadline = time.perf_counter() + max_seconds
-    while len(timings) < repeats and (not timings or time.perf_counter() < deadline):
-        started = time.perf_counter()
-        run(inputs)
-        timings.append(time.perf_counter() - started)
-    return 1000.0 * statistics.median(timings) / batch, len(timings)
+    early once `max_seconds` have been spent timing (at least one run counts)."""
+    inputs = to_float_array(images[np.resize(np.arange(len(images)), batch)])
+    seconds, runs = median_seconds(lambda: run(inputs), repeats, max_seconds, warmup)
+    return 1000.0 * seconds / batch, runs
 
 
 def size_mb(path: Path) -> float:

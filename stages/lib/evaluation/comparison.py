@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.lib import PipelineError
+from stages.lib.core.errors import PipelineError
 
 PREDICTION_COLUMNS = ["split", "model", "path", "label", "predicted", "confidence"]  # then p_<class> per class
 
@@ -129,6 +129,9 @@ def read_predictions(source: str | Path, split: str = "test", model: str = "fine
         frame = pd.read_csv(source, dtype={"label": str, "predicted": str, "path": str}, keep_default_na=False)
     except FileNotFoundError:
         raise ComparisonError(f"{source}: no such predictions file") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, IsADirectoryError) as error:
+        raise ComparisonError(f"{source}: not a predictions file (evaluate's CSV: {', '.join(PREDICTION_COLUMNS)}, "
+                              f"p_<class>...): {str(error).splitlines()[0][:120]}") from None
     missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
     if missing:
         raise ComparisonError(f"{source}: not a predictions file (missing columns {missing})")

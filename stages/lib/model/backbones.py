@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.lib import PipelineError
+from stages.lib.core.errors import PipelineError
+from stages.lib.core.timing import median_seconds
+from stages.lib.data.pixels import unit_float
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,21 @@ def apply_batchnorm_policy(model: nn.Module, train_bn: bool) -> None:
             module.train(train_bn and trainable and model.training)
 
 
+class Normalize(nn.Module):
+    """NCHW pixels -> `(x / 255 - mean) / std` (uint8 input), or `(x - mean) / std` (float input in [0, 1]):
+    training, probe extraction and the deployed model (inside its graph, so inside ONNX too) share it."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = unit_float(images)
+        return (images - self.mean) / self.std
+
+
 class NormalizedClassifier(nn.Module):
     """The deployed model: `Normalize`, the backbone, then temperature scaling of the logits.
 
@@ -168,11 +185,32 @@ class NormalizedClassifier(nn.Module):
 
     def __init__(self, model: nn.Module, mean, std, temperature: float = 1.0):
         super().__init__()
-        from stages.lib.preprocessing import Normalize
-
         self.normalize = Normalize(mean, std)
         self.model = model
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(self.normalize(images)) / self.temperature
+
+
+def backbone_params(model: nn.Module) -> int:
+    """Parameters of the backbone, without the classifier."""
+    head = classifier_prefix(model)
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(head))
+
+
+def cpu_latency_ms(model: nn.Module, image_size: int, max_seconds: float = 0.5) -> float:
+    """Median CPU milliseconds of one image through the model: batch 1, channels_last, one thread
+    (multi-threaded timings of one small image are dominated by scheduling noise on a shared machine),
+    timed for about `max_seconds`."""
+    model = model.eval().to("cpu", memory_format=torch.channels_last)
+    image = torch.randn(1, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            seconds, _ = median_seconds(lambda: model(image), repeats=10_000, max_seconds=max_seconds, warmup=1,
+                                        min_runs=3)
+    finally:
+        torch.set_num_threads(threads)
+    return round(seconds * 1000.0, 3)

@@ -11,7 +11,7 @@ import logging
 
 import pandas as pd
 
-from stages.lib import PipelineError
+from stages.lib.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from stages.lib import PipelineError
+from stages.lib.core.errors import PipelineError
 
 FUSION_MODES = ("concat", "gated", "attention")
 FusionMode = Literal["concat", "gated", "attention"]

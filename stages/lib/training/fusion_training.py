@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.lib.fusion import FusionHead
+from stages.lib.model.backbones import backbone_params, cpu_latency_ms
+from stages.lib.model.card import FusionSpec, build_model
+from stages.lib.model.fusion import FusionHead
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -134,20 +136,19 @@ def fuse_winner(winner, classes: list[str], image_size: int, settings, drop_rate
     fused model, batch 1, one thread, and params: its backbone without the head), 'weights' (weights_table
     on val), 'sources' (the source widths)}.
     """
-    from stages.lib.backbones import create_backbone
-    from stages.lib.fusion import FusedClassifier, source_dims
-    from stages.lib.leaderboard import backbone_params, latency_ms
-
     with np.load(winner.features) as stored:
         arrays = {name: stored[name] for name in ("train_x", "train_y", "val_x", "val_y")}
-    backbone = create_backbone(winner.name, "none", len(classes))  # shapes and latency only: weights do not matter
-    dims = source_dims(backbone, settings.fusion_stages)
+    # shapes and latency only: the backbone's weights do not matter
+    model = build_model(winner.name, len(classes),
+                        fusion=FusionSpec(mode=settings.fusion_mode, stages=settings.fusion_stages,
+                                          dim=settings.fusion_head.dim))
+    dims = model.head.source_dims
     if sum(dims) != arrays["train_x"].shape[1]:
         raise ValueError(f"{winner.features}: {arrays['train_x'].shape[1]} columns, the sources need {sum(dims)}")
     head, summary = train_fusion_head(arrays, dims, len(classes), settings.fusion_mode, settings.fusion_head,
                                       drop_rate, seed)
-    names = source_names(len(backbone.feature_info), settings.fusion_stages)
-    model = FusedClassifier(backbone, copy.deepcopy(head), settings.fusion_stages)
-    summary |= {"latency_ms": latency_ms(model, image_size), "params": backbone_params(model)}
+    names = source_names(len(model.backbone.feature_info), settings.fusion_stages)
+    model.head.load_state_dict(head.state_dict())
+    summary |= {"latency_ms": cpu_latency_ms(model, image_size), "params": backbone_params(model)}
     return {"head": head, "summary": summary, "sources": dims,
             "weights": weights_table(head, arrays["val_x"], arrays["val_y"], classes, names)}

@@ -17,11 +17,18 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from stages.lib import PipelineError
-
+from stages.lib.core.errors import PipelineError
 
 CheckName = Literal["label_set", "image_size", "unique_content", "min_images_per_class",
                     "max_imbalance_ratio", "max_excluded_fraction"]
@@ -390,6 +397,19 @@ class Params(Section):
     def section(self, name: str) -> dict:
         """One section as plain data, as written in params.yaml (for logging)."""
         return self.model_dump(by_alias=True, mode="json")[name]
+
+    def subset(self, keys: list[str]) -> dict:
+        """The params under `keys` as dvc.yaml names them (`finetune`, `model.image_size`), as nested plain
+        data: {'model': {'image_size': 80}, 'finetune': {...}}."""
+        everything = self.model_dump(by_alias=True, mode="json")
+        chosen: dict = {}
+        for key in keys:
+            *path, last = key.split(".")
+            source, target = everything, chosen
+            for part in path:
+                source, target = source[part], target.setdefault(part, {})
+            target[last] = source[last]
+        return chosen
 
 
 def _known_keys(model: type[BaseModel]) -> list[str]:

@@ -11,12 +11,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.25, 4.0)) -> float:
     """Temperature scaling (Guo et al., 2017): the T minimising the negative log-likelihood of
     softmax(logits / T) on held-out data (val), searched on log T within `bounds` (scipy). The lower

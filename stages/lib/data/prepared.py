@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from stages.lib.parallel import ordered_map, worker_count
+from stages.lib.core.parallel import ordered_map, worker_count
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the augment stage starts without it
     import torch
@@ -49,7 +49,7 @@ def decode_into(images: np.ndarray, paths: list[str], interpolation: str, worker
     file itself: decoded pixels never travel back through a pipe. Each row is written by exactly one
     worker at its own index, so the file is identical for any number of workers, and memory holds a
     bounded window of work, not the split."""
-    from stages.lib.preprocessing import decode
+    from stages.lib.data.preprocessing import decode
 
     size = images.shape[1]
     workers, file = worker_count(workers), getattr(images, "filename", None)
@@ -71,7 +71,7 @@ def _rows_of(file: str) -> np.ndarray:
 
 
 def _decode_row(item: tuple[int, str], file: str, size: int, interpolation: str) -> int:
-    from stages.lib.preprocessing import decode
+    from stages.lib.data.preprocessing import decode
 
     index, path = item
     _rows_of(file)[index] = decode(path, size, interpolation)
@@ -90,14 +90,6 @@ def load_split(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_meta(folder: str | Path) -> dict:
     return json.loads((Path(folder) / "meta.json").read_text())
-
-
-def to_float_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [0, 1], channels_last memory format."""
-    import torch
-
-    batch = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images  # a copy: the cache is read-only
-    return batch.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
 
 def oversampled_index(labels: np.ndarray, seed: int) -> np.ndarray:

@@ -4,7 +4,7 @@ Per candidate (`features.candidates`): frozen embeddings (cached per candidate, 
 linear probe tuned on val (val accuracy and log loss: the test split is never looked at here, it is
 only reported by evaluate), the backbone's parameter count (without the classifier), the embedding
 dimension, and CPU latency per image (batch 1 at the cache's image
-size, one thread, median of `torch.utils.benchmark`, the whole classifier, fusion or not).
+size, one thread, `backbones.cpu_latency_ms`, the whole classifier, fusion or not).
 
 Ranking: val accuracy (higher first), then val log loss (lower), then parameters (fewer).
 Selection (`features.select.rule`):
@@ -24,14 +24,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
-from stages.lib import PipelineError
-from stages.lib.backbones import WeightsError, classifier_prefix, create_backbone, pypi_checkpoint
-from stages.lib.fusion import check_fusion, prelogits_width
-from stages.lib.prepared import load_meta
-from stages.lib.preprocessing import for_backbone
-from stages.lib.probe import cache_file, cache_key, embed_splits, file_stem, fit_probe, load_cached, save_cached
+from stages.lib.core.errors import PipelineError
+from stages.lib.data.prepared import load_meta
+from stages.lib.data.preprocessing import for_backbone
+from stages.lib.model.backbones import WeightsError, backbone_params, cpu_latency_ms, create_backbone, pypi_checkpoint
+from stages.lib.model.fusion import check_fusion, prelogits_width
+from stages.lib.training.probe import (
+    cache_file,
+    cache_key,
+    embed_splits,
+    file_stem,
+    fit_probe,
+    load_cached,
+    save_cached,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -88,26 +95,6 @@ def check_candidates(candidates, fusion_stages: int = 0) -> None:
             check_fusion(timm.create_model(candidate.name, pretrained=False), fusion_stages)
 
 
-def backbone_params(model: nn.Module) -> int:
-    """Parameters of the backbone, without the classifier."""
-    head = classifier_prefix(model)
-    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(head))
-
-
-def latency_ms(model: nn.Module, image_size: int) -> float:
-    """Median CPU milliseconds of one image through the model: batch 1, channels_last, one thread
-    (multi-threaded timings of one small image are dominated by scheduling noise on a shared machine)."""
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" on CPU machines
-    from torch.utils.benchmark import Timer
-
-    model = model.eval().to("cpu", memory_format=torch.channels_last)
-    image = torch.randn(1, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        model(image)  # warm-up
-        timer = Timer("model(image)", globals={"model": model, "image": image}, num_threads=1)
-        return round(timer.blocked_autorange(min_run_time=LATENCY_SECONDS).median * 1000.0, 3)
-
-
 def probe_candidate(candidate, prepared: Path, data_digest: str, cache: Path, out: Path, settings, seed: int,
                     device: torch.device) -> Entry:
     """Probe one of `features.candidates` on the prepared cache (whose digest is `data_digest`).
@@ -138,7 +125,7 @@ def probe_candidate(candidate, prepared: Path, data_digest: str, cache: Path, ou
     entry = Entry(name=name, weights=weights, val_accuracy=probe["val_accuracy"], val_log_loss=probe["val_log_loss"],
                   C=probe["C"],
                   params=backbone_params(model), embedding_dim=int(arrays["train_x"].shape[1]),
-                  latency_ms=latency_ms(model, size), features=str(path), classifier_dim=prelogits_width(model),
+                  latency_ms=cpu_latency_ms(model, size, LATENCY_SECONDS), features=str(path), classifier_dim=prelogits_width(model),
                   head=probe, data_config=config)
     log.info("%s: probe val %.4f, %d-d, %.1f ms/img", name, entry.val_accuracy, entry.embedding_dim,
              entry.latency_ms)

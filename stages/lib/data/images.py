@@ -8,7 +8,6 @@ The pixel bound (`max_pixels`) is checked on the header, before any pixel is dec
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat
@@ -19,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+
+from stages.lib.core.digest import bytes_sha256, file_sha256
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -81,14 +82,6 @@ def reason_code(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def sha256_of(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @contextmanager
 def header_only_limits():
     """Lift Pillow's own decompression-bomb guard while reading headers: `inspect_image` applies
@@ -121,11 +114,11 @@ def _read_file(row: ManifestRow, path: str, in_memory_limit: int = 64 << 20) -> 
             row.exclude("empty file: 0 bytes")
             return None
         if row.bytes > in_memory_limit:
-            row.sha256 = sha256_of(path)
+            row.sha256 = file_sha256(path)
             return path
         with open(path, "rb") as handle:
             data = handle.read()
-        row.sha256 = hashlib.sha256(data).hexdigest()
+        row.sha256 = bytes_sha256(data)
         return io.BytesIO(data)
     except FileNotFoundError:
         row.exclude("missing: broken symlink" if os.path.islink(path) else "missing: no such file")

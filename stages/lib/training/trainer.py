@@ -36,10 +36,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from stages.lib import PipelineError
-from stages.lib.backbones import apply_batchnorm_policy, block_groups, classifier_prefix, set_trainable
-from stages.lib.distributed import Distributed
-from stages.lib.preprocessing import Normalize
+from stages.lib.core.errors import PipelineError
+from stages.lib.model.backbones import Normalize, apply_batchnorm_policy, block_groups, classifier_prefix, set_trainable
+from stages.lib.training.distributed import Distributed
 
 log = logging.getLogger(__name__)
 

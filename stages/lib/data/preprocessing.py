@@ -9,22 +9,20 @@ export (also as ONNX metadata), predict, the MLflow pyfunc and `mlflow models se
 
 - `decode(source, size, interpolation)`: an image file (path or file object) -> uint8 (size, size, 3),
   upright RGB: the one decoder, for the cache (augment) and for encoded files (serving).
-- `Normalize`: pixels (uint8, or float in [0, 1]) -> `(x / 255 - mean) / std`: training, probe
-  extraction and the deployed model (inside its graph, so inside ONNX too) share this one module.
+
+Torch-free: the network-side half of the contract (`(x / 255 - mean) / std`) is
+`stages.lib.model.backbones.Normalize`, inside every model's graph.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import nn
 
-from stages.lib import PipelineError
-from stages.lib.images import load_rgb
+from stages.lib.core.errors import PipelineError
+from stages.lib.data.images import load_rgb
 
 INTERPOLATIONS = {  # timm's names -> Pillow's filters
     "bicubic": Image.Resampling.BICUBIC,
@@ -81,25 +79,3 @@ def for_backbone(name: str, size: int, interpolation: str) -> DataConfig:
 
     pretrained = timm.data.resolve_model_data_config(timm.create_model(name, pretrained=False))
     return DataConfig(size, interpolation, tuple(pretrained["mean"]), tuple(pretrained["std"]))
-
-
-def from_prepared(name: str, prepared: str | Path) -> DataConfig:
-    """`for_backbone` with the size and filter the augment stage recorded in the prepared cache."""
-    from stages.lib.prepared import load_meta
-
-    meta = load_meta(prepared)
-    return for_backbone(name, meta["image_size"], meta["interpolation"])
-
-
-class Normalize(nn.Module):
-    """NCHW pixels -> `(x / 255 - mean) / std` (uint8 input), or `(x - mean) / std` (float input in [0, 1])."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255.0)
-        return (images - self.mean) / self.std

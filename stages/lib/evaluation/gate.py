@@ -1,6 +1,6 @@
 """The CI gate: is the current model worse than the reference beyond noise, and are the floors met?
 
-1. A paired comparison (stages/lib/comparison.py) of the fine-tuned model's per-image test
+1. A paired comparison (stages/lib/evaluation/comparison.py) of the fine-tuned model's per-image test
    predictions (`gate.predictions`, written by evaluate) with a reference's on the same images. A
    metric fails only when its drop is statistically significant (McNemar's exact test for
    accuracy, a paired bootstrap interval at `gate.confidence` for both) *and* larger than its
@@ -8,9 +8,10 @@
 2. Absolute checks on the headline metrics files (`gate.checks`: `min` / `max` per
    `<metrics file stem>.<key path>`, e.g. `evaluate.finetuned.test.ece: {max: 0.05}`).
 
-The reference (`reference_for`): an explicit predictions file, or `auto`: the registry champion's
-predictions when the tracking store has a champion that is not the current model, else the
-committed reference file (`gate.reference`). Different test images: the gate refuses (exit 2).
+The reference is chosen by `registry.champion.gate_reference`: an explicit predictions file, or `auto`:
+the registry champion's predictions when the tracking store has a champion that is not the current model,
+else the committed reference file (`gate.reference`). Different test images, or a file that is not a
+predictions file: the gate refuses (exit 2).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lib import PipelineError
-from stages.lib.comparison import Difference, paired, read_predictions
-from stages.lib.tracking import numeric_leaves
+from stages.lib.core.errors import PipelineError
+from stages.lib.core.metrics_io import numeric_leaves
+from stages.lib.evaluation.comparison import Difference, paired, read_predictions
 
 log = logging.getLogger(__name__)
 TOLERANCE = 1e-9  # a value exactly at a threshold passes
@@ -73,50 +74,9 @@ def absolute_checks(checks: dict, folder: Path) -> list[Check]:
     return results
 
 
-# ---------------------------------------------------------------------------- reference
-def champion_predictions(registered_model: str, scratch: Path) -> tuple[Path, str] | None:
-    """(local copy of the @champion's evaluation/predictions.csv, its name) when a tracking store has a
-    champion other than the model evaluated in this working copy; else None."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from stages.lib.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
-    try:
-        champion = client.get_model_version_by_alias(registered_model, "champion")
-    except MlflowException:
-        return None
-    run_id = (champion.tags or {}).get("evaluation.run_id")
-    if not run_id:
-        return None
-    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evaluation/predictions.csv",
-                                                     dst_path=str(scratch)))
-    return local, f"{registered_model}@champion (v{champion.version})"
-
-
-def reference_for(against: str, settings, registered_model: str, scratch: Path) -> tuple[Path, str]:
-    """The reference predictions file and how to name it in the report."""
-    if against != "auto":
-        return Path(against), against
-    try:
-        found = champion_predictions(registered_model, scratch)
-    except Exception as error:  # no reachable store, no artifact: fall back, but say so
-        log.info("no champion to compare with (%s): using %s", error, settings.reference)
-        found = None
-    if found is not None:
-        current, champion = Path(settings.predictions).read_bytes(), found[0].read_bytes()
-        if current != champion:
-            return found
-        log.info("the champion is the model evaluated here: comparing with %s instead", settings.reference)
-    return Path(settings.reference), settings.reference
-
-
 def statistical_checks(settings, reference: Path, reference_name: str, seed: int) -> tuple[dict[str, Difference], int]:
     """(accuracy and macro-F1 differences, number of test images) of the current predictions against the reference."""
-    from stages.lib.comparison import compare
+    from stages.lib.evaluation.comparison import compare
 
     current = read_predictions(settings.predictions, "test", "finetuned")
     labels, ref, cur = paired(read_predictions(reference, "test", "finetuned"), current, reference_name)

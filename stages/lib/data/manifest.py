@@ -21,9 +21,9 @@ from typing import Iterable
 import pandas as pd
 from tqdm import tqdm
 
-from stages.lib import PipelineError
-from stages.lib.images import MANIFEST_COLUMNS, ManifestRow, inspect_image, is_within, read_labelled_csv
-from stages.lib.parallel import ordered_map
+from stages.lib.core.errors import PipelineError
+from stages.lib.data.images import MANIFEST_COLUMNS, ManifestRow, inspect_image, is_within, read_labelled_csv
+from stages.lib.core.parallel import ordered_map
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lib import PipelineError
-from stages.lib.parallel import available_cores
+from stages.lib.core.errors import PipelineError
+from stages.lib.core.parallel import available_cores
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,127 @@
+"""The model card: what a saved model folder holds, as one typed, versioned schema, written and read here.
+
+- `BaselineCard` (models/baseline/probe.json, written by features): the chosen backbone and its weight
+  source, the probe's settings and scores, the preprocessing contract and, with `features.fusion_mode`,
+  the fusion head finetune starts from.
+- `FinetunedCard` (models/finetuned/config.json, written by finetune; evaluate, export, predict and the
+  MLflow pyfunc read it): everything needed to rebuild and feed the fine-tuned model.
+- `build_model()`: the one way a network is made from a card's settings (name, classes, fusion).
+
+`card_version` says which schema wrote a file; files written before it existed read as version 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from stages.lib.core.errors import PipelineError
+from stages.lib.data.preprocessing import DataConfig
+from stages.lib.model.backbones import create_backbone
+from stages.lib.model.fusion import fused_model
+
+CARD_VERSION = 1
+
+
+class FusionSpec(BaseModel):
+    """A fusion head over the backbone's last `stages` feature stages (see fusion.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: str
+    stages: int
+    dim: int
+
+
+class BaselineFusion(FusionSpec):
+    """The features stage's fusion head, with the widths of its sources and its val accuracy."""
+
+    sources: list[int]
+    val_accuracy: float
+
+
+class _Card(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    FILE: ClassVar[str]
+
+    @property
+    def preprocessing(self) -> DataConfig:
+        """The preprocessing contract (`data_config`) as an object."""
+        return DataConfig.from_dict(self.data_config, self.FILE)  # type: ignore[attr-defined]
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / self.FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.model_dump(exclude_none=True), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, source: str | Path):
+        """A card from its folder (or its file)."""
+        path = Path(source)
+        path = path / cls.FILE if path.is_dir() else path
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PipelineError(f"{path}: not found (expected the {cls.FILE} of a model folder)") from None
+        except json.JSONDecodeError as error:
+            raise PipelineError(f"{path}: not JSON ({error})") from None
+        if isinstance(values, dict) and values.get("card_version", 1) > CARD_VERSION:
+            raise PipelineError(f"{path}: card_version {values['card_version']} is newer than this code reads "
+                                f"({CARD_VERSION}); update the project")
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in error.errors())
+            raise PipelineError(f"{path}: not a valid {cls.FILE} ({problems})") from None
+
+
+class BaselineCard(_Card):
+    """models/baseline/probe.json: the chosen backbone and the baseline probe."""
+
+    FILE: ClassVar[str] = "probe.json"
+    model: str
+    weights: str
+    classes: list[str]
+    embedding_dim: int
+    classifier_dim: int
+    fusion_stages: int
+    C: float
+    grid: list[dict[str, Any]]
+    classifier_C: float
+    features: str
+    data_config: dict[str, Any]
+    fusion: BaselineFusion | None = None
+    card_version: int = CARD_VERSION
+
+
+class FinetunedCard(_Card):
+    """models/finetuned/config.json: how to rebuild and feed the fine-tuned model."""
+
+    FILE: ClassVar[str] = "config.json"
+    model: str
+    num_classes: int
+    classes: list[str]
+    data_config: dict[str, Any]
+    temperature: float = 1.0
+    classifier: str = "classifier"
+    kept_epoch: int | None = None
+    fusion: FusionSpec | None = None
+    card_version: int = CARD_VERSION
+
+    def build_model(self) -> nn.Module:
+        """The network of this card, without weights (load model.pt into it)."""
+        return build_model(self.model, self.num_classes, fusion=self.fusion)
+
+
+def build_model(name: str, num_classes: int, weights: str = "none", drop_rate: float = 0.0,
+                fusion: FusionSpec | None = None) -> nn.Module:
+    """A timm backbone `name` with `weights` (see backbones.py) and a classifier of `num_classes`; with
+    `fusion`, a `FusedClassifier` whose fresh fusion head replaces that classifier."""
+    backbone = create_backbone(name, weights, num_classes, drop_rate)
+    if fusion is None:
+        return backbone
+    return fused_model(backbone, fusion.mode, fusion.stages, fusion.dim, num_classes, drop_rate)
