@@ -11,7 +11,7 @@ AGAINST ?= auto
 # pip prints a warning per package for this machine's local mirrors; keep real messages only
 PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help demo test install data repro summary gate seeds bench ui ui-check clean server server-stop server-status
+.PHONY: help demo test install lint data repro summary gate seeds bench ui ui-check clean server server-stop server-status
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -22,7 +22,7 @@ $(PYTHON):
 
 $(VENV)/.installed: pyproject.toml | $(PYTHON)
 	@echo "installing into $(VENV) (first time: a few minutes)"
-	@time ($(PYTHON) -m scripts.install ".[test,export,remote,server]" 2>&1 | $(PIP_FILTER))   # uv, with pip's settings
+	@time ($(PYTHON) -m scripts.install ".[test,lint,export,remote,server]" 2>&1 | $(PIP_FILTER))   # uv, with pip's settings
 	$(PYTHON) -m scripts.offline_plots .dvc/plots_template.html   # dvc plots pages that render offline
 	@touch $@
 
@@ -42,6 +42,12 @@ summary: | install ## print the last run's results and where to look in MLflow
 	@$(PYTHON) -m stages.summary --evaluate metrics/evaluate.json --finetune metrics/finetune.json --ui-port $(UI_PORT)
 
 demo: repro summary ## fresh machine: install, demo data, the whole pipeline, a summary
+
+# ruff (lint and format check; rules in pyproject.toml) and import-linter (the library's layers)
+lint: install ## ruff (lint, format check) and the import contracts of stages/lib (lint-imports)
+	ruff check .
+	ruff format --check .
+	lint-imports
 
 test: install ## run the test suite (PYTEST_ARGS="-m 'not slow'" for the quick part)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

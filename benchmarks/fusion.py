@@ -78,8 +78,8 @@ def main() -> None:
     table.to_csv(args.out, index=False)
     print(f"{probe['model']}, {settings.fusion_stages} stages, seeds {args.seeds}")
     for head, group in table.groupby("head", sort=False):
-        describe = lambda column: (f"{100 * statistics.mean(group[column]):.2f} ± "  # noqa: E731
-                                   f"{100 * statistics.pstdev(group[column]):.2f}")
+        describe = lambda column, rows=group: (f"{100 * statistics.mean(rows[column]):.2f} ± "
+                                               f"{100 * statistics.pstdev(rows[column]):.2f}")
         print(f"{head:18s} val {describe('val_accuracy')}  test {describe('test_accuracy')}  "
               f"{statistics.mean(group['seconds']):.1f} s")
 

@@ -62,11 +62,9 @@ def pipeline_epoch(args, folder: Path, device: torch.device):
     from stages.lib.model.backbones import set_trainable
     from stages.lib.training.distributed import Distributed
     from stages.lib.training.trainer import (
+        PhaseTools,
         Trainer,
         TrainState,
-        build_loss,
-        build_optimizer,
-        build_scheduler,
         make_loaders,
     )
 
@@ -78,13 +76,12 @@ def pipeline_epoch(args, folder: Path, device: torch.device):
     trainer = Trainer(model, settings, MEAN, STD, dist)
     loader, _ = make_loaders(PreparedDataset(folder, "train"), PreparedDataset(folder, "val"), args.batch_size,
                              dist, seed=0)
-    optimizer = build_optimizer(model, recipe, 1e-4)
-    scheduler = build_scheduler(optimizer, recipe, 1000, 1e-4, len(loader))
-    loss_fn, mixup = build_loss(recipe, 10)
+    step = PhaseTools.build(model, recipe, 1e-4, 1000, len(loader))
+    step.train_bn = False
     state = TrainState()
 
     def epoch() -> int:
-        trainer.train_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, False, state, 0, "pipeline")
+        trainer.train_epoch(model, loader, step, state, "pipeline")
         return len(loader.dataset)
     return epoch
 

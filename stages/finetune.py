@@ -39,12 +39,13 @@ from stages.lib.core.store import repo_root
 from stages.lib.core.tracking import stage_run
 from stages.lib.data.augmentation import train_transform
 from stages.lib.data.prepared import PreparedDataset, load_meta, load_split, training_dataset
-from stages.lib.data.preprocessing import for_backbone
+from stages.lib.data.preprocessing import DataConfig, for_backbone
 from stages.lib.evaluation.metrics import fit_temperature, line_figure
 from stages.lib.model.backbones import classifier_prefix
 from stages.lib.model.card import BaselineCard, FinetunedCard, FusionSpec, build_model
 from stages.lib.training import distributed
 from stages.lib.training.trainer import (
+    Checkpoint,
     Inputs,
     logits_of,
     make_loaders,
@@ -108,9 +109,10 @@ def log_epoch(row: dict) -> None:
     mlflow.log_metrics(metrics, step=row["epoch"])
 
 
-def calibrate(model: torch.nn.Module, val_loader, mean, std, bounds) -> tuple[float, float, float]:
+def calibrate(model: torch.nn.Module, val_loader, data_config: DataConfig, bounds) -> tuple[float, float, float]:
     """(temperature, val NLL before, after): temperature scaling fitted on the val logits within bounds."""
-    logits, labels = logits_of(model, val_loader, Inputs(mean, std, next(model.parameters()).device))
+    device = next(model.parameters()).device
+    logits, labels = logits_of(model, val_loader, Inputs(data_config.mean, data_config.std, device))
     temperature = fit_temperature(logits.numpy(), labels.numpy(), tuple(bounds))
     before = torch.nn.functional.cross_entropy(logits, labels).item()
     after = torch.nn.functional.cross_entropy(logits / temperature, labels).item()
@@ -142,7 +144,7 @@ def main() -> None:
         probe = BaselineCard.read(args.baseline)  # the backbone the features stage chose
         if dist.is_main:
             mlflow.set_tag("model.name", probe.model)
-        config = for_backbone(probe.model, size, meta["interpolation"]).as_dict()  # the preprocessing contract
+        data_config = for_backbone(probe.model, size, meta["interpolation"])  # the preprocessing contract
         # a fusion head from the features stage (features.fusion_mode)
         fusion = FusionSpec(**probe.fusion.model_dump(include={"mode", "stages", "dim"})) if probe.fusion else None
         model = build_model(probe.model, len(classes), probe.weights, params.model.drop_rate, fusion)
@@ -154,16 +156,15 @@ def main() -> None:
             start_from_probe(model, start)
         model = model.to(dist.device, memory_format=memory_format(settings.channels_last))
 
-        train_loader, val_loader = make_loaders(
+        loaders = make_loaders(
             training_dataset(args.prepared, train_transform(params.augment)),
             PreparedDataset(args.prepared, "val"), settings.batch_size, dist, params.base.seed,
             threads.apply().workers(settings.workers),
             mixup=uses_mixup(settings))
         started = time.perf_counter()
         key = fingerprint(params, meta, start)
-        checkpoint = repo_root() / args.checkpoints / f"{key[:16]}.pt"
-        state = run_phases(model, settings, train_loader, val_loader, config["mean"], config["std"],
-                           params.base.seed, checkpoint, key,
+        checkpoint = Checkpoint(repo_root() / args.checkpoints / f"{key[:16]}.pt", key)
+        state = run_phases(model, settings, loaders, data_config, params.base.seed, checkpoint,
                            on_epoch=log_epoch if dist.is_main else lambda row: None, dist=dist)
         seconds = time.perf_counter() - started
         distributed.shutdown(dist)
@@ -172,12 +173,11 @@ def main() -> None:
 
         mlflow.log_params({"world_size": dist.world_size, "device": dist.device.type})
         full_val = torch.utils.data.DataLoader(PreparedDataset(args.prepared, "val"), batch_size=settings.batch_size)
-        temperature, nll_before, nll_after = calibrate(model, full_val, config["mean"], config["std"],
-                                                       settings.temperature_bounds)
+        temperature, nll_before, nll_after = calibrate(model, full_val, data_config, settings.temperature_bounds)
         args.out.mkdir(parents=True, exist_ok=True)
         model = model.cpu().to(memory_format=torch.contiguous_format)
         torch.save(model.state_dict(), args.out / "model.pt")
-        FinetunedCard(model=probe.model, num_classes=len(classes), classes=classes, data_config=config,
+        FinetunedCard(model=probe.model, num_classes=len(classes), classes=classes, data_config=data_config.as_dict(),
                       temperature=round(temperature, 6), classifier=classifier_prefix(model),
                       kept_epoch=state.best_epoch, fusion=fusion).write(args.out)
         write_history(args.history, state.history)
@@ -196,7 +196,7 @@ def main() -> None:
         info = log_model(args.out, np.asarray(load_split(args.prepared, "val")[0][0]), params.mlflow.registered_model)
         mlflow.set_tags({"registered.model": params.mlflow.registered_model,
                          "registered.version": str(info.registered_model_version)})
-    checkpoint.unlink(missing_ok=True)
+    checkpoint.path.unlink(missing_ok=True)
     log.info("kept epoch %d: val loss %.4f, val accuracy %.4f (%.0f s)", state.best_epoch, best["val_loss"],
              best["val_accuracy"], seconds)
 

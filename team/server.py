@@ -20,6 +20,7 @@ MLFLOW_FLASK_SERVER_SECRET_KEY when set, else from secrets.json (never from the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -220,10 +221,8 @@ def _stop_mlflow(config: ServerConfig, timeout_s: float = 30.0) -> None:
     """SIGTERM the server's process group (uvicorn and its workers), SIGKILL what is left after timeout_s."""
     pid = server_pid(config)
     if pid:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and _group_alive(pid):
             time.sleep(0.2)

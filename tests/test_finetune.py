@@ -20,10 +20,10 @@ import yaml
 from conftest import BIN, dvc, mlflow_runs, pipeline_env, run
 
 from stages.finetune import fingerprint, start_from_probe
-
-CHECKPOINTS = ".cache/checkpoints"  # dvc.yaml: finetune --checkpoints, under the repository root
 from stages.lib.core.params import load_params
 from stages.lib.training.probe import extract_embeddings, probe_logits
+
+CHECKPOINTS = ".cache/checkpoints"  # dvc.yaml: finetune --checkpoints, under the repository root
 
 STAGE_ARGS = ["--prepared", "data/prepared", "--baseline", "models/baseline", "--checkpoints", CHECKPOINTS]
 

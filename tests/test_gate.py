@@ -86,6 +86,15 @@ def test_other_test_images_are_refused(project, capsys):
     assert "the test images differ from reference.csv's: 70 only in the current evaluation" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("against", ["metrics/evaluate.json", "metrics", "no-such-file.csv", "params.yaml"])
+def test_a_reference_that_is_not_a_predictions_file_cannot_compare(project, capsys, against):
+    """The likeliest mistakes (a metrics file, a folder, a typo): exit 2, "cannot compare", in one line that
+    names the file; never 1, which means a regression."""
+    assert gate(["--against", against]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and against in error and "Traceback" not in error
+
+
 def test_an_absolute_floor_fails(project, capsys):
     (project / "metrics/evaluate.json").write_text(json.dumps({"finetuned": {"test": {"accuracy": 0.99, "ece": 0.2}}}))
     predictions(2).to_csv(project / "reference.csv", index=False)

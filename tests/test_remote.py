@@ -76,9 +76,9 @@ def s3_endpoint():
             try:
                 urllib.request.urlopen(endpoint, timeout=2).close()
                 break
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError) as error:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"moto_server did not answer on {endpoint}")
+                    raise AssertionError(f"moto_server did not answer on {endpoint}") from error
                 time.sleep(0.5)
         urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT"), timeout=10).close()
         os.environ.update(S3_CREDENTIALS)  # the dvc subprocesses inherit them (conftest.pipeline_env)

@@ -48,7 +48,7 @@ def test_a_class_too_small_to_split_is_named():
 
 def test_max_per_class_caps_the_rows_split_by_ratio():
     splits = split_manifest(manifest({"a": 30, "b": 12}), Split(max_per_class=10), seed=0)
-    assert {label: count for label, count in pd.concat(splits.values())["label"].value_counts().items()} == {"a": 10, "b": 10}
+    assert dict(pd.concat(splits.values())["label"].value_counts().items()) == {"a": 10, "b": 10}
 
 
 def test_a_manifest_split_column_is_honoured_and_the_rest_split_by_ratio():

@@ -20,15 +20,17 @@ from torch.utils.data import TensorDataset
 
 from stages.lib.core.errors import PipelineError
 from stages.lib.core.params import Finetune, Phase
+from stages.lib.data.preprocessing import DataConfig
 from stages.lib.model.backbones import block_groups, set_trainable
 from stages.lib.training.distributed import Distributed
 from stages.lib.training.trainer import (
+    Checkpoint,
     Inputs,
+    PhaseTools,
     Trainer,
     TrainState,
     build_loss,
     build_optimizer,
-    build_scheduler,
     logits_of,
     lr_labels,
     make_loaders,
@@ -37,6 +39,7 @@ from stages.lib.training.trainer import (
 )
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+DATA = DataConfig(32, "bilinear", tuple(MEAN), tuple(STD))
 CLASSES = 3
 
 
@@ -62,10 +65,9 @@ def settings(phases: list[dict] | None = None, **overrides) -> Finetune:
 
 
 def train(model: nn.Module, recipe: Finetune, tmp_path, on_epoch=lambda row: None, seed: int = 0):
-    train_loader, val_loader = make_loaders(tiny_data(48, 1), tiny_data(24, 2), recipe.batch_size, Distributed(),
-                                            seed, mixup=recipe.mixes)
-    return run_phases(model, recipe, train_loader, val_loader, MEAN, STD, seed, tmp_path / "last.pt", "test",
-                      on_epoch)
+    loaders = make_loaders(tiny_data(48, 1), tiny_data(24, 2), recipe.batch_size, Distributed(), seed,
+                           mixup=recipe.mixes)
+    return run_phases(model, recipe, loaders, DATA, seed, Checkpoint(tmp_path / "last.pt", "test"), on_epoch)
 
 
 def batchnorms(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
@@ -150,13 +152,13 @@ def one_epoch(trainer: Trainer, recipe: Finetune, loader, loss_fn=None, lr: floa
     """One epoch of the first phase's recipe with every parameter trainable."""
     set_trainable(trainer.model, "all")
     phase = recipe.recipe(recipe.phases[0])
-    optimizer = build_optimizer(trainer.model, phase, lr)
-    scheduler = build_scheduler(optimizer, phase, 1, lr, len(loader))
-    default_loss, mixup = build_loss(phase, CLASSES)
+    step = PhaseTools.build(trainer.model, phase, lr, 1, len(loader))
+    step.train_bn = False
+    if loss_fn:
+        step.loss_fn = loss_fn
     state = TrainState()
     seed_epoch(0, 0)
-    metrics = trainer.train_epoch(trainer.model, loader, optimizer, scheduler, loss_fn or default_loss, mixup,
-                                  False, state, 0, "test")
+    metrics = trainer.train_epoch(trainer.model, loader, step, state, "test")
     return metrics, state
 
 
@@ -299,12 +301,12 @@ import json, sys
 from pathlib import Path
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from stages.lib.training import distributed
-from stages.lib.training.trainer import make_loaders, run_phases
-from test_training import MEAN, STD, recipe_with_everything, tiny_data, tiny_model
+from stages.lib.training.trainer import Checkpoint, make_loaders, run_phases
+from test_training import DATA, recipe_with_everything, tiny_data, tiny_model
 dist = distributed.setup()
 recipe = recipe_with_everything().model_copy(update={"mixup_alpha": 0.0})  # mixup pairs differ per process
-train_loader, val_loader = make_loaders(tiny_data(48, 1), tiny_data(24, 2), 16, dist, 0)
-state = run_phases(tiny_model(), recipe, train_loader, val_loader, MEAN, STD, 0, Path(sys.argv[2]), "ddp", dist=dist)
+loaders = make_loaders(tiny_data(48, 1), tiny_data(24, 2), 16, dist, 0)
+state = run_phases(tiny_model(), recipe, loaders, DATA, 0, Checkpoint(Path(sys.argv[2]), "ddp"), dist=dist)
 if dist.is_main:
     Path(sys.argv[3]).write_text(json.dumps(state.history))
 distributed.shutdown(dist)
@@ -347,6 +349,6 @@ def test_a_checkpoint_of_another_configuration_is_ignored(tmp_path):
     with pytest.raises(Crash):
         train(tiny_model(), settings(), tmp_path, on_epoch=crash_after(2))
     other = settings(smoothing=0.0)
-    train_loader, val_loader = make_loaders(tiny_data(48, 1), tiny_data(24, 2), 16, Distributed(), 0)
-    state = run_phases(tiny_model(), other, train_loader, val_loader, MEAN, STD, 0, tmp_path / "last.pt", "other")
+    loaders = make_loaders(tiny_data(48, 1), tiny_data(24, 2), 16, Distributed(), 0)
+    state = run_phases(tiny_model(), other, loaders, DATA, 0, Checkpoint(tmp_path / "last.pt", "other"))
     assert [row["epoch"] for row in state.history] == [1, 2, 3]

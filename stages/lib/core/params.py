@@ -7,14 +7,8 @@
 from __future__ import annotations
 
 import difflib
-import functools
-import importlib.metadata
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -29,6 +23,7 @@ from pydantic import (
 )
 
 from stages.lib.core.errors import PipelineError
+from stages.lib.core.timm_names import timm_optimizer_names
 
 CheckName = Literal["label_set", "image_size", "unique_content", "min_images_per_class",
                     "max_imbalance_ratio", "max_excluded_fraction"]
@@ -164,45 +159,6 @@ class Features(Section):
 Sched = Literal["cosine", "tanh", "poly", "step", "constant"]
 
 
-_LIST_OPTIMIZERS = "import json; from timm.optim import list_optimizers; print(json.dumps(sorted(list_optimizers())))"
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transfer-pipeline"
-
-
-@functools.lru_cache(maxsize=1)
-def timm_optimizer_names() -> tuple[str, ...]:
-    """The names timm's create_optimizer_v2 accepts (`timm.optim.list_optimizers()`), without importing
-    timm (and with it torch, seconds) in this process: computed once per installed timm version in a
-    subprocess and kept in `~/.cache/transfer-pipeline/timm-<version>-optimizers.json` ($XDG_CACHE_HOME)."""
-    if "timm" in sys.modules:  # already paid for: ask it directly
-        from timm.optim import list_optimizers
-
-        return tuple(sorted(list_optimizers()))
-    try:
-        timm_version = importlib.metadata.version("timm")
-    except importlib.metadata.PackageNotFoundError:
-        raise ValueError("timm is not installed: cannot check optimizer names") from None
-    cached = _cache_dir() / f"timm-{timm_version}-optimizers.json"
-    try:
-        return tuple(json.loads(cached.read_text()))
-    except (OSError, ValueError):
-        pass
-    result = subprocess.run([sys.executable, "-c", _LIST_OPTIMIZERS], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ValueError(f"cannot list timm's optimizers: {result.stderr.strip().splitlines()[-1:]}")
-    names = json.loads(result.stdout.strip().splitlines()[-1])
-    try:  # written whole, then renamed: parallel stages never read half a file
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(names) + "\n")
-        os.replace(partial, cached)
-    except OSError:
-        pass  # a read-only home: check again next time
-    return tuple(names)
-
-
 def _timm_optimizer(name: str, info: ValidationInfo) -> str:
     """An optimizer name timm's create_optimizer_v2 accepts (optionally lookahead_<name>), or a ValueError.
     Skipped when parsing with timm_names=False. Checked against `timm_optimizer_names()`, so that every
@@ -245,7 +201,7 @@ class Phase(Section):
     """One phase; a key left out (or null) falls back to the `finetune` value of the same name."""
 
     name: str
-    trainable: Union[Literal["head", "all"], int] = "all"
+    trainable: Literal["head", "all"] | int = "all"
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0.0)
     opt: TimmOptimizer | None = None

@@ -1,13 +1,13 @@
-"""The MLflow pyfunc around `serving.ImageClassifier`: finetune logs and registers it; `mlflow models
-serve` and `stages.predict --model models:/...` load it.
+"""The MLflow pyfunc around `inference.classifier.ImageClassifier`: finetune logs and registers it;
+`mlflow models serve` and `stages.predict --model models:/...` load it.
 
 - `ImageClassifierModel`: input, a DataFrame with a binary column `image` (over REST: base64 strings
   in `dataframe_split`); output, `ImageClassifier.predict`'s rows.
 - `log_image_classifier` logs and registers it with this package's code, so the model loads without
   the project installed.
 
-Kept apart from serving.py so that predicting with a model folder (`stages.predict`, evaluate,
-export) does not import MLflow: about 1 s of the predict command's start.
+Kept in the registry layer, apart from the loader, so that predicting with a model folder
+(`stages.predict`, evaluate, export) does not import MLflow.
 """
 
 from __future__ import annotations

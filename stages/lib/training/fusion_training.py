@@ -25,6 +25,7 @@ from torch import nn
 from stages.lib.model.backbones import backbone_params, cpu_latency_ms
 from stages.lib.model.card import FusionSpec, build_model
 from stages.lib.model.fusion import FusionHead
+from stages.lib.training.early_stopping import EarlyStopping
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,6 +61,7 @@ def train_fusion_head(arrays: dict[str, np.ndarray], source_dims: list[int], num
     val_x, val_y = torch.from_numpy(arrays["val_x"]).float(), torch.from_numpy(arrays["val_y"]).long()
     head = FusionHead(source_dims, num_classes, mode, settings.dim, drop_rate)
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    stopper = EarlyStopping(settings.patience)
     best, best_state, best_epoch, epoch = None, None, 0, 0
     for epoch in range(1, settings.epochs + 1):
         head.train()
@@ -68,9 +70,9 @@ def train_fusion_head(arrays: dict[str, np.ndarray], source_dims: list[int], num
             nn.functional.cross_entropy(head(train_x[index]), train_y[index]).backward()
             optimizer.step()
         loss, accuracy = _evaluate(head, val_x, val_y)
-        if best is None or loss < best[0]:
+        if stopper.update(loss):
             best, best_state, best_epoch = (loss, accuracy), copy.deepcopy(head.state_dict()), epoch
-        elif epoch - best_epoch >= settings.patience:
+        elif stopper.should_stop:
             break
     head.load_state_dict(best_state)
     head.eval()
@@ -90,7 +92,7 @@ def weights_table(head: FusionHead, x: np.ndarray, y: np.ndarray, classes: list[
 
     weights = head.source_weights(torch.from_numpy(x).float()).numpy()
     table = {"source": names, "all": weights.mean(axis=0)}
-    for index in sorted(set(int(label) for label in y)):
+    for index in sorted({int(label) for label in y}):
         table[classes[index]] = weights[y == index].mean(axis=0)
     return pd.DataFrame(table).round(6)
 

@@ -170,8 +170,8 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     with the standardisation folded into weight and bias.
 
     The fits and their val scores use one BLAS thread, whatever the stage's thread budget: at this
-    size (about a thousand rows, a few thousand columns) a second OpenBLAS thread made them 3x slower
-    here, and with one thread the probe's floats do not depend on the machine's core count.
+    size (about a thousand rows, a few thousand columns) more OpenBLAS threads slow the fits down, and
+    with one thread the probe's floats do not depend on the machine's core count.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss

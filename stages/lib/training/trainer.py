@@ -25,10 +25,10 @@ import csv
 import logging
 import math
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from stages.lib.core.errors import PipelineError
+from stages.lib.data.preprocessing import DataConfig
 from stages.lib.model.backbones import Normalize, apply_batchnorm_policy, block_groups, classifier_prefix, set_trainable
 from stages.lib.training.distributed import Distributed
+from stages.lib.training.early_stopping import EarlyStopping
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +170,24 @@ def lr_labels(model: nn.Module) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------- trainer
+@dataclass
+class PhaseTools:
+    """What one phase trains with: a fresh optimizer and scheduler, the loss (and mixup), the BatchNorm policy."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: Callable
+    mixup: object | None
+    train_bn: bool
+
+    @classmethod
+    def build(cls, model: nn.Module, recipe, lr: float, epochs: int, updates_per_epoch: int) -> PhaseTools:
+        optimizer = build_optimizer(model, recipe, lr)
+        scheduler = build_scheduler(optimizer, recipe, epochs, lr, updates_per_epoch)
+        loss_fn, mixup = build_loss(recipe, model.num_classes)
+        return cls(optimizer, scheduler, loss_fn, mixup, recipe.train_bn)
+
+
 class Trainer:
     """One training run's fixed parts: model, device, precision, clipping, EMA, process group."""
 
@@ -190,15 +210,16 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_epoch(self, net: nn.Module, loader: DataLoader, optimizer, scheduler, loss_fn, mixup, train_bn: bool,
-                    state: TrainState, first_update: int, desc: str) -> dict:
+    def train_epoch(self, net: nn.Module, loader: DataLoader, step: PhaseTools, state: TrainState, desc: str) -> dict:
         """One pass over loader; returns train loss/accuracy (summed over processes) and lr per group.
 
-        net is the model or its DDP wrapper; first_update counts this phase's updates so far (the
-        scheduler's position). Accuracy under mixup is against the unmixed labels.
+        net is the model or its DDP wrapper; the scheduler's position is this phase's updates so far
+        (`state.phase_epoch` epochs of `len(loader)`). Accuracy under mixup is against the unmixed labels.
         """
+        optimizer, scheduler, loss_fn, mixup = step.optimizer, step.scheduler, step.loss_fn, step.mixup
+        first_update = state.phase_epoch * len(loader)
         net.train()
-        apply_batchnorm_policy(self.model, train_bn)
+        apply_batchnorm_policy(self.model, step.train_bn)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # summed on the device: reading them per step (.item()) would wait for the GPU every step
         total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -278,41 +299,49 @@ def predict_logits(model: nn.Module, loader: DataLoader, mean, std,
 
 
 # ------------------------------------------------------------------------ checkpoints
-def _save_checkpoint(path: Path, state: TrainState, fingerprint: str, trainer: Trainer, optimizer, scheduler) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save({"fingerprint": fingerprint, "state": state.__dict__, "model": trainer.model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
-                "scaler": trainer.scaler.state_dict()}, temporary)
-    os.replace(temporary, path)  # atomic: a crash never leaves half a checkpoint
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a run's epoch checkpoint lives and what it must match to be resumed (`fingerprint`)."""
 
+    path: Path
+    fingerprint: str
 
-def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
-    if not path.exists():
-        return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if checkpoint.get("fingerprint") != fingerprint:
-        log.info("checkpoint %s is from another configuration; starting afresh", path)
-        return None
-    return checkpoint
+    def save(self, state: TrainState, trainer: Trainer, step: PhaseTools) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        torch.save({"fingerprint": self.fingerprint, "state": state.__dict__, "model": trainer.model.state_dict(),
+                    "optimizer": step.optimizer.state_dict(), "scheduler": step.scheduler.state_dict(),
+                    "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+                    "scaler": trainer.scaler.state_dict()}, temporary)
+        os.replace(temporary, self.path)  # atomic: a crash never leaves half a checkpoint
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        checkpoint = torch.load(self.path, map_location="cpu", weights_only=False)
+        if checkpoint.get("fingerprint") != self.fingerprint:
+            log.info("checkpoint %s is from another configuration; starting afresh", self.path)
+            return None
+        return checkpoint
 
 
 # ----------------------------------------------------------------------------- phases
-def run_phases(model: nn.Module, settings, train_loader: DataLoader, val_loader: DataLoader, mean, std,
-               seed: int, checkpoint_path: Path, fingerprint: str,
-               on_epoch: Callable[[dict], None] = lambda row: None, dist: Distributed | None = None) -> TrainState:
-    """Train the phases of `settings` (the finetune params) in order; return the final state, with the
-    kept weights (`settings.keep`: the best epoch by val loss, or the last) loaded into model.
+def run_phases(model: nn.Module, settings, loaders: tuple[DataLoader, DataLoader], data_config: DataConfig,
+               seed: int, checkpoint: Checkpoint, on_epoch: Callable[[dict], None] = lambda row: None,
+               dist: Distributed | None = None) -> TrainState:
+    """Train the phases of `settings` (the finetune params) in order on `loaders` (train, val); return the
+    final state, with the kept weights (`settings.keep`: the best epoch by val loss, or the last) loaded
+    into model. Inputs are normalised with `data_config`'s mean and std.
 
     model sits on dist.device with the probe already in its classifier (LP-FT). A checkpoint is
-    written to checkpoint_path after every epoch (by rank 0); if one with the same fingerprint
-    exists, training resumes after its last completed epoch and on_epoch is replayed for the
-    epochs before. on_epoch gets each epoch's history row.
+    written after every epoch (by rank 0); if one with the same fingerprint exists, training resumes
+    after its last completed epoch and on_epoch is replayed for the epochs before. on_epoch gets each
+    epoch's history row.
     """
+    train_loader, val_loader = loaders
     dist = dist or Distributed(device=next(model.parameters()).device)
-    trainer = Trainer(model, settings, mean, std, dist)
-    state, resumed = TrainState(), _load_checkpoint(checkpoint_path, fingerprint)
+    trainer = Trainer(model, settings, data_config.mean, data_config.std, dist)
+    state, resumed = TrainState(), checkpoint.load()
     if resumed:
         state = TrainState(**resumed["state"])
         model.load_state_dict(resumed["model"])
@@ -328,20 +357,18 @@ def run_phases(model: nn.Module, settings, train_loader: DataLoader, val_loader:
         recipe = settings.recipe(phase)
         trainable = set_trainable(model, phase.trainable)
         net = dist.wrap(model)
-        optimizer = build_optimizer(model, recipe, phase.lr)
-        scheduler = build_scheduler(optimizer, recipe, phase.epochs, phase.lr, len(train_loader))
-        loss_fn, mixup = build_loss(recipe, trainer.model.num_classes)
+        step = PhaseTools.build(model, recipe, phase.lr, phase.epochs, len(train_loader))
         if resumed and state.phase_epoch > 0:
-            optimizer.load_state_dict(resumed["optimizer"])
-            scheduler.load_state_dict(resumed["scheduler"])
+            step.optimizer.load_state_dict(resumed["optimizer"])
+            step.scheduler.load_state_dict(resumed["scheduler"])
         resumed = None
         log.info("phase %s: %d trainable tensors in %d optimizer groups, lr %g, %d epochs", phase.name,
-                 len(trainable), len(optimizer.param_groups), phase.lr, phase.epochs)
-        while state.phase_epoch < phase.epochs and state.stale_epochs < recipe.patience:
+                 len(trainable), len(step.optimizer.param_groups), phase.lr, phase.epochs)
+        stopper = EarlyStopping(recipe.patience, state.phase_best_val_loss, state.stale_epochs)
+        while state.phase_epoch < phase.epochs and not stopper.should_stop:
             seed_epoch(seed, state.epoch, dist.rank)
             train_loader.sampler.set_epoch(state.epoch)
-            train_metrics = trainer.train_epoch(net, train_loader, optimizer, scheduler, loss_fn, mixup,
-                                                recipe.train_bn, state, state.phase_epoch * len(train_loader),
+            train_metrics = trainer.train_epoch(net, train_loader, step, state,
                                                 f"{phase.name} {state.phase_epoch + 1}/{phase.epochs}")
             val_metrics = trainer.evaluate(val_loader)
             state.epoch += 1
@@ -350,10 +377,8 @@ def run_phases(model: nn.Module, settings, train_loader: DataLoader, val_loader:
                    **{key: train_metrics.pop(key) for key in ("train_loss", "train_accuracy")},
                    **val_metrics, **train_metrics}
             state.history.append(row)
-            if val_metrics["val_loss"] < state.phase_best_val_loss:
-                state.phase_best_val_loss, state.stale_epochs = val_metrics["val_loss"], 0
-            else:
-                state.stale_epochs += 1
+            stopper.update(val_metrics["val_loss"])
+            state.phase_best_val_loss, state.stale_epochs = stopper.best, stopper.stale
             last = state.phase == len(settings.phases) - 1 and state.phase_epoch == phase.epochs
             if (val_metrics["val_loss"] < state.best_val_loss if settings.keep == "best_val_loss" else last):
                 state.best_val_loss, state.best_epoch = val_metrics["val_loss"], state.epoch  # the weights kept
@@ -362,12 +387,12 @@ def run_phases(model: nn.Module, settings, train_loader: DataLoader, val_loader:
                      row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"])
             on_epoch(row)
             if dist.is_main:
-                _save_checkpoint(checkpoint_path, state, fingerprint, trainer, optimizer, scheduler)
-        if state.stale_epochs >= recipe.patience:
+                checkpoint.save(state, trainer, step)
+        if stopper.should_stop:
             log.info("phase %s stopped early: val loss did not improve for %d epochs", phase.name, recipe.patience)
         state.phase, state.phase_epoch, state.stale_epochs, state.phase_best_val_loss = state.phase + 1, 0, 0, math.inf
         if dist.is_main:
-            _save_checkpoint(checkpoint_path, state, fingerprint, trainer, optimizer, scheduler)
+            checkpoint.save(state, trainer, step)
 
     if state.best_weights is None:  # keep: last, and the last phase stopped early: its final epoch
         state.best_val_loss, state.best_epoch = state.history[-1]["val_loss"], state.epoch
