@@ -71,13 +71,14 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 def render(path: str | Path, columns: list[str] | None = None, where: dict[str, str] | None = None,
            percent: bool | list[str] = False, group_by: str | list[str] | None = None,
            mean_std: list[str] | None = None, mean: list[str] | None = None, digits: int = 2,
-           caption: bool = True, root: Path = ROOT) -> str:
+           summary: list[str] | None = None, caption: bool = True, root: Path = ROOT) -> str:
     """The rows of `path` as a Markdown table.
 
     columns: the columns shown, in order (default: all but `source`/`measured_at`). where: keep the rows whose
     column equals the value. percent: multiply fractions by 100 (True: every column named in mean_std/mean, or a
     list of columns), shown with `digits` decimals. group_by + mean_std/mean: one row per group (in order of first
-    appearance) with `n`, mean ± sample standard deviation and means.
+    appearance) with `n`, mean ± sample standard deviation and means. summary: rows appended below the table,
+    each a statistic of every numeric column ("mean", "std" (sample), "min", "max"), as `make seeds` prints.
     """
     header, rows = read_rows(path, root)
     for key, value in (where or {}).items():
@@ -122,6 +123,17 @@ def render(path: str | Path, columns: list[str] | None = None, where: dict[str, 
         out_header = [label(name) for name in shown]
         out_rows = [[_fmt(value(row, name), digits) if name in scaled and value(row, name) is not None
                      else (row[name] or "") for name in shown] for row in rows]
+        functions = {"mean": statistics.mean, "std": statistics.stdev, "min": min, "max": max}
+        for statistic in summary or []:
+            if statistic not in functions:
+                raise TableError(f"summary: unknown statistic {statistic!r} (one of {', '.join(functions)})")
+            cells = []
+            for i, name in enumerate(shown):
+                values = [value(row, name) for row in rows]
+                numeric = i > 0 and values and all(v is not None for v in values)
+                decimals = max(len(row[name].partition(".")[2]) for row in rows) if numeric else 0
+                cells.append(_fmt(functions[statistic](values), decimals) if numeric else (statistic if i == 0 else ""))
+            out_rows.append(cells)
     table = markdown(out_header, out_rows)
     if caption:
         sources = list(dict.fromkeys(row[n] for row in rows for n in NOTE_COLUMNS if n in header and row.get(n)))
@@ -168,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mean-std", help="comma-separated columns: mean ± sample std per group")
     parser.add_argument("--mean", help="comma-separated columns: mean per group")
     parser.add_argument("--percent", action="store_true", help="fractions as percentages (the --mean-std columns)")
+    parser.add_argument("--summary", help="comma-separated rows to append: mean,std,min,max")
     parser.add_argument("--digits", type=int, default=2)
     args = parser.parse_args(argv)
     split = lambda text: [part for part in (text or "").split(",") if part]  # noqa: E731
@@ -179,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     where = dict(item.split("=", 1) for item in args.where)
     print(render(args.csv, columns=split(args.columns) or None, where=where or None, percent=args.percent,
                  group_by=split(args.group_by) or None, mean_std=split(args.mean_std) or None,
-                 mean=split(args.mean) or None, digits=args.digits))
+                 mean=split(args.mean) or None, digits=args.digits, summary=split(args.summary) or None))
 
 
 if __name__ == "__main__":
