@@ -146,7 +146,8 @@ def stage(name: str, root: Path = ROOT) -> str:
     """What `dvc.yaml` declares for one stage (command, deps, params, outs, metrics) as a Markdown table."""
     import yaml
 
-    stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
+    stages = pipeline.get("stages", {})
     if name not in stages:
         raise TableError(f"dvc.yaml: no stage {name!r} (stages: {', '.join(stages)})")
     spec = stages[name]
@@ -164,8 +165,18 @@ def stage(name: str, root: Path = ROOT) -> str:
             ["data deps", ", ".join(data) or "none"],
             ["params", ", ".join(items("params")) or "none"],
             ["outs", ", ".join(items("outs")) or "none"],
-            ["metrics", ", ".join(items("metrics")) or "none"],
-            ["plots", ", ".join(items("plots")) or "none"]]
+            ["metrics", ", ".join(items("metrics")) or "none"]]
+    if spec.get("plots"):
+        rows.append(["plots", ", ".join(items("plots"))])
+    outs = [out.strip("`").rstrip("/") for out in items("outs")]
+    charts = []  # the top-level plots drawn from this stage's outs
+    for plot in pipeline.get("plots") or []:
+        for title, chart in (plot.items() if isinstance(plot, dict) else []):
+            files = list((chart or {}).get("y", {}) if isinstance((chart or {}).get("y"), dict) else [])
+            if any(f == out or f.startswith(out + "/") for f in files for out in outs):
+                charts.append(title.split(" (")[0])
+    if charts:
+        rows.append(["charts (`dvc plots show`)", ", ".join(charts)])
     return markdown(["dvc.yaml", name], rows)
 
 
