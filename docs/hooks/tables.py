@@ -3,7 +3,7 @@
 A line that holds only a marker is replaced, before the page is converted, by a Markdown table:
 
     {{ table("benchmarks/measured/fusion_probe.csv") }}
-    {{ table("benchmarks/measured/fusion_finetune_digits.csv", group_by="mode", mean_std=["finetuned_val"], percent=True) }}
+    {{ table("benchmarks/measured/fusion_finetune_digits.csv", group_by="mode", mean_std=["finetuned_val"]) }}
     {{ stage("finetune") }}
 
 `table` renders committed rows of measurements (arguments as in `scripts.tables.render`), `stage` what
