@@ -11,7 +11,7 @@ AGAINST ?= auto
 # pip prints a warning per package for this machine's local mirrors; keep real messages only
 PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help demo test install lint data repro summary gate seeds bench ui ui-check clean server server-stop server-status
+.PHONY: help demo test install lint data repro summary gate seeds bench ui ui-check docs docs-serve clean server server-stop server-status
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -22,7 +22,7 @@ $(PYTHON):
 
 $(VENV)/.installed: pyproject.toml | $(PYTHON)
 	@echo "installing into $(VENV) (first time: a few minutes)"
-	@time ($(PYTHON) -m scripts.install ".[test,lint,export,remote,server]" 2>&1 | $(PIP_FILTER))   # uv, with pip's settings
+	@time ($(PYTHON) -m scripts.install ".[test,lint,export,remote,server,docs]" 2>&1 | $(PIP_FILTER))   # uv, with pip's settings
 	$(PYTHON) -m scripts.offline_plots .dvc/plots_template.html   # dvc plots pages that render offline
 	@touch $@
 
@@ -78,6 +78,13 @@ ui: | install ## the MLflow UI on the local store at http://127.0.0.1:$(UI_PORT)
 
 ui-check: | install ## screenshot the MLflow UI's key pages (headless chromium) and fail on an empty one
 	$(PYTHON) -m scripts.ui_check --out .cache/ui_check
+
+# The documentation site (mkdocs-material, docs/ and mkdocs.yml): strict, so a broken link or anchor fails the build
+docs: | install ## build the documentation site into site/ (strict: broken links fail)
+	mkdocs build --strict --site-dir site
+
+docs-serve: | install ## serve the documentation at http://127.0.0.1:8000, rebuilt on every save
+	mkdocs serve -a 127.0.0.1:8000
 
 # The team's MLflow tracking server (PostgreSQL + proxied artifacts) in the background, state in $(TEAM_HOME)/:
 #   make server [AUTH=1] [SERVER_PORT=5000] [PG_PORT=5433] [ARTIFACTS=s3://bucket/prefix]  |  make server-stop

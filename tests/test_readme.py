@@ -3,7 +3,7 @@
 The cheap commands of the README's `bash` blocks run in a copy of the tiny pipeline (a complete demo state with
 its MLflow store), each in a fresh `bash` whose PATH holds no project environment until the README's own
 `source .venv/bin/activate` line; the REST example runs against the README's own serving command. The README
-cites only files that exist.
+cites only files that exist. tests/test_docs.py applies the same checks to the pages of docs/.
 """
 
 from __future__ import annotations
@@ -26,10 +26,14 @@ CHEAP = ("dvc exp show", "dvc metrics diff", "dvc params diff", "dvc plots diff"
          "make summary", "python -m stages.predict")
 
 
-def commands() -> list[str]:
-    """Every command line of the README's bash blocks (continuations joined, comments dropped)."""
+CITED = r"`((?:stages|scripts|tests|benchmarks|ci|team)/[\w./-]+\.(?:py|csv|json|md))`"
+
+
+def commands(text: str = README) -> list[str]:
+    """Every command line of the bash blocks of `text`, the README by default (continuations joined, comments
+    dropped)."""
     found = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for command in re.sub(r"\\\n\s*", " ", block).splitlines():
             command = re.sub(r"\s+#\s.*$", "", command).strip()
             if command and not command.startswith("#"):
@@ -60,18 +64,29 @@ def test_the_readme_activates_the_environment_once():
         "one convention: commands assume the activated environment"
 
 
-@pytest.mark.parametrize("command", [c for c in commands() if c.startswith(CHEAP)])
-def test_a_cheap_readme_command_works_verbatim(demo, command):
+def run_cheap(project: Path, command: str) -> None:
+    """A cheap command, verbatim, in a fresh shell in `project`: it succeeds without a traceback."""
     if command.startswith("make "):  # the venv exists: make must not try to install
         command = command.replace("make ", f"make -o {BIN.parent}/.installed VENV={BIN.parent} ", 1)
-    result = fresh_shell(demo, command)
+    result = fresh_shell(project, command)
     assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [c for c in commands() if c.startswith(CHEAP)])
+def test_a_cheap_readme_command_works_verbatim(demo, command):
+    run_cheap(demo, command)
+
+
 def test_the_serving_example_answers(demo):
-    serve = next(c for c in commands() if "mlflow models serve" in c).removesuffix("&").strip()
+    serve = next(c for c in commands() if "mlflow models serve" in c)
     request = next(c for c in commands() if c.startswith("curl"))
+    check_serving(demo, serve, request)
+
+
+def check_serving(demo: Path, serve: str, request: str) -> None:
+    """`serve` (a `mlflow models serve ... -p PORT` line) answers `request` (a curl line) with one digit."""
+    serve = serve.removesuffix("&").strip()
     port = re.search(r"-p (\d+)", serve).group(1)
     log = open(demo / "serve.log", "w")
     server = subprocess.Popen(["bash", "-c", f"source .venv/bin/activate && {serve}"], cwd=demo, stdout=log,
@@ -110,6 +125,6 @@ def test_forgetting_to_activate_gives_one_line_saying_what_to_do(demo):
 
 
 def test_the_readme_cites_only_files_that_exist():
-    cited = set(re.findall(r"`((?:stages|scripts|tests|benchmarks|ci|team)/[\w./-]+\.(?:py|csv|json|md))`", README))
+    cited = set(re.findall(CITED, README))
     missing = sorted(path for path in cited if not (REPO / path).exists())
     assert not missing
