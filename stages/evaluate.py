@@ -43,6 +43,8 @@ from stages.lib.evaluation.metrics import (
 )
 from stages.lib.inference.classifier import ImageClassifier
 from stages.lib.model.card import BaselineCard
+from stages.lib.registry.aliases import own_evaluation, record_evaluation, settle_aliases
+from stages.lib.registry.champion import evaluation_predictions, version_with_alias
 from stages.lib.training.probe import probe_logits
 
 log = logging.getLogger("evaluate")
@@ -66,8 +68,6 @@ def images_digest(paths: list[str], labels: list[str]) -> str:
 def champion_evidence(client, name: str, version: str, current_val: pd.DataFrame, val_digest: str) -> dict[str, str]:
     """`promotion.*` tags: this version against the champion of the time, paired on the same val images."""
     import mlflow
-
-    from stages.lib.registry.champion import evaluation_predictions, version_with_alias
 
     found = version_with_alias(client, name)
     champion = str(found.version) if found else None
@@ -93,8 +93,6 @@ def record_in_registry(run, params, results: dict, val_predictions: pd.DataFrame
     import os
 
     from mlflow import MlflowClient
-
-    from stages.lib.registry.aliases import own_evaluation, record_evaluation, settle_aliases
 
     settings, name, client = params.evaluate, params.mlflow.registered_model, MlflowClient()
     finetune_run = run.data.tags.get("upstream.finetune")

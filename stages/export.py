@@ -46,6 +46,7 @@ def main() -> None:
         import numpy as np
         import torch
 
+        # torch, timm and onnx load after the MLflow run opened: an unreachable server fails first, and --help is fast
         from stages.lib.inference.classifier import ImageClassifier
         from stages.lib.inference.export import (
             export_all,

@@ -86,15 +86,6 @@ def fingerprint(params: Params, meta: dict, head_file: Path) -> str:
     return bytes_sha256(blob)
 
 
-def log_model(model_dir: Path, example: np.ndarray, registered_name: str):
-    """Log the model in model_dir to MLflow as a pyfunc that takes encoded images and does its own
-    preprocessing (stages/lib/registry/pyfunc.py), and register a version; example (uint8 HWC) is its
-    input example."""
-    from stages.lib.registry.pyfunc import log_image_classifier
-
-    return log_image_classifier(model_dir, example, registered_name)
-
-
 def log_epoch(row: dict) -> None:
     """One epoch's history row as MLflow step metrics, grouped for the UI's charts: `train/*`, `val/*`,
     `lr/*` (learning rate per group; the phase is a tag of the run, its boundaries are in the history)."""
@@ -193,9 +184,12 @@ def main() -> None:
         line_figure(state.history, "epoch", ["train_loss", "val_loss", "val_accuracy"], curves,
                     "fine-tuning (dashed: phase boundaries)", [i + 1 for i in phase_ends])
         mlflow.log_artifact(str(curves))
-        info = log_model(args.out, np.asarray(load_split(args.prepared, "val")[0][0]), params.mlflow.registered_model)
-        mlflow.set_tags({"registered.model": params.mlflow.registered_model,
-                         "registered.version": str(info.registered_model_version)})
+        from stages.lib.registry.pyfunc import register_image_classifier  # mlflow.pyfunc: off the --help path
+
+        version, reused = register_image_classifier(args.out, np.asarray(load_split(args.prepared, "val")[0][0]),
+                                                    params.mlflow.registered_model)
+        mlflow.set_tags({"registered.model": params.mlflow.registered_model, "registered.version": version,
+                         "registered.reused": str(reused).lower()})
     checkpoint.path.unlink(missing_ok=True)
     log.info("kept epoch %d: val loss %.4f, val accuracy %.4f (%.0f s)", state.best_epoch, best["val_loss"],
              best["val_accuracy"], seconds)

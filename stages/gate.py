@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, help="also write the Markdown report to this file")
     args = parser.parse_args(argv)
 
+    # after argument parsing: --help answers at once, and the gate itself never imports torch
     from stages.lib.core.params import load_params
     from stages.lib.evaluation.gate import absolute_checks, markdown, statistical_checks
     from stages.lib.registry.champion import gate_reference

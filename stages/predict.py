@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top-k must be at least 1")
     setup_stage()
 
-    from stages.lib.inference.predict import image_files, load_predictor, predict_files
+    from stages.lib.inference.predict import image_files, load_predictor, predict_files  # torch: not for --help
 
     files = image_files(args.paths)
     if not files:

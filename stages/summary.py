@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
+    # after argument parsing: --help answers at once
     from stages.lib.core.params import load_params
     from stages.lib.core.store import tracking_uri
 

@@ -18,10 +18,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
-from test_readme import CHEAP, CITED, README, check_serving, commands, run_cheap
-from test_readme import demo  # noqa: F401  (the fixture: a copy of the tiny pipeline with .venv linked)
+from test_readme import (
+    CHEAP,
+    CITED,
+    README,
+    check_serving,
+    commands,
+    demo,  # noqa: F401  (the fixture: a copy of the tiny pipeline with .venv linked)
+    run_cheap,
+)
 
 DOCS = REPO / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))

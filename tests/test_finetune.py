@@ -99,7 +99,8 @@ def kill_after_first_checkpoint(project: Path, *command: str) -> int:
 @pytest.mark.slow
 def test_a_killed_experiment_resumes_and_ends_as_an_uninterrupted_run(tiny_pipeline, tmp_path):
     """A `dvc exp run --temp` (a temporary copy, as queued experiments use) killed mid-training leaves its
-    checkpoint under the repository root; the next run of the same settings resumes from it."""
+    checkpoint under the repository root; the next run of the same settings resumes from it, and marks the
+    killed execution's runs KILLED: nothing stays RUNNING, nothing killed shows FINISHED."""
     killed = copy_project(tiny_pipeline, tmp_path / "killed")
     straight = copy_project(tiny_pipeline, tmp_path / "straight")
     for project in (killed, straight):
@@ -115,6 +116,26 @@ def test_a_killed_experiment_resumes_and_ends_as_an_uninterrupted_run(tiny_pipel
     for name in ("metrics/finetune.json", "metrics/evaluate.json"):
         results = [json.loads((project / name).read_text()) for project in (killed, straight)]
         assert results[0] == results[1]
+    runs = mlflow_runs(killed)
+    assert not (runs["status"] == "RUNNING").any()
+    finetunes = runs[runs["tags.stage"] == "finetune"].sort_values("start_time")
+    assert list(finetunes["status"])[-2:] == ["KILLED", "FINISHED"]
+    killed_parent = finetunes.iloc[-2]["tags.mlflow.parentRunId"]
+    assert runs.set_index("run_id").loc[killed_parent, "status"] == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_forced_rerun_reuses_the_registered_version_of_an_identical_model(tiny_pipeline, tmp_path):
+    """Fine-tuning is deterministic on the CPU: `dvc repro -f -s finetune` writes the same bytes, and the
+    registry keeps one version of them (no untagged duplicate without evaluation or alias)."""
+    project = copy_project(tiny_pipeline, tmp_path / "project")
+    before = mlflow_runs(project)
+    dvc(project, "repro", "-f", "-s", "finetune")
+    runs = mlflow_runs(project)
+    [new] = runs[~runs["run_id"].isin(before["run_id"]) & (runs["tags.stage"] == "finetune")].to_dict("records")
+    [old] = before[before["tags.stage"] == "finetune"].to_dict("records")
+    assert new["tags.registered.reused"] == "true"
+    assert new["tags.registered.version"] == old["tags.registered.version"]
 
 
 @pytest.mark.slow

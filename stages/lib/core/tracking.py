@@ -11,6 +11,9 @@
   (`outputs.digest`, over its `outs` in dvc.yaml). A stage finds the runs behind its inputs by the
   same digest of the files it reads, so links survive `dvc exp --temp`, the run cache and
   `dvc pull`, and the outputs themselves stay free of run ids.
+- Nothing stays RUNNING for ever: each stage run is tagged with its process (`process`); the next stage
+  that starts on the same machine marks KILLED the runs whose process has ended without closing them
+  (`close_abandoned_runs`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from stages.lib.core.store import configure, git, tracking_uri
 log = logging.getLogger(__name__)
 
 PIPELINE_TAG = "pipeline.execution"
+PROCESS_TAG = "process"  # host:pid:start time of the stage process that owns a run
 OUTPUTS_TAG = "outputs.digest"
 PIPELINE_WRITES = ("dvc.lock", "metrics", "plots", "**/.gitignore")  # git-tracked files that stages rewrite
 
@@ -66,26 +70,69 @@ def run_tags(stage: str, params: Params) -> dict[str, str]:
 
 
 # -------------------------------------------------------------------------------- grouping
-def _process_ancestors() -> Iterator[tuple[int, list[str], str]]:
-    """(pid, argv, start time) of each ancestor process, nearest first (Linux /proc)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (Linux); None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_key(pid: int | None = None) -> str | None:
+    """`host:pid:start time` of a process (this one by default): an id that a later process with the same
+    pid does not share. None when there is no such process."""
+    pid = pid or os.getpid()
+    fields = _stat(pid)
+    return f"{socket.gethostname()}:{pid}:{fields[19]}" if fields else None
+
+
+def _process_ancestors() -> Iterator[tuple[int, list[str]]]:
+    """(pid, argv) of each ancestor process, nearest first (Linux /proc)."""
     pid = os.getppid()
     while pid > 1:
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return
-        fields = stat.rsplit(")", 1)[1].split()
-        yield pid, [part.decode(errors="replace") for part in argv if part], fields[19]
+        fields = _stat(pid)
+        if fields is None:
+            return
+        yield pid, [part.decode(errors="replace") for part in argv if part]
         pid = int(fields[1])
 
 
 def pipeline_execution_key() -> str | None:
     """An id for the `dvc` process running this stage, shared by every stage it runs."""
-    for pid, argv, started in _process_ancestors():
+    for pid, argv in _process_ancestors():
         if any(Path(arg).name == "dvc" or arg.endswith("/dvc") for arg in argv[:2]):
-            return f"{socket.gethostname()}:{pid}:{started}"
+            return process_key(pid)
     return None
+
+
+def _gone(key: str) -> bool:
+    """Whether the process `key` (process_key's form) is known to have ended: only this machine's can be."""
+    host, _, rest = key.partition(":")
+    pid = rest.partition(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and process_key(int(pid)) != key
+
+
+def close_abandoned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs left RUNNING by a process of this machine that has ended without closing them (a
+    stage or a `dvc` process killed mid-run): a stage run by its `process` tag, a parent by its execution
+    key. Runs of live processes, and of other machines, are left alone. Returns the ids marked."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=500)
+    closed = []
+    for run in running:
+        owner = run.data.tags.get(PROCESS_TAG) or run.data.tags.get(PIPELINE_TAG)
+        if owner and _gone(owner):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+            log.warning("run %s (%s) was left RUNNING by %s, which has ended: marked KILLED",
+                        run.info.run_id, run.data.tags.get("stage", "?"), owner)
+    return closed
 
 
 def execution_name(tags: dict[str, str]) -> str:
@@ -108,7 +155,7 @@ def _parent_run(experiment_id: str, tags: dict[str, str], params: Params) -> str
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    shared = {k: v for k, v in tags.items() if k != "stage" and not k.startswith("upstream.")}
+    shared = {k: v for k, v in tags.items() if k not in ("stage", PROCESS_TAG) and not k.startswith("upstream.")}
     parent = client.create_run(experiment_id, run_name=execution_name(tags),
                                tags=shared | {PIPELINE_TAG: key, "stage": "pipeline"})
     flat = flatten(params.subset(pipeline_params()))  # everything that defines an execution
@@ -156,7 +203,8 @@ def stage_run(stage: str, params: Params):
     import mlflow
 
     experiment_id = configure(params)
-    tags = run_tags(stage, params)
+    close_abandoned_runs(experiment_id)
+    tags = run_tags(stage, params) | {PROCESS_TAG: process_key()}
     links = {name: run_id for name in upstream_stages(stage)
              if (run_id := producing_run(experiment_id, name)) is not None}
     tags |= {f"upstream.{name}": run_id for name, run_id in links.items()}

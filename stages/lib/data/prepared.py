@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.lib.core.parallel import ordered_map, worker_count
+from stages.lib.data.preprocessing import decode
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the augment stage starts without it
     import torch
@@ -49,8 +50,6 @@ def decode_into(images: np.ndarray, paths: list[str], interpolation: str, worker
     file itself: decoded pixels never travel back through a pipe. Each row is written by exactly one
     worker at its own index, so the file is identical for any number of workers, and memory holds a
     bounded window of work, not the split."""
-    from stages.lib.data.preprocessing import decode
-
     size = images.shape[1]
     workers, file = worker_count(workers), getattr(images, "filename", None)
     progress = functools.partial(tqdm, total=len(paths), desc="decode", unit="img", mininterval=2)
@@ -71,8 +70,6 @@ def _rows_of(file: str) -> np.ndarray:
 
 
 def _decode_row(item: tuple[int, str], file: str, size: int, interpolation: str) -> int:
-    from stages.lib.data.preprocessing import decode
-
     index, path = item
     _rows_of(file)[index] = decode(path, size, interpolation)
     return index

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from stages.lib.core.errors import PipelineError
 from stages.lib.core.metrics_io import numeric_leaves
-from stages.lib.evaluation.comparison import Difference, paired, read_predictions
+from stages.lib.evaluation.comparison import Difference, compare, paired, read_predictions
 
 log = logging.getLogger(__name__)
 TOLERANCE = 1e-9  # a value exactly at a threshold passes
@@ -76,8 +76,6 @@ def absolute_checks(checks: dict, folder: Path) -> list[Check]:
 
 def statistical_checks(settings, reference: Path, reference_name: str, seed: int) -> tuple[dict[str, Difference], int]:
     """(accuracy and macro-F1 differences, number of test images) of the current predictions against the reference."""
-    from stages.lib.evaluation.comparison import compare
-
     current = read_predictions(settings.predictions, "test", "finetuned")
     labels, ref, cur = paired(read_predictions(reference, "test", "finetuned"), current, reference_name)
     return compare(labels, ref, cur, settings.confidence, settings.resamples, seed), len(labels)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib.core.errors import PipelineError
+from stages.lib.core.store import tracking_uri
 from stages.lib.inference.classifier import OUTPUT_COLUMNS, ImageClassifier
 
 
@@ -37,8 +38,6 @@ def load_predictor(model: str):
     if "://" in model or model.startswith("models:/") or (Path(model) / "MLmodel").is_file():
         import mlflow
         import mlflow.pyfunc
-
-        from stages.lib.core.store import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())
         try:

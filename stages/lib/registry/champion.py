@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from stages.lib.core.store import tracking_uri
 from stages.lib.registry.aliases import CHAMPION
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,6 @@ def gate_reference(against: str, settings, registered_model: str, scratch: Path)
         return Path(against), against
     try:
         import mlflow
-
-        from stages.lib.core.store import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())
         found = champion_predictions(mlflow.MlflowClient(), registered_model, scratch)

@@ -5,6 +5,8 @@
   in `dataframe_split`); output, `ImageClassifier.predict`'s rows.
 - `log_image_classifier` logs and registers it with this package's code, so the model loads without
   the project installed.
+- `register_image_classifier` does that once per model: a version whose weights and card are byte-identical
+  (the `model.digest` tag) is reused, so a forced or retried re-run adds no duplicate version.
 
 Kept in the registry layer, apart from the loader, so that predicting with a model folder
 (`stages.predict`, evaluate, export) does not import MLflow.
@@ -22,10 +24,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from stages.lib.core.digest import file_sha256, json_sha256
 from stages.lib.core.errors import PipelineError
 from stages.lib.inference.classifier import ImageClassifier
 
-PACKAGE = Path(__file__).resolve().parents[1]  # the `stages` package, shipped with the model
+PACKAGE = Path(__file__).resolve().parents[2]  # the `stages` package (stages/lib/registry/..), shipped with the model
 
 
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
@@ -92,3 +95,26 @@ def log_image_classifier(model_dir: Path, example_image: np.ndarray, registered_
             metadata={"classes": card.classes, "data_config": card.data_config, "input": "encoded image"},
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}",
                               f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}", f"numpy=={np.__version__}"])
+
+
+MODEL_DIGEST_TAG = "model.digest"  # on a registered version: the content of its model.pt and config.json
+
+
+def model_digest(model_dir: Path) -> str:
+    """The content of a model folder's weights and card."""
+    return json_sha256({name: file_sha256(Path(model_dir) / name) for name in ("model.pt", "config.json")})
+
+
+def register_image_classifier(model_dir: Path, example_image: np.ndarray, registered_name: str) -> tuple[str, bool]:
+    """(version, reused): the registered version of the model in model_dir, logged and registered by
+    `log_image_classifier` unless a version of `registered_name` already holds byte-identical files."""
+    from mlflow import MlflowClient
+
+    client, digest = MlflowClient(), model_digest(model_dir)
+    same = client.search_model_versions(f"name = '{registered_name}' and tags.`{MODEL_DIGEST_TAG}` = '{digest}'")
+    if same:
+        return str(min(int(version.version) for version in same)), True
+    info = log_image_classifier(model_dir, example_image, registered_name)
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(registered_name, version, MODEL_DIGEST_TAG, digest)
+    return version, False
