@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from machine import headline, write_result  # noqa: E402  (benchmarks/machine.py, beside this script)
-from timing import timed  # noqa: E402  (benchmarks/timing.py, beside this script)
 
+from stages.lib.core.timing import timed  # noqa: E402
 from stages.lib.data.preprocessing import for_backbone  # noqa: E402
 from stages.lib.model.backbones import create_backbone  # noqa: E402
 from stages.lib.training.probe import extract_embeddings  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
     seconds, results = {name: [] for name in variants}, {}
     for _ in range(args.repeats):
         for name, function in variants.items():
-            elapsed, results[name] = timed(function, device)
+            elapsed, results[name] = timed(function, torch.cuda.synchronize if device.type == "cuda" else None)
             seconds[name].append(elapsed)
     width = results["plain"].shape[1]  # fused embeddings start with the plain ones
     same = all(np.allclose(results["pipeline"][:, :width], results[name], rtol=1e-2, atol=1e-2)

@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from machine import headline, write_result  # noqa: E402  (benchmarks/machine.py, beside this script)
-from timing import timed  # noqa: E402  (benchmarks/timing.py, beside this script)
+
+from stages.lib.core.timing import timed  # noqa: E402
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 
@@ -123,7 +124,7 @@ def plain_epoch(args, folder: Path, device: torch.device):
 
 def images_per_second(epoch, device: torch.device) -> float:
     """Images per second of one epoch."""
-    seconds, count = timed(epoch, device)
+    seconds, count = timed(epoch, torch.cuda.synchronize if device.type == "cuda" else None)
     return count / seconds
 
 
