@@ -97,7 +97,7 @@ def _last_line(text: str) -> str:
             if line.startswith(("ERROR", "fatal", "Traceback")) or len(block) >= 6:
                 break
             block.append(line)
-        return " ".join(block)[:300]
+        return " ".join(block)[:500]
     tools = [line for line in lines if line.startswith(("ERROR", "fatal", "Error"))]
     return (tools or lines or ["(no output)"])[-1][:300]
 
