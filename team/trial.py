@@ -156,7 +156,10 @@ def run_trial(spec: dict) -> dict:
     dvc = str(bindir / "dvc") if (bindir / "dvc").exists() else "dvc"
     timeout_s = float(spec.get("timeout_s", 7200))
     try:
-        if exp_ref_exists(spec["remote"], spec["commit"], spec["name"], env):
+        checked = time.monotonic()
+        exists = exp_ref_exists(spec["remote"], spec["commit"], spec["name"], env)
+        timings["git ls-remote"] = round(time.monotonic() - checked, 2)
+        if exists:
             result["status"] = "exists"
             return result
         steps = [
