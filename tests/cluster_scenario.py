@@ -18,6 +18,8 @@ Scenarios (in this order; each prints `SCENARIO <name> OK <seconds>` or fails wi
   optuna    a 4-trial Optuna search of the full phase's lr; the driver is SIGKILLed once the first
             trial is on origin, the same command resumes the study and completes it; the report names
             the best trial by val accuracy, which is the best of the 4 experiments' metrics
+  seeds     a seed study (grid over base.seed=1,2); `python -m stages.seeds` (make seeds) summarises its
+            2 experiments (the grid's and the search's have other params and are left out)
   failures  a trial with an invalid lr fails with one line while the other finishes (exit 1); the
             tracking server stopped while a trial runs: it fails with one line naming the server
 """
@@ -48,7 +50,7 @@ SWEEP_PARAMS = {
 }
 EXPERIMENT = "transfer-learning"
 OBJECTIVE = "metrics/evaluate.json:finetuned.val.accuracy"
-ALL = ["refusals", "grid", "resume", "optuna", "failures"]
+ALL = ["refusals", "grid", "resume", "optuna", "seeds", "failures"]
 
 
 def free_port() -> int:
@@ -301,6 +303,17 @@ def optuna(s: Setup) -> None:
     assert f"best: {best['trial']}" in result.stdout, result.stdout
 
 
+def seeds(s: Setup) -> None:
+    """A seed study: a grid over base.seed, then `python -m stages.seeds` (make seeds) over its experiments."""
+    result = s.sweep("--name", "seeds", "-S", "base.seed=1,2", "--objective", OBJECTIVE)
+    assert result.returncode == 0 and "2 of 2 trials finished" in result.stdout, result
+    summary = run(s.project, sys.executable, "-m", "stages.seeds")
+    print(summary.stdout, flush=True)
+    lines = summary.stdout.splitlines()
+    assert lines[0].startswith("2 seed experiments of the committed recipe"), summary.stdout
+    assert [line.split()[0] for line in lines[2:4]] == ["1", "2"] and lines[4].startswith("  mean"), summary.stdout
+
+
 def failures(s: Setup) -> None:
     """A trial that fails is one line in the report and the others go on; then the tracking server is
     stopped while a trial runs: that trial fails with one line naming the server (run last: no server after)."""
@@ -331,7 +344,8 @@ def failures(s: Setup) -> None:
     assert "down-01" not in s.remote_exps()
 
 
-SCENARIOS = {"refusals": refusals, "grid": grid, "resume": resume, "optuna": optuna, "failures": failures}
+SCENARIOS = {"refusals": refusals, "grid": grid, "resume": resume, "optuna": optuna, "seeds": seeds,
+             "failures": failures}
 
 
 def main(argv: list[str]) -> int:
