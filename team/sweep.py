@@ -184,7 +184,7 @@ class Sweep:
 
 
 class Runner:
-    """Submits trials as Ray tasks, at most `limit` at once, and hands each result to a callback."""
+    """Submits trials as Ray tasks (at most `limit` pending at once) and returns their results as they finish."""
 
     def __init__(self, sweep: Sweep, nodes: dict):
         import ray
