@@ -11,7 +11,8 @@ AGAINST ?= auto
 # pip prints a warning per package for this machine's local mirrors; keep real messages only
 PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help demo test install lint data repro summary gate seeds bench ui ui-check docs docs-serve clean server server-stop server-status
+.PHONY: help demo test install lint data repro summary gate seeds bench ui ui-check docs docs-serve clean \
+	server server-stop server-status cluster cluster-stop cluster-status sweep
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -22,7 +23,7 @@ $(PYTHON):
 
 $(VENV)/.installed: pyproject.toml | $(PYTHON)
 	@echo "installing into $(VENV) (first time: a few minutes)"
-	@time ($(PYTHON) -m scripts.install ".[test,lint,export,remote,server,docs]" 2>&1 | $(PIP_FILTER))   # uv, with pip's settings
+	@time ($(PYTHON) -m scripts.install ".[test,lint,export,remote,server,docs,cluster]" 2>&1 | $(PIP_FILTER))   # uv, with pip's settings
 	$(PYTHON) -m scripts.offline_plots .dvc/plots_template.html   # dvc plots pages that render offline
 	@touch $@
 
@@ -103,6 +104,27 @@ server-stop: | install ## stop what make server started
 
 server-status: | install ## is the team tracking server up (PIDs, health)
 	@$(PYTHON) -m team.server status $(SERVER_ARGS)
+
+# A local Ray cluster for sweeps (team/cluster.py), state in $(TEAM_HOME)/ray/; on Linux run it inside a
+# loopback-only network namespace (docs/cluster.md), or ALLOW_NETWORK=1 where listening on the network is fine:
+#   make cluster [NODES=2] [NODE_CPUS=1] [NODE_GPUS=0] [RAY_PORT=6380]  |  make cluster-stop
+NODES ?= 2
+NODE_CPUS ?= 1
+NODE_GPUS ?= 0
+RAY_PORT ?= 6380
+CLUSTER_ARGS = --home $(TEAM_HOME)/ray --port $(RAY_PORT)
+
+cluster: | install ## a local Ray head + worker nodes on 127.0.0.1 (NODES=2) in the background
+	@$(PYTHON) -m team.cluster start $(CLUSTER_ARGS) --nodes $(NODES) --cpus $(NODE_CPUS) --gpus $(NODE_GPUS)
+
+cluster-stop: | install ## stop what make cluster started (by PID, never `ray stop`)
+	@$(PYTHON) -m team.cluster stop $(CLUSTER_ARGS)
+
+cluster-status: | install ## is the local Ray cluster up (PIDs, alive nodes)
+	@$(PYTHON) -m team.cluster status $(CLUSTER_ARGS)
+
+sweep: | install ## a sweep on Ray (RAY_ADDRESS, else local): make sweep ARGS="--name x -S 'k=a,b'"
+	$(PYTHON) -m team.sweep $(ARGS)
 
 clean: ## remove pipeline outputs, caches and the local MLflow store (not data/images)
 	rm -rf data/manifest.csv data/splits data/prepared data/features models reports .cache mlflow.db mlartifacts
