@@ -69,8 +69,9 @@ def plain_decode(path: str, size: int) -> np.ndarray:
         image.draft("RGB", (size, size))
         image = image.convert("RGB")
     scale = size / min(image.size)
-    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                         Image.Resampling.BICUBIC)
+    image = image.resize(
+        (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.Resampling.BICUBIC
+    )
     left, top = (image.width - size) // 2, (image.height - size) // 2
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
@@ -91,8 +92,10 @@ def pipeline(paths: list[str], size: int, workers: int, folder: Path) -> np.ndar
 
 def cpu_seconds() -> float:
     """User + system CPU of this process and its finished children (the pool's workers, once joined)."""
-    return sum(usage.ru_utime + usage.ru_stime
-               for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
 
 
 def main() -> None:
@@ -101,8 +104,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--workers", type=int, default=None, help="default: the cores this process may use")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--photos", type=Path, help="keep the generated photos here and reuse them next time "
-                                                    "(default: a temporary folder)")
+    parser.add_argument(
+        "--photos",
+        type=Path,
+        help="keep the generated photos here and reuse them next time (default: a temporary folder)",
+    )
     args = parser.parse_args()
     workers = args.workers or available_cores()
 
@@ -141,30 +147,59 @@ def main() -> None:
     # on a loaded machine the wall-clock speed-up says little; CPU per image shows what parallelism costs:
     # on free cores the speed-up is about workers x (CPU per image with 1 worker / with N workers)
     free_cores_speedup = workers * cpu_ms["pipeline_1_worker"] / cpu_ms["pipeline"]
-    print(f"CPU per image, {workers} workers vs 1: {cpu_ms['pipeline'] / cpu_ms['pipeline_1_worker']:.3f}x "
-          f"(speed-up to expect on {workers} free cores: {free_cores_speedup:.2f}x)")
+    print(
+        f"CPU per image, {workers} workers vs 1: {cpu_ms['pipeline'] / cpu_ms['pipeline_1_worker']:.3f}x "
+        f"(speed-up to expect on {workers} free cores: {free_cores_speedup:.2f}x)"
+    )
     speedup = rate["pipeline"] / rate["pipeline_1_worker"]
     versus_plain = rate["pipeline"] / rate["plain_pool"]
     rows = [
-        headline(f"augment decode, {workers} workers vs 1 ({args.images} JPEGs -> {args.size} px)", "img/s",
-                 rate["pipeline"], rate["pipeline_1_worker"], "the pipeline with 1 worker",
-                 goal=">= 1.7 on 2 cores" if workers == 2 else None, met=speedup >= 1.7 if workers == 2 else None),
-        headline(f"augment decode, {workers} workers vs a plain Pool({workers}) PIL loop", "img/s",
-                 rate["pipeline"], rate["plain_pool"], f"plain multiprocessing PIL loop, {workers} workers",
-                 goal=">= 0.95", met=versus_plain >= 0.95),
+        headline(
+            f"augment decode, {workers} workers vs 1 ({args.images} JPEGs -> {args.size} px)",
+            "img/s",
+            rate["pipeline"],
+            rate["pipeline_1_worker"],
+            "the pipeline with 1 worker",
+            goal=">= 1.7 on 2 cores" if workers == 2 else None,
+            met=speedup >= 1.7 if workers == 2 else None,
+        ),
+        headline(
+            f"augment decode, {workers} workers vs a plain Pool({workers}) PIL loop",
+            "img/s",
+            rate["pipeline"],
+            rate["plain_pool"],
+            f"plain multiprocessing PIL loop, {workers} workers",
+            goal=">= 0.95",
+            met=versus_plain >= 0.95,
+        ),
     ]
     for row in rows:
         print(f"{row['name']}: ratio {row['ratio']:.3f} (goal {row['goal']})")
     decoded_mb = args.images * args.size * args.size * 3 / 2**20
-    print(f"parent's peak Python memory while decoding: {traced_peak_mb:.1f} MB (the decoded set: {decoded_mb:.0f} MB); "
-          f"same pixels on every side: {same}")
-    write_result("decode", {"images": args.images, "source": "JPEG 500x375", "size": args.size, "workers": workers,
-                            "chunksize": CHUNKSIZE, "repeats": args.repeats, "seconds": seconds,
-                            "img_per_s": {name: round(value, 1) for name, value in rate.items()},
-                            "cpu_ms_per_image": {name: round(value, 3) for name, value in cpu_ms.items()},
-                            "cpu_seconds": cpu, "free_cores_speedup_estimate": round(free_cores_speedup, 3),
-                            "parent_tracemalloc_peak_mb": round(traced_peak_mb, 2),
-                            "decoded_set_mb": round(decoded_mb, 1), "same_pixels": same}, rows)
+    print(
+        f"parent's peak Python memory while decoding: {traced_peak_mb:.1f} MB (the decoded set: {decoded_mb:.0f} MB); "
+        f"same pixels on every side: {same}"
+    )
+    write_result(
+        "decode",
+        {
+            "images": args.images,
+            "source": "JPEG 500x375",
+            "size": args.size,
+            "workers": workers,
+            "chunksize": CHUNKSIZE,
+            "repeats": args.repeats,
+            "seconds": seconds,
+            "img_per_s": {name: round(value, 1) for name, value in rate.items()},
+            "cpu_ms_per_image": {name: round(value, 3) for name, value in cpu_ms.items()},
+            "cpu_seconds": cpu,
+            "free_cores_speedup_estimate": round(free_cores_speedup, 3),
+            "parent_tracemalloc_peak_mb": round(traced_peak_mb, 2),
+            "decoded_set_mb": round(decoded_mb, 1),
+            "same_pixels": same,
+        },
+        rows,
+    )
 
 
 if __name__ == "__main__":

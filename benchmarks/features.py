@@ -38,14 +38,22 @@ from stages.lib.model.backbones import create_backbone  # noqa: E402
 from stages.lib.training.probe import extract_embeddings  # noqa: E402
 
 
-def plain_loop(model, images: np.ndarray, mean, std, batch_size: int, device: torch.device, amp: bool,
-               memory_format=torch.contiguous_format) -> np.ndarray:
+def plain_loop(
+    model,
+    images: np.ndarray,
+    mean,
+    std,
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+    memory_format=torch.contiguous_format,
+) -> np.ndarray:
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     chunks = []
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2)
+            batch = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2)
             batch = ((batch.float() / 255.0 - mean_t) / std_t).contiguous(memory_format=memory_format)
             features = model.forward_head(model.forward_features(batch), pre_logits=True)
             chunks.append(features.float().cpu().numpy())
@@ -80,8 +88,9 @@ def main() -> None:
     variants = {
         "pipeline": lambda: extract_embeddings(model, images, mean, std, batch, args.fusion_stages, device),
         "plain": lambda: plain_loop(plain_model, images, mean, std, batch, device, args.amp),
-        "plain_channels_last": lambda: plain_loop(channels_last_model, images, mean, std, batch, device, args.amp,
-                                                  torch.channels_last),
+        "plain_channels_last": lambda: plain_loop(
+            channels_last_model, images, mean, std, batch, device, args.amp, torch.channels_last
+        ),
     }
     for function in variants.values():  # warm-up (allocator, oneDNN / cuDNN kernels)
         function()
@@ -91,28 +100,56 @@ def main() -> None:
             elapsed, results[name] = timed(function, torch.cuda.synchronize if device.type == "cuda" else None)
             seconds[name].append(elapsed)
     width = results["plain"].shape[1]  # fused embeddings start with the plain ones
-    same = all(np.allclose(results["pipeline"][:, :width], results[name], rtol=1e-2, atol=1e-2)
-               for name in ("plain", "plain_channels_last"))
+    same = all(
+        np.allclose(results["pipeline"][:, :width], results[name], rtol=1e-2, atol=1e-2)
+        for name in ("plain", "plain_channels_last")
+    )
     throughput = {name: args.images / min(values) for name, values in seconds.items()}
     ratio = throughput["pipeline"] / throughput["plain"]
     ratio_channels_last = throughput["pipeline"] / throughput["plain_channels_last"]
 
-    print(f"\nembedding extraction: {args.model}, {args.images} images of {args.size} px, batch {args.batch_size}, "
-          f"{args.threads} threads, {device}{' + bf16 AMP' if args.amp else ''}, best of {args.repeats}")
+    print(
+        f"\nembedding extraction: {args.model}, {args.images} images of {args.size} px, batch {args.batch_size}, "
+        f"{args.threads} threads, {device}{' + bf16 AMP' if args.amp else ''}, best of {args.repeats}"
+    )
     print(f"{'code':<22}{'img/s':>10}{'best s':>10}{'median s':>10}")
     for name, values in seconds.items():
         print(f"{name:<22}{throughput[name]:>10.1f}{min(values):>10.3f}{float(np.median(values)):>10.3f}")
-    print(f"ratio pipeline / plain: {ratio:.3f} (target >= 0.95); pipeline / plain_channels_last: "
-          f"{ratio_channels_last:.3f}; same embeddings: {same}")
+    print(
+        f"ratio pipeline / plain: {ratio:.3f} (target >= 0.95); pipeline / plain_channels_last: "
+        f"{ratio_channels_last:.3f}; same embeddings: {same}"
+    )
 
-    write_result(args.out, {
-        "model": args.model, "images": args.images, "size": args.size, "batch_size": args.batch_size,
-        "threads": args.threads, "device": str(device), "amp": args.amp, "fusion_stages": args.fusion_stages,
-        "repeats": args.repeats, "seconds": seconds, "img_per_s": throughput, "ratio": ratio,
-        "ratio_channels_last": ratio_channels_last, "same_embeddings": same,
-    }, [headline(f"embedding extraction ({args.model}, {args.size} px, batch {args.batch_size}, {device})", "img/s",
-                 throughput["pipeline"], throughput["plain"], "plain timm inference loop", goal=">= 0.95",
-                 met=ratio >= 0.95)])
+    write_result(
+        args.out,
+        {
+            "model": args.model,
+            "images": args.images,
+            "size": args.size,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "device": str(device),
+            "amp": args.amp,
+            "fusion_stages": args.fusion_stages,
+            "repeats": args.repeats,
+            "seconds": seconds,
+            "img_per_s": throughput,
+            "ratio": ratio,
+            "ratio_channels_last": ratio_channels_last,
+            "same_embeddings": same,
+        },
+        [
+            headline(
+                f"embedding extraction ({args.model}, {args.size} px, batch {args.batch_size}, {device})",
+                "img/s",
+                throughput["pipeline"],
+                throughput["plain"],
+                "plain timm inference loop",
+                goal=">= 0.95",
+                met=ratio >= 0.95,
+            )
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -56,21 +56,46 @@ def main() -> None:
     for seed in args.seeds:
         for name, columns in (("logreg_prelogits", dims[0]), ("logreg", arrays["train_x"].shape[1])):
             started = time.perf_counter()
-            fitted = fit_probe(arrays["train_x"][:, :columns], arrays["train_y"], arrays["val_x"][:, :columns],
-                               arrays["val_y"], settings.C, settings.max_iter, seed)
-            test = (probe_logits(arrays["test_x"][:, :columns], fitted["weight"], fitted["bias"]).argmax(1)
-                    == arrays["test_y"]).mean()
-            rows.append({"head": name, "seed": seed, "val_accuracy": fitted["val_accuracy"],
-                         "test_accuracy": float(test), "seconds": round(time.perf_counter() - started, 2)})
+            fitted = fit_probe(
+                arrays["train_x"][:, :columns],
+                arrays["train_y"],
+                arrays["val_x"][:, :columns],
+                arrays["val_y"],
+                settings.C,
+                settings.max_iter,
+                seed,
+            )
+            test = (
+                probe_logits(arrays["test_x"][:, :columns], fitted["weight"], fitted["bias"]).argmax(1)
+                == arrays["test_y"]
+            ).mean()
+            rows.append(
+                {
+                    "head": name,
+                    "seed": seed,
+                    "val_accuracy": fitted["val_accuracy"],
+                    "test_accuracy": float(test),
+                    "seconds": round(time.perf_counter() - started, 2),
+                }
+            )
         for mode in args.modes:
-            head, summary = train_fusion_head(arrays, sources, len(probe["classes"]), mode, settings.fusion_head,
-                                              params.model.drop_rate, seed)
+            head, summary = train_fusion_head(
+                arrays, sources, len(probe["classes"]), mode, settings.fusion_head, params.model.drop_rate, seed
+            )
             with torch.no_grad():
                 test = (head(torch.from_numpy(arrays["test_x"]).float()).argmax(1).numpy() == arrays["test_y"]).mean()
-            rows.append({"head": mode, "seed": seed, "val_accuracy": summary["val_accuracy"],
-                         "test_accuracy": float(test), "seconds": summary["seconds"],
-                         "best_epoch": summary["best_epoch"], "parameters": summary["parameters"]})
-        print(rows[-len(args.modes) - 2:], flush=True)
+            rows.append(
+                {
+                    "head": mode,
+                    "seed": seed,
+                    "val_accuracy": summary["val_accuracy"],
+                    "test_accuracy": float(test),
+                    "seconds": summary["seconds"],
+                    "best_epoch": summary["best_epoch"],
+                    "parameters": summary["parameters"],
+                }
+            )
+        print(rows[-len(args.modes) - 2 :], flush=True)
     import pandas as pd
 
     table = pd.DataFrame(rows)
@@ -78,10 +103,13 @@ def main() -> None:
     table.to_csv(args.out, index=False)
     print(f"{probe['model']}, {settings.fusion_stages} stages, seeds {args.seeds}")
     for head, group in table.groupby("head", sort=False):
-        describe = lambda column, rows=group: (f"{100 * statistics.mean(rows[column]):.2f} ± "
-                                               f"{100 * statistics.pstdev(rows[column]):.2f}")
-        print(f"{head:18s} val {describe('val_accuracy')}  test {describe('test_accuracy')}  "
-              f"{statistics.mean(group['seconds']):.1f} s")
+        describe = lambda column, rows=group: (
+            f"{100 * statistics.mean(rows[column]):.2f} ± {100 * statistics.pstdev(rows[column]):.2f}"
+        )
+        print(
+            f"{head:18s} val {describe('val_accuracy')}  test {describe('test_accuracy')}  "
+            f"{statistics.mean(group['seconds']):.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,22 @@ FINETUNE_DONE = re.compile(r"finetune: kept epoch \d+: .* \((\d+) s\)")
 
 def run_one(project: Path, mode: str, seed: int) -> dict:
     started = time.perf_counter()
-    done = subprocess.run(["dvc", "exp", "run", "-n", f"fusion-{mode}-{seed}", "-S", f"features.fusion_mode={mode}",
-                           "-S", f"base.seed={seed}"], cwd=project, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-n",
+            f"fusion-{mode}-{seed}",
+            "-S",
+            f"features.fusion_mode={mode}",
+            "-S",
+            f"base.seed={seed}",
+        ],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
     total = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"dvc exp run ({mode}, seed {seed}) failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
@@ -41,14 +55,17 @@ def run_one(project: Path, mode: str, seed: int) -> dict:
 
     board = pd.read_csv(project / "reports/leaderboard.csv")
     head = board[board["head"] == mode] if "head" in board else board.iloc[0:0]
-    return {"mode": mode, "seed": seed,
-            "probe_val": features["probe"]["val_accuracy"],
-            "probe_test": evaluate["baseline"]["test"]["accuracy"],
-            "head_val": float(head["val_accuracy"].iloc[0]) if len(head) else None,
-            "finetuned_val": evaluate["finetuned"]["val"]["accuracy"],
-            "finetuned_test": evaluate["finetuned"]["test"]["accuracy"],
-            "finetune_seconds": int(finetune.group(1)) if finetune else None,
-            "total_seconds": round(total, 1)}
+    return {
+        "mode": mode,
+        "seed": seed,
+        "probe_val": features["probe"]["val_accuracy"],
+        "probe_test": evaluate["baseline"]["test"]["accuracy"],
+        "head_val": float(head["val_accuracy"].iloc[0]) if len(head) else None,
+        "finetuned_val": evaluate["finetuned"]["val"]["accuracy"],
+        "finetuned_test": evaluate["finetuned"]["test"]["accuracy"],
+        "finetune_seconds": int(finetune.group(1)) if finetune else None,
+        "total_seconds": round(total, 1),
+    }
 
 
 def describe(values: list[float]) -> str:
@@ -78,9 +95,11 @@ def main() -> None:
     print("| fusion_mode | head val (features) | fine-tuned val | fine-tuned test | probe test | fine-tuning s |")
     print("|---|---|---|---|---|---|")
     for mode, group in table.groupby("mode", sort=False):
-        print(f"| `{mode}` | {describe(list(group['head_val']))} | {describe(list(group['finetuned_val']))} | "
-              f"{describe(list(group['finetuned_test']))} | {describe(list(group['probe_test']))} | "
-              f"{statistics.mean(group['finetune_seconds'].dropna()):.0f} |")
+        print(
+            f"| `{mode}` | {describe(list(group['head_val']))} | {describe(list(group['finetuned_val']))} | "
+            f"{describe(list(group['finetuned_test']))} | {describe(list(group['probe_test']))} | "
+            f"{statistics.mean(group['finetune_seconds'].dropna()):.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -42,21 +42,39 @@ def environment() -> dict:
     }
 
 
-def headline(name: str, unit: str, pipeline: float, baseline: float, baseline_name: str,
-             higher_is_better: bool = True, goal: str | None = None, met: bool | None = None) -> dict:
+def headline(
+    name: str,
+    unit: str,
+    pipeline: float,
+    baseline: float,
+    baseline_name: str,
+    higher_is_better: bool = True,
+    goal: str | None = None,
+    met: bool | None = None,
+) -> dict:
     """One row of benchmarks/results/summary.md: the pipeline's figure, the plain baseline's (run in the
     same process), their ratio (> 1: the pipeline is better, whichever way the unit points), the goal
     in words and whether it is met."""
     ratio = pipeline / baseline if higher_is_better else baseline / pipeline
-    return {"name": name, "unit": unit, "pipeline": round(pipeline, 3), "baseline": round(baseline, 3),
-            "baseline_name": baseline_name, "ratio": round(ratio, 3), "goal": goal, "met": met}
+    return {
+        "name": name,
+        "unit": unit,
+        "pipeline": round(pipeline, 3),
+        "baseline": round(baseline, 3),
+        "baseline_name": baseline_name,
+        "ratio": round(ratio, 3),
+        "goal": goal,
+        "met": met,
+    }
 
 
 def write_result(stem: str, result: dict, rows: list[dict]) -> Path:
     """benchmarks/results/<stem>.json with the environment and the headline rows added."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{stem}.json"
-    path.write_text(json.dumps({"benchmark": stem, "environment": environment(), "headline": rows} | result,
-                               indent=2, default=str) + "\n")
+    path.write_text(
+        json.dumps({"benchmark": stem, "environment": environment(), "headline": rows} | result, indent=2, default=str)
+        + "\n"
+    )
     print(f"wrote {path.relative_to(RESULTS.parents[1])}")
     return path

@@ -50,8 +50,10 @@ def plain_grid(train_x, train_y, val_x, val_y, c_grid: list[float], max_iter: in
 
     scaler = StandardScaler().fit(train_x)
     train_s, val_s = scaler.transform(train_x), scaler.transform(val_x)
-    scores = {c: LogisticRegression(C=c, max_iter=max_iter, random_state=seed).fit(train_s, train_y)
-              .score(val_s, val_y) for c in c_grid}
+    scores = {
+        c: LogisticRegression(C=c, max_iter=max_iter, random_state=seed).fit(train_s, train_y).score(val_s, val_y)
+        for c in c_grid
+    }
     best = max(scores, key=scores.get)
     return {"C": best, "val_accuracy": scores[best]}
 
@@ -95,26 +97,51 @@ def main() -> None:
     best = {name: min(values) for name, values in seconds.items()}
     plains = {"plain": args.threads, "plain_1_thread": 1}  # the plain sides and their BLAS threads
     ratios = {name: best[name] / best["pipeline"] for name in plains}
-    same = all(results[name]["C"] == results["pipeline"]["C"]
-               and abs(results[name]["val_accuracy"] - results["pipeline"]["val_accuracy"]) < 1e-9
-               for name in plains)
+    same = all(
+        results[name]["C"] == results["pipeline"]["C"]
+        and abs(results[name]["val_accuracy"] - results["pipeline"]["val_accuracy"]) < 1e-9
+        for name in plains
+    )
 
     shape = f"{len(train_x)}+{len(val_x)} x {train_x.shape[1]}"
-    print(f"\nlinear probe on {source} ({shape}), C grid {c_grid}, {args.threads} BLAS threads for the plain "
-          f"loop, best of {args.repeats}")
+    print(
+        f"\nlinear probe on {source} ({shape}), C grid {c_grid}, {args.threads} BLAS threads for the plain "
+        f"loop, best of {args.repeats}"
+    )
     for name, values in seconds.items():
         print(f"{name:<16}{min(values):>8.2f} s   median {float(np.median(values)):.2f} s")
-    print(f"plain / pipeline: {ratios['plain']:.2f}x; plain on one thread / pipeline: "
-          f"{ratios['plain_1_thread']:.2f}x; same C and val accuracy: {same}")
+    print(
+        f"plain / pipeline: {ratios['plain']:.2f}x; plain on one thread / pipeline: "
+        f"{ratios['plain_1_thread']:.2f}x; same C and val accuracy: {same}"
+    )
 
-    write_result("probe", {
-        "embeddings": source, "shape": shape, "c_grid": c_grid,
-        "blas_threads_plain": args.threads, "repeats": args.repeats, "seconds": seconds,
-        "ratio": ratios["plain"], "ratio_1_thread": ratios["plain_1_thread"], "same_choice": same,
-    }, [headline(f"linear probe, {len(c_grid)} C values ({source}, {shape})", "s", best["pipeline"],
-                 best[name], f"plain scikit-learn loop, {threads} BLAS thread(s)", higher_is_better=False,
-                 goal=">= 1.0 (not slower than plain)", met=best["pipeline"] <= best[name])
-        for name, threads in plains.items()])
+    write_result(
+        "probe",
+        {
+            "embeddings": source,
+            "shape": shape,
+            "c_grid": c_grid,
+            "blas_threads_plain": args.threads,
+            "repeats": args.repeats,
+            "seconds": seconds,
+            "ratio": ratios["plain"],
+            "ratio_1_thread": ratios["plain_1_thread"],
+            "same_choice": same,
+        },
+        [
+            headline(
+                f"linear probe, {len(c_grid)} C values ({source}, {shape})",
+                "s",
+                best["pipeline"],
+                best[name],
+                f"plain scikit-learn loop, {threads} BLAS thread(s)",
+                higher_is_better=False,
+                goal=">= 1.0 (not slower than plain)",
+                met=best["pipeline"] <= best[name],
+            )
+            for name, threads in plains.items()
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def import_seconds(stderr: str) -> float:
 def run_start(project: Path, stage: str) -> float:
     """The epoch seconds at which the stage's newest MLflow run (named after the stage) started."""
     with sqlite3.connect(project / "mlflow.db") as db:
-        (start_ms,), = db.execute("select max(start_time) from runs where name = ?", (stage,)).fetchall()
+        ((start_ms,),) = db.execute("select max(start_time) from runs where name = ?", (stage,)).fetchall()
     return start_ms / 1000.0
 
 
@@ -75,23 +75,35 @@ def measure_stage(project: Path, stage: str, command: str) -> dict:
     argv = shlex.split(command)
     assert argv[0] == "python", command
     launched = time.time()
-    result = subprocess.run([sys.executable, "-X", "importtime", *argv[1:]], cwd=project, env=env(),
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *argv[1:]], cwd=project, env=env(), capture_output=True, text=True
+    )
     total = time.time() - launched
     if result.returncode != 0:
         messages = "\n".join(line for line in result.stderr.splitlines() if not IMPORT_LINE.match(line))
         raise RuntimeError(f"{stage} failed ({result.returncode}):\n{messages[-3000:]}")
-    module = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import stages.{stage}"], cwd=project,
-                            env=env(), capture_output=True, text=True, check=True)
-    return {"fixed_s": run_start(project, stage) - launched, "total_s": total,
-            "import_s": import_seconds(result.stderr), "module_import_s": import_seconds(module.stderr)}
+    module = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import stages.{stage}"],
+        cwd=project,
+        env=env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {
+        "fixed_s": run_start(project, stage) - launched,
+        "total_s": total,
+        "import_s": import_seconds(result.stderr),
+        "module_import_s": import_seconds(module.stderr),
+    }
 
 
 def measure_plain(project: Path) -> float:
     uri = f"sqlite:///{project / 'plain.db'}"
     launched = time.time()
-    output = subprocess.run([sys.executable, "-c", PLAIN, uri], cwd=project, env=env(), capture_output=True,
-                            text=True, check=True).stdout
+    output = subprocess.run(
+        [sys.executable, "-c", PLAIN, uri], cwd=project, env=env(), capture_output=True, text=True, check=True
+    ).stdout
     return int(output.strip().splitlines()[-1]) / 1000.0 - launched
 
 
@@ -104,8 +116,11 @@ def measure_repro_split(project: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--keep", type=Path, help="build the project here and keep it, or reuse the one built "
-                                                  "there before (default: a temporary folder)")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="build the project here and keep it, or reuse the one built there before (default: a temporary folder)",
+    )
     args = parser.parse_args()
 
     temporary = None if args.keep else tempfile.mkdtemp(prefix="bench-startup-")
@@ -117,8 +132,9 @@ def main() -> None:
             dvc(project, "repro", "-q")
             print(f"tiny project reproduced in {time.perf_counter() - started:.0f} s")
         measure_plain(project)  # creates plain.db (schema migrations), not part of the figures
-        commands = {name: stage["cmd"] for name, stage in yaml.safe_load((project / "dvc.yaml").read_text())
-                    ["stages"].items()}
+        commands = {
+            name: stage["cmd"] for name, stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items()
+        }
         runs = {name: [] for name in commands}
         plain, repro_split = [], []
         for _ in range(args.repeats):
@@ -132,22 +148,53 @@ def main() -> None:
 
     best = {name: {key: min(run[key] for run in values) for key in values[0]} for name, values in runs.items()}
     plain_s = min(plain)
-    print(f"\nfixed cost per stage (launch -> MLflow run started), best of {args.repeats}; plain MLflow script: "
-          f"{plain_s:.2f} s")
+    print(
+        f"\nfixed cost per stage (launch -> MLflow run started), best of {args.repeats}; plain MLflow script: "
+        f"{plain_s:.2f} s"
+    )
     print(f"{'stage':<10}{'fixed s':>9}{'imports s':>11}{'module s':>10}{'total s':>9}")
     for name, figures in best.items():
-        print(f"{name:<10}{figures['fixed_s']:>9.2f}{figures['import_s']:>11.2f}{figures['module_import_s']:>10.2f}"
-              f"{figures['total_s']:>9.2f}")
+        print(
+            f"{name:<10}{figures['fixed_s']:>9.2f}{figures['import_s']:>11.2f}{figures['module_import_s']:>10.2f}"
+            f"{figures['total_s']:>9.2f}"
+        )
     print(f"dvc repro -f -s split: {min(repro_split):.2f} s (goal <= {GOAL_REPRO_SPLIT_S} s)")
-    rows = [headline(f"fixed cost: {name} (launch -> run start)", "s", figures["fixed_s"], plain_s,
-                     "plain script: import mlflow + start_run on the same SQLite store", higher_is_better=False,
-                     goal=f"<= {GOAL_FIXED_S} s", met=figures["fixed_s"] <= GOAL_FIXED_S)
-            for name, figures in best.items()]
-    rows.append(headline("dvc repro -f -s split (tiny project)", "s", min(repro_split), plain_s,
-                         "plain MLflow script's fixed cost", higher_is_better=False,
-                         goal=f"<= {GOAL_REPRO_SPLIT_S} s", met=min(repro_split) <= GOAL_REPRO_SPLIT_S))
-    write_result("startup", {"repeats": args.repeats, "stages": best, "all_runs": runs, "plain_mlflow_script_s": plain,
-                             "repro_split_s": repro_split}, rows)
+    rows = [
+        headline(
+            f"fixed cost: {name} (launch -> run start)",
+            "s",
+            figures["fixed_s"],
+            plain_s,
+            "plain script: import mlflow + start_run on the same SQLite store",
+            higher_is_better=False,
+            goal=f"<= {GOAL_FIXED_S} s",
+            met=figures["fixed_s"] <= GOAL_FIXED_S,
+        )
+        for name, figures in best.items()
+    ]
+    rows.append(
+        headline(
+            "dvc repro -f -s split (tiny project)",
+            "s",
+            min(repro_split),
+            plain_s,
+            "plain MLflow script's fixed cost",
+            higher_is_better=False,
+            goal=f"<= {GOAL_REPRO_SPLIT_S} s",
+            met=min(repro_split) <= GOAL_REPRO_SPLIT_S,
+        )
+    )
+    write_result(
+        "startup",
+        {
+            "repeats": args.repeats,
+            "stages": best,
+            "all_runs": runs,
+            "plain_mlflow_script_s": plain,
+            "repro_split_s": repro_split,
+        },
+        rows,
+    )
 
 
 if __name__ == "__main__":

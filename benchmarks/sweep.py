@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cluster_scenario import Setup  # noqa: E402  (tests/cluster_scenario.py: the shared setup)
 from machine import write_result  # noqa: E402
+
 from stages.lib.threads import live_queue_workers  # noqa: E402
 
 RATES = ["7e-4", "3e-4", "2e-4", "1.5e-4"]  # not the tiny recipe's 5e-4: that trial would run no stage
@@ -53,9 +54,19 @@ def load() -> str:
 def cluster_round(setup: Setup) -> dict:
     before = load()
     started = time.perf_counter()
-    result = setup.sweep("--name", "bench", "-S", f"finetune.phases.1.lr={','.join(RATES)}", "--cpus", "1",
-                         "--max-concurrent", "2", "--objective", "metrics/evaluate.json:finetuned.val.accuracy",
-                         timeout=3600)
+    result = setup.sweep(
+        "--name",
+        "bench",
+        "-S",
+        f"finetune.phases.1.lr={','.join(RATES)}",
+        "--cpus",
+        "1",
+        "--max-concurrent",
+        "2",
+        "--objective",
+        "metrics/evaluate.json:finetuned.val.accuracy",
+        timeout=3600,
+    )
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"the sweep failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -64,18 +75,33 @@ def cluster_round(setup: Setup) -> dict:
     for trial in trials:
         timings = trial.get("timings") or {}
         overhead = sum(seconds for step, seconds in timings.items() if step in OVERHEAD_STEPS)
-        per_trial.append({"trial": trial["name"], "node": trial["node"], "duration_s": trial["duration_s"],
-                          "timings": timings, "overhead_s": round(overhead, 2),
-                          "overhead_fraction": round(overhead / trial["duration_s"], 3) if trial["duration_s"] else None})
-    return {"wall_seconds": round(wall, 1), "load_before": before, "load_after": load(), "trials": per_trial,
-            "overhead_s_mean": round(statistics.fmean(t["overhead_s"] for t in per_trial), 2),
-            "overhead_fraction_mean": round(statistics.fmean(t["overhead_fraction"] for t in per_trial), 3)}
+        per_trial.append(
+            {
+                "trial": trial["name"],
+                "node": trial["node"],
+                "duration_s": trial["duration_s"],
+                "timings": timings,
+                "overhead_s": round(overhead, 2),
+                "overhead_fraction": round(overhead / trial["duration_s"], 3) if trial["duration_s"] else None,
+            }
+        )
+    return {
+        "wall_seconds": round(wall, 1),
+        "load_before": before,
+        "load_after": load(),
+        "trials": per_trial,
+        "overhead_s_mean": round(statistics.fmean(t["overhead_s"] for t in per_trial), 2),
+        "overhead_fraction_mean": round(statistics.fmean(t["overhead_fraction"] for t in per_trial), 3),
+    }
 
 
 def exp_refs(project: Path) -> set[str]:
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=project,
-                          capture_output=True, text=True).stdout
-    return {ref.rsplit("/", 1)[1] for ref in refs.split() if re.fullmatch(r"refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/[^/]+", ref)}
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=project, capture_output=True, text=True
+    ).stdout
+    return {
+        ref.rsplit("/", 1)[1] for ref in refs.split() if re.fullmatch(r"refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/[^/]+", ref)
+    }
 
 
 def queue_round(setup: Setup, timeout_s: float) -> dict:
@@ -84,8 +110,9 @@ def queue_round(setup: Setup, timeout_s: float) -> dict:
     names = [f"queue-{i + 1:02d}" for i in range(len(RATES))]
 
     def dvc_env(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=project, env=env,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True
+        )
 
     before = load()
     queueing = time.perf_counter()
@@ -107,9 +134,14 @@ def queue_round(setup: Setup, timeout_s: float) -> dict:
         time.sleep(1)
     if live_queue_workers(project):
         dvc_env("queue", "stop", "--kill")
-    return {"wall_seconds": round(wall, 1), "with_queueing_seconds": round(time.perf_counter() - queueing, 1),
-            "hung": hung, "finished": sorted(set(names) & exp_refs(project)),
-            "load_before": before, "load_after": load()}
+    return {
+        "wall_seconds": round(wall, 1),
+        "with_queueing_seconds": round(time.perf_counter() - queueing, 1),
+        "hung": hung,
+        "finished": sorted(set(names) & exp_refs(project)),
+        "load_before": before,
+        "load_after": load(),
+    }
 
 
 def main() -> int:
@@ -126,22 +158,36 @@ def main() -> int:
     try:
         setup.start()
         cluster = cluster_round(setup)
-        print(f"cluster: {cluster['wall_seconds']:.0f} s for {len(RATES)} trials; overhead per trial "
-              f"{cluster['overhead_s_mean']:.1f} s ({cluster['overhead_fraction_mean']:.0%} of a trial)", flush=True)
+        print(
+            f"cluster: {cluster['wall_seconds']:.0f} s for {len(RATES)} trials; overhead per trial "
+            f"{cluster['overhead_s_mean']:.1f} s ({cluster['overhead_fraction_mean']:.0%} of a trial)",
+            flush=True,
+        )
         queue = queue_round(setup, args.queue_timeout)
-        print(f"dvc queue -j 2: {queue['wall_seconds']:.0f} s ({queue['with_queueing_seconds']:.0f} s with queueing)"
-              f"{' (HUNG)' if queue['hung'] else ''}", flush=True)
+        print(
+            f"dvc queue -j 2: {queue['wall_seconds']:.0f} s ({queue['with_queueing_seconds']:.0f} s with queueing)"
+            f"{' (HUNG)' if queue['hung'] else ''}",
+            flush=True,
+        )
     finally:
         setup.stop()
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
     ratio = round(cluster["wall_seconds"] / queue["wall_seconds"], 3) if not queue["hung"] else None
-    row = {"name": "sweep: 4 trials, 2-node Ray vs dvc queue -j 2", "unit": "s", "pipeline": cluster["wall_seconds"],
-           "baseline": queue["wall_seconds"], "baseline_name": "dvc queue start -j 2",
-           "ratio": round(queue["wall_seconds"] / cluster["wall_seconds"], 3), "goal": None, "met": None}
-    path = write_result(args.out_stem, {"rates": RATES, "cluster": cluster, "queue": queue,
-                                        "ratio_cluster_over_queue": ratio}, [row])
+    row = {
+        "name": "sweep: 4 trials, 2-node Ray vs dvc queue -j 2",
+        "unit": "s",
+        "pipeline": cluster["wall_seconds"],
+        "baseline": queue["wall_seconds"],
+        "baseline_name": "dvc queue start -j 2",
+        "ratio": round(queue["wall_seconds"] / cluster["wall_seconds"], 3),
+        "goal": None,
+        "met": None,
+    }
+    path = write_result(
+        args.out_stem, {"rates": RATES, "cluster": cluster, "queue": queue, "ratio_cluster_over_queue": ratio}, [row]
+    )
     print(f"cluster / queue wall time: {ratio} | {path}")
     return 0
 

@@ -38,8 +38,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def writer(uri: str, experiment_id: str, worker: int, runs: int, steps: int, metrics: int, params: int,
-           artifacts: int, scratch: str) -> dict:
+def writer(
+    uri: str,
+    experiment_id: str,
+    worker: int,
+    runs: int,
+    steps: int,
+    metrics: int,
+    params: int,
+    artifacts: int,
+    scratch: str,
+) -> dict:
     """One process's share of the load: its bounded loops; returns counts and per-request seconds."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
@@ -52,8 +61,11 @@ def writer(uri: str, experiment_id: str, worker: int, runs: int, steps: int, met
     latencies, points = [], 0
     started = time.time()
     for run_index in range(runs):
-        run = client.create_run(experiment_id, run_name=f"load-w{worker}-r{run_index}",
-                                tags={"benchmark": "tracking_load", "worker": str(worker)})
+        run = client.create_run(
+            experiment_id,
+            run_name=f"load-w{worker}-r{run_index}",
+            tags={"benchmark": "tracking_load", "worker": str(worker)},
+        )
         run_id = run.info.run_id
         client.log_batch(run_id, params=[Param(f"param_{i}", str(i * worker)) for i in range(params)])
         for step in range(steps):
@@ -76,8 +88,12 @@ def count_stored(uri: str, experiment_id: str, metrics: int) -> dict:
     runs = client.search_runs([experiment_id], max_results=10000)
     points = sum(len(client.get_metric_history(run.info.run_id, f"metric_{i}")) for run in runs for i in range(metrics))
     files = sum(len(client.list_artifacts(run.info.run_id, "files")) for run in runs)
-    return {"runs": len(runs), "finished": sum(run.info.status == "FINISHED" for run in runs),
-            "metric_points": points, "artifact_files": files}
+    return {
+        "runs": len(runs),
+        "finished": sum(run.info.status == "FINISHED" for run in runs),
+        "metric_points": points,
+        "artifact_files": files,
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -108,8 +124,9 @@ def main() -> None:
     scratch = tempfile.mkdtemp(prefix="tracking-load-")
     os.chmod(scratch, 0o755)  # PostgreSQL's unprivileged user (when root) must reach its folder
     config = ServerConfig(home=Path(scratch) / "server", port=free_port(), pg_port=free_port(), workers=args.workers)
-    report: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                "load_before": os.getloadavg()}}
+    report: dict = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_before": os.getloadavg()}
+    }
     try:
         if args.tracking_uri:
             uri = args.tracking_uri
@@ -118,16 +135,33 @@ def main() -> None:
             started = time.perf_counter()
             state = start(config)
             uri = state["tracking_uri"]
-            report["server"] = {"started_here": True, "start_seconds": round(time.perf_counter() - started, 1),
-                                "workers": args.workers, "postgres": state["postgres"],
-                                "artifacts_destination": "local folder (proxied by the server)",
-                                "postgres_settings": cluster(config, load_secrets(config.home)["postgres_password"]).settings()}
+            report["server"] = {
+                "started_here": True,
+                "start_seconds": round(time.perf_counter() - started, 1),
+                "workers": args.workers,
+                "postgres": state["postgres"],
+                "artifacts_destination": "local folder (proxied by the server)",
+                "postgres_settings": cluster(config, load_secrets(config.home)["postgres_password"]).settings(),
+            }
         experiment_id = MlflowClient(uri).create_experiment(f"tracking-load-{int(time.time())}")
         shape = {k: getattr(args, k) for k in ("processes", "runs", "steps", "metrics", "params", "artifacts")}
         report["load"] = shape
         with ProcessPoolExecutor(args.processes) as pool:
-            futures = [pool.submit(writer, uri, experiment_id, worker, args.runs, args.steps, args.metrics,
-                                   args.params, args.artifacts, scratch) for worker in range(args.processes)]
+            futures = [
+                pool.submit(
+                    writer,
+                    uri,
+                    experiment_id,
+                    worker,
+                    args.runs,
+                    args.steps,
+                    args.metrics,
+                    args.params,
+                    args.artifacts,
+                    scratch,
+                )
+                for worker in range(args.processes)
+            ]
             results = [future.result() for future in futures]
         # from the first process's first request to the last one's last (process start-up and imports excluded)
         wall = max(result["ended"] for result in results) - min(result["started"] for result in results)
@@ -135,16 +169,25 @@ def main() -> None:
         runs = sum(result["runs"] for result in results)
         points = sum(result["points"] for result in results)
         report["result"] = {
-            "wall_seconds": round(wall, 2), "runs": runs, "metric_points": points,
-            "runs_per_second": round(runs / wall, 2), "metric_points_per_second": round(points / wall, 1),
+            "wall_seconds": round(wall, 2),
+            "runs": runs,
+            "metric_points": points,
+            "runs_per_second": round(runs / wall, 2),
+            "metric_points_per_second": round(points / wall, 1),
             "metric_requests_per_second": round(len(latencies) / wall, 1),
-            "metric_request_ms": {"p50": round(1000 * statistics.median(latencies), 1),
-                                  "p95": round(1000 * percentile(latencies, 0.95), 1),
-                                  "max": round(1000 * max(latencies), 1)}}
+            "metric_request_ms": {
+                "p50": round(1000 * statistics.median(latencies), 1),
+                "p95": round(1000 * percentile(latencies, 0.95), 1),
+                "max": round(1000 * max(latencies), 1),
+            },
+        }
         stored = count_stored(uri, experiment_id, args.metrics)
         report["stored"] = stored
-        report["nothing_lost"] = (stored["runs"] == stored["finished"] == runs and stored["metric_points"] == points
-                                  and stored["artifact_files"] == runs * args.artifacts)
+        report["nothing_lost"] = (
+            stored["runs"] == stored["finished"] == runs
+            and stored["metric_points"] == points
+            and stored["artifact_files"] == runs * args.artifacts
+        )
         report["machine"]["load_after"] = os.getloadavg()
     finally:
         if not args.tracking_uri:
@@ -153,10 +196,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     result = report["result"]
-    print(f"{runs} runs, {points} metric points from {args.processes} processes in {result['wall_seconds']} s: "
-          f"{result['runs_per_second']} runs/s, {result['metric_points_per_second']} metric points/s "
-          f"(step request p50 {result['metric_request_ms']['p50']} ms, p95 {result['metric_request_ms']['p95']} ms); "
-          f"nothing lost: {report['nothing_lost']}; -> {args.out}")
+    print(
+        f"{runs} runs, {points} metric points from {args.processes} processes in {result['wall_seconds']} s: "
+        f"{result['runs_per_second']} runs/s, {result['metric_points_per_second']} metric points/s "
+        f"(step request p50 {result['metric_request_ms']['p50']} ms, p95 {result['metric_request_ms']['p95']} ms); "
+        f"nothing lost: {report['nothing_lost']}; -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

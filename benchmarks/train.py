@@ -45,8 +45,7 @@ def make_images(folder: Path, count: int, size: int) -> None:
 
     rng = np.random.default_rng(0)
     for split, n in (("train", count), ("val", 10)):
-        save_split(folder, split, rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-                   rng.integers(0, 10, n))
+        save_split(folder, split, rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n))
 
 
 def new_model(name: str, device: torch.device) -> nn.Module:
@@ -75,8 +74,9 @@ def pipeline_epoch(args, folder: Path, device: torch.device):
     model = new_model(args.model, device)
     set_trainable(model, "all")
     trainer = Trainer(model, settings, MEAN, STD, dist)
-    loader, _ = make_loaders(PreparedDataset(folder, "train"), PreparedDataset(folder, "val"), args.batch_size,
-                             dist, seed=0)
+    loader, _ = make_loaders(
+        PreparedDataset(folder, "train"), PreparedDataset(folder, "val"), args.batch_size, dist, seed=0
+    )
     step = PhaseTools.build(model, recipe, 1e-4, 1000, len(loader))
     step.train_bn = False
     state = TrainState()
@@ -84,6 +84,7 @@ def pipeline_epoch(args, folder: Path, device: torch.device):
     def epoch() -> int:
         trainer.train_epoch(model, loader, step, state, "pipeline")
         return len(loader.dataset)
+
     return epoch
 
 
@@ -95,8 +96,9 @@ def plain_epoch(args, folder: Path, device: torch.device):
 
     images = torch.from_numpy(np.load(folder / "train_images.npy")).permute(0, 3, 1, 2)
     labels = torch.from_numpy(np.load(folder / "train_labels.npy"))
-    loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch_size, shuffle=True,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        TensorDataset(images, labels), batch_size=args.batch_size, shuffle=True, pin_memory=device.type == "cuda"
+    )
     model = new_model(args.model, device)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05)
     loss_fn = LabelSmoothingCrossEntropy(0.1)
@@ -119,6 +121,7 @@ def plain_epoch(args, folder: Path, device: torch.device):
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
         return len(images)
+
     return epoch
 
 
@@ -141,8 +144,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         make_images(Path(folder), args.images, args.size)
-        epochs = {"pipeline": pipeline_epoch(args, Path(folder), device),
-                  "plain": plain_epoch(args, Path(folder), device)}
+        epochs = {
+            "pipeline": pipeline_epoch(args, Path(folder), device),
+            "plain": plain_epoch(args, Path(folder), device),
+        }
         for epoch in epochs.values():
             epoch()  # warm-up: allocator, kernels, first-touch of the memory map
         rates = {name: [] for name in epochs}
@@ -152,20 +157,43 @@ def main() -> None:
 
     best = {name: max(values) for name, values in rates.items()}
     ratio = best["pipeline"] / best["plain"]
-    result = {"model": args.model, "images": args.images, "size": args.size, "batch_size": args.batch_size,
-              "device": str(device), "threads": torch.get_num_threads(),
-              "amp": "bfloat16" if device.type == "cuda" else None,
-              "channels_last": True, "img_per_s": {name: round(value, 1) for name, value in best.items()},
-              "all_img_per_s": rates, "ratio": round(ratio, 3), "torch": torch.__version__,
-              "machine": platform.machine()}
-    print(f"{'':10s}{'img/s':>10s}   ({args.model}, {args.size}px, batch {args.batch_size}, {device}, "
-          f"{torch.get_num_threads()} threads)")
+    result = {
+        "model": args.model,
+        "images": args.images,
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "amp": "bfloat16" if device.type == "cuda" else None,
+        "channels_last": True,
+        "img_per_s": {name: round(value, 1) for name, value in best.items()},
+        "all_img_per_s": rates,
+        "ratio": round(ratio, 3),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    print(
+        f"{'':10s}{'img/s':>10s}   ({args.model}, {args.size}px, batch {args.batch_size}, {device}, "
+        f"{torch.get_num_threads()} threads)"
+    )
     for name, value in best.items():
         print(f"{name:10s}{value:10.1f}")
     print(f"{'ratio':10s}{ratio:10.3f}   (pipeline / plain; target >= 0.95)")
-    write_result("train", result, [headline(
-        f"fine-tuning epoch ({args.model}, {args.size} px, batch {args.batch_size}, {device})", "img/s",
-        best["pipeline"], best["plain"], "plain timm training loop", goal=">= 0.95", met=ratio >= 0.95)])
+    write_result(
+        "train",
+        result,
+        [
+            headline(
+                f"fine-tuning epoch ({args.model}, {args.size} px, batch {args.batch_size}, {device})",
+                "img/s",
+                best["pipeline"],
+                best["plain"],
+                "plain timm training loop",
+                goal=">= 0.95",
+                met=ratio >= 0.95,
+            )
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ a fresh process:
 - pipeline_workers / plain_pool: the same two with `--workers` processes (default: the cores this
   process may use): `build_manifest(..., workers=N)` as the stage runs it, and a plain
   `multiprocessing.Pool(N).imap` over the plain loop's per-file work.
-Reports files/s of each side, the ratios pipeline / plain (one process, and N workers each), the Great Expectations checks' time on the manifest, and
+Reports files/s of each side, the ratios pipeline / plain (one process, and N workers each), the Great
+Expectations checks' time on the manifest, and
 the peak memory (process max RSS, and Python's tracemalloc peak in a separate run) at each size:
 flat peak memory across sizes means the files are streamed, not held. Writes
 benchmarks/results/validate.json.
@@ -105,17 +106,25 @@ def worker(kind: str, folder: Path, trace: bool, workers: int) -> dict:
 
     if kind == "checks":
         return {"seconds": checks_seconds(folder)}
-    run = {"pipeline": pipeline, "plain": plain_loop, "pipeline_workers": lambda f: pipeline(f, workers),
-           "plain_pool": lambda f: plain_pool(f, workers)}[kind]
+    run = {
+        "pipeline": pipeline,
+        "plain": plain_loop,
+        "pipeline_workers": lambda f: pipeline(f, workers),
+        "plain_pool": lambda f: plain_pool(f, workers),
+    }[kind]
     if trace:
         tracemalloc.start()
     before_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     files = run(folder)
     seconds = time.perf_counter() - started
-    result = {"files": files, "seconds": seconds, "files_per_s": files / seconds,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_rss) / 1024}
+    result = {
+        "files": files,
+        "seconds": seconds,
+        "files_per_s": files / seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_rss) / 1024,
+    }
     if trace:
         result["tracemalloc_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
     return result
@@ -134,8 +143,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per side; the fastest counts")
     parser.add_argument("--workers", type=int, default=None, help="default: the cores this process may use")
-    parser.add_argument("--worker", choices=["pipeline", "plain", "pipeline_workers", "plain_pool", "checks"],
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", choices=["pipeline", "plain", "pipeline_workers", "plain_pool", "checks"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -158,45 +168,82 @@ def main() -> None:
                     runs[kind].append(measure(kind, folder, workers=workers))
             best = {kind: max(results, key=lambda r: r["files_per_s"]) for kind, results in runs.items()}
             traced = measure("pipeline", folder, trace=True)
-            rows.append({
-                "files": size,
-                "pipeline_files_per_s": round(best["pipeline"]["files_per_s"], 1),
-                "plain_files_per_s": round(best["plain"]["files_per_s"], 1),
-                "ratio": round(best["pipeline"]["files_per_s"] / best["plain"]["files_per_s"], 3),
-                "workers": workers,
-                "pipeline_workers_files_per_s": round(best["pipeline_workers"]["files_per_s"], 1),
-                "plain_pool_files_per_s": round(best["plain_pool"]["files_per_s"], 1),
-                "ratio_workers": round(best["pipeline_workers"]["files_per_s"] / best["plain_pool"]["files_per_s"], 3),
-                "pipeline_peak_rss_mb": round(best["pipeline"]["peak_rss_mb"], 1),
-                "pipeline_rss_growth_mb": round(best["pipeline"]["rss_growth_mb"], 1),
-                "plain_peak_rss_mb": round(best["plain"]["peak_rss_mb"], 1),
-                "pipeline_tracemalloc_peak_mb": round(traced["tracemalloc_peak_mb"], 2),
-                "checks_seconds": round(measure("checks", folder)["seconds"], 2),
-            })
+            rows.append(
+                {
+                    "files": size,
+                    "pipeline_files_per_s": round(best["pipeline"]["files_per_s"], 1),
+                    "plain_files_per_s": round(best["plain"]["files_per_s"], 1),
+                    "ratio": round(best["pipeline"]["files_per_s"] / best["plain"]["files_per_s"], 3),
+                    "workers": workers,
+                    "pipeline_workers_files_per_s": round(best["pipeline_workers"]["files_per_s"], 1),
+                    "plain_pool_files_per_s": round(best["plain_pool"]["files_per_s"], 1),
+                    "ratio_workers": round(
+                        best["pipeline_workers"]["files_per_s"] / best["plain_pool"]["files_per_s"], 3
+                    ),
+                    "pipeline_peak_rss_mb": round(best["pipeline"]["peak_rss_mb"], 1),
+                    "pipeline_rss_growth_mb": round(best["pipeline"]["rss_growth_mb"], 1),
+                    "plain_peak_rss_mb": round(best["plain"]["peak_rss_mb"], 1),
+                    "pipeline_tracemalloc_peak_mb": round(traced["tracemalloc_peak_mb"], 2),
+                    "checks_seconds": round(measure("checks", folder)["seconds"], 2),
+                }
+            )
 
-    header = ["files", "pipeline f/s", "plain f/s", "ratio", "workers", "pipeline f/s", "plain pool f/s",
-              "ratio", "peak RSS MB", "RSS growth MB", "plain RSS MB", "tracemalloc MB", "GX checks s"]
+    header = [
+        "files",
+        "pipeline f/s",
+        "plain f/s",
+        "ratio",
+        "workers",
+        "pipeline f/s",
+        "plain pool f/s",
+        "ratio",
+        "peak RSS MB",
+        "RSS growth MB",
+        "plain RSS MB",
+        "tracemalloc MB",
+        "GX checks s",
+    ]
     print(" | ".join(f"{h:>13}" for h in header))
     for row in rows:
         print(" | ".join(f"{value:>13}" for value in row.values()))
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        per_file_kb = (last["pipeline_tracemalloc_peak_mb"] - first["pipeline_tracemalloc_peak_mb"]) * 1024 / (
-            last["files"] - first["files"])
-        rss_kb = (last["pipeline_peak_rss_mb"] - first["pipeline_peak_rss_mb"]) * 1024 / (last["files"] - first["files"])
-        print(f"peak RSS {first['pipeline_peak_rss_mb']} MB at {first['files']} files, "
-              f"{last['pipeline_peak_rss_mb']} MB at {last['files']}: {rss_kb:.2f} KB per extra file (Python heap: "
-              f"{per_file_kb:.2f} KB, the manifest row), against {SIDE * SIDE * 3 / 1024:.0f} KB per decoded image")
+        per_file_kb = (
+            (last["pipeline_tracemalloc_peak_mb"] - first["pipeline_tracemalloc_peak_mb"])
+            * 1024
+            / (last["files"] - first["files"])
+        )
+        rss_kb = (
+            (last["pipeline_peak_rss_mb"] - first["pipeline_peak_rss_mb"]) * 1024 / (last["files"] - first["files"])
+        )
+        print(
+            f"peak RSS {first['pipeline_peak_rss_mb']} MB at {first['files']} files, "
+            f"{last['pipeline_peak_rss_mb']} MB at {last['files']}: {rss_kb:.2f} KB per extra file (Python heap: "
+            f"{per_file_kb:.2f} KB, the manifest row), against {SIDE * SIDE * 3 / 1024:.0f} KB per decoded image"
+        )
     last = rows[-1]
     headlines = [
-        headline(f"validate, 1 process ({last['files']} PNGs)", "files/s", last["pipeline_files_per_s"],
-                 last["plain_files_per_s"], "plain open+decode+hash loop, 1 process", goal=">= 0.95",
-                 met=last["ratio"] >= 0.95),
-        headline(f"validate, {workers} workers ({last['files']} PNGs)", "files/s", last["pipeline_workers_files_per_s"],
-                 last["plain_pool_files_per_s"], f"plain loop in a Pool({workers})", goal=">= 0.95",
-                 met=last["ratio_workers"] >= 0.95),
+        headline(
+            f"validate, 1 process ({last['files']} PNGs)",
+            "files/s",
+            last["pipeline_files_per_s"],
+            last["plain_files_per_s"],
+            "plain open+decode+hash loop, 1 process",
+            goal=">= 0.95",
+            met=last["ratio"] >= 0.95,
+        ),
+        headline(
+            f"validate, {workers} workers ({last['files']} PNGs)",
+            "files/s",
+            last["pipeline_workers_files_per_s"],
+            last["plain_pool_files_per_s"],
+            f"plain loop in a Pool({workers})",
+            goal=">= 0.95",
+            met=last["ratio_workers"] >= 0.95,
+        ),
     ]
     write_result("validate", {"rows": rows}, headlines)
+
 
 if __name__ == "__main__":
     main()

@@ -60,18 +60,32 @@ def _escape(cell: str) -> str:
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     """A GitHub-flavoured Markdown table; numeric columns right-aligned."""
-    numeric = [all(_number(row[i]) is not None or row[i] == "" for row in rows) and any(row[i] for row in rows)
-               for i in range(len(header))]
-    lines = ["| " + " | ".join(_escape(name) for name in header) + " |",
-             "|" + "|".join("---:" if is_number else "---" for is_number in numeric) + "|"]
+    numeric = [
+        all(_number(row[i]) is not None or row[i] == "" for row in rows) and any(row[i] for row in rows)
+        for i in range(len(header))
+    ]
+    lines = [
+        "| " + " | ".join(_escape(name) for name in header) + " |",
+        "|" + "|".join("---:" if is_number else "---" for is_number in numeric) + "|",
+    ]
     lines += ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def render(path: str | Path, columns: list[str] | None = None, where: dict[str, str] | None = None,
-           percent: bool | list[str] = False, group_by: str | list[str] | None = None,
-           mean_std: list[str] | None = None, mean: list[str] | None = None, digits: int = 2,
-           summary: list[str] | None = None, caption: bool = True, root: Path = ROOT) -> str:
+def render(  # noqa: PLR0913 (each option is a keyword of the docs' table marker, by name only)
+    path: str | Path,
+    *,
+    columns: list[str] | None = None,
+    where: dict[str, str] | None = None,
+    percent: bool | list[str] = False,
+    group_by: str | list[str] | None = None,
+    mean_std: list[str] | None = None,
+    mean: list[str] | None = None,
+    digits: int = 2,
+    summary: list[str] | None = None,
+    caption: bool = True,
+    root: Path = ROOT,
+) -> str:
     """The rows of `path` as a Markdown table.
 
     columns: the columns shown, in order (default: all but `source`/`measured_at`). where: keep the rows whose
@@ -111,8 +125,12 @@ def render(path: str | Path, columns: list[str] | None = None, where: dict[str, 
             cells = [*key, str(len(members))]
             for name in mean_std or []:
                 values = [v for v in (value(r, name) for r in members) if v is not None]
-                cells.append("" if not values else _fmt(statistics.mean(values), digits) + (
-                    f" ± {_fmt(statistics.stdev(values), digits)}" if len(values) > 1 else ""))
+                cells.append(
+                    ""
+                    if not values
+                    else _fmt(statistics.mean(values), digits)
+                    + (f" ± {_fmt(statistics.stdev(values), digits)}" if len(values) > 1 else "")
+                )
             for name in mean or []:
                 values = [v for v in (value(r, name) for r in members) if v is not None]
                 whole = all(v == int(v) for v in values)  # seconds, counts: a whole mean is enough
@@ -121,8 +139,13 @@ def render(path: str | Path, columns: list[str] | None = None, where: dict[str, 
     else:
         shown = columns or [name for name in header if name not in NOTE_COLUMNS]
         out_header = [label(name) for name in shown]
-        out_rows = [[_fmt(value(row, name), digits) if name in scaled and value(row, name) is not None
-                     else (row[name] or "") for name in shown] for row in rows]
+        out_rows = [
+            [
+                _fmt(value(row, name), digits) if name in scaled and value(row, name) is not None else (row[name] or "")
+                for name in shown
+            ]
+            for row in rows
+        ]
         functions = {"mean": statistics.mean, "std": statistics.stdev, "min": min, "max": max}
         for statistic in summary or []:
             if statistic not in functions:
@@ -160,18 +183,20 @@ def stage(name: str, root: Path = ROOT) -> str:
 
     code = [d for d in items("deps") if d.startswith(("`stages/", "`scripts/"))]
     data = [d for d in items("deps") if d not in code]
-    rows = [["command", f"`{' '.join(str(spec['cmd']).split())}`"],
-            ["code deps", ", ".join(code) or "none"],
-            ["data deps", ", ".join(data) or "none"],
-            ["params", ", ".join(items("params")) or "none"],
-            ["outs", ", ".join(items("outs")) or "none"],
-            ["metrics", ", ".join(items("metrics")) or "none"]]
+    rows = [
+        ["command", f"`{' '.join(str(spec['cmd']).split())}`"],
+        ["code deps", ", ".join(code) or "none"],
+        ["data deps", ", ".join(data) or "none"],
+        ["params", ", ".join(items("params")) or "none"],
+        ["outs", ", ".join(items("outs")) or "none"],
+        ["metrics", ", ".join(items("metrics")) or "none"],
+    ]
     if spec.get("plots"):
         rows.append(["plots", ", ".join(items("plots"))])
     outs = [out.strip("`").rstrip("/") for out in items("outs")]
     charts = []  # the top-level plots drawn from this stage's outs
     for plot in pipeline.get("plots") or []:
-        for title, chart in (plot.items() if isinstance(plot, dict) else []):
+        for title, chart in plot.items() if isinstance(plot, dict) else []:
             files = list((chart or {}).get("y", {}) if isinstance((chart or {}).get("y"), dict) else [])
             if any(f == out or f.startswith(out + "/") for f in files for out in outs):
                 charts.append(title.split(" (")[0])
@@ -181,8 +206,9 @@ def stage(name: str, root: Path = ROOT) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Print the Markdown table the docs render for a CSV of "
-                                                 "measured rows, or for a stage of dvc.yaml.")
+    parser = argparse.ArgumentParser(
+        description="Print the Markdown table the docs render for a CSV of measured rows, or for a stage of dvc.yaml."
+    )
     parser.add_argument("csv", nargs="?", help="e.g. benchmarks/measured/fusion_probe.csv")
     parser.add_argument("--stage", help="a stage of dvc.yaml instead of a CSV")
     parser.add_argument("--columns", help="comma-separated columns to show")
@@ -201,9 +227,19 @@ def main(argv: list[str] | None = None) -> None:
     if not args.csv:
         parser.error("give a CSV path or --stage NAME")
     where = dict(item.split("=", 1) for item in args.where)
-    print(render(args.csv, columns=split(args.columns) or None, where=where or None, percent=args.percent,
-                 group_by=split(args.group_by) or None, mean_std=split(args.mean_std) or None,
-                 mean=split(args.mean) or None, digits=args.digits, summary=split(args.summary) or None))
+    print(
+        render(
+            args.csv,
+            columns=split(args.columns) or None,
+            where=where or None,
+            percent=args.percent,
+            group_by=split(args.group_by) or None,
+            mean_std=split(args.mean_std) or None,
+            mean=split(args.mean) or None,
+            digits=args.digits,
+            summary=split(args.summary) or None,
+        )
+    )
 
 
 if __name__ == "__main__":

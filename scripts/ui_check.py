@@ -33,13 +33,23 @@ def free_port() -> int:
 
 
 def browser() -> str | None:
-    return next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(name)), None)
+    return next(
+        (shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None
+    )
 
 
 def chromium(binary: str, url: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    command = [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               "--window-size=1600,1100", "--virtual-time-budget=20000", *args, url]
+    command = [
+        binary,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1600,1100",
+        "--virtual-time-budget=20000",
+        *args,
+        url,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
@@ -57,17 +67,22 @@ def pages(client, experiment_name: str, model_name: str) -> list[tuple[str, str,
     if experiment is None:
         raise LookupError(f"no experiment '{experiment_name}' in the store: run the pipeline first")
     eid = experiment.experiment_id
-    parents = client.search_runs([eid], "tags.stage = 'pipeline'", order_by=["attributes.start_time DESC"],
-                                 max_results=1)
+    parents = client.search_runs(
+        [eid], "tags.stage = 'pipeline'", order_by=["attributes.start_time DESC"], max_results=1
+    )
     if not parents:
         raise LookupError("no pipeline execution in the store: run `dvc repro` first")
     parent = parents[0]
     finetune = parent.data.tags.get("stage.finetune")
-    found = [("runs", f"#/experiments/{eid}/runs", [parent.info.run_name]),
-             ("execution", f"#/experiments/{eid}/runs/{parent.info.run_id}", [parent.info.run_name])]
+    found = [
+        ("runs", f"#/experiments/{eid}/runs", [parent.info.run_name]),
+        ("execution", f"#/experiments/{eid}/runs/{parent.info.run_id}", [parent.info.run_name]),
+    ]
     if finetune:
-        found += [("finetune", f"#/experiments/{eid}/runs/{finetune}", ["finetune"]),
-                  ("finetune_artifacts", f"#/experiments/{eid}/runs/{finetune}/artifacts", ["learning_curves.png"])]
+        found += [
+            ("finetune", f"#/experiments/{eid}/runs/{finetune}", ["finetune"]),
+            ("finetune_artifacts", f"#/experiments/{eid}/runs/{finetune}/artifacts", ["learning_curves.png"]),
+        ]
     found.append(("model", f"#/models/{model_name}", [model_name, "champion"]))
     return found
 
@@ -109,9 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = open(args.out / "mlflow_ui.log", "w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     failures = []
     try:
         base = f"http://127.0.0.1:{port}/"
@@ -121,8 +148,15 @@ def main(argv: list[str] | None = None) -> int:
             chromium(binary, base + fragment, f"--screenshot={png}")
             dom = chromium(binary, base + fragment, "--dump-dom").stdout
             missing = [text for text in texts if text not in dom]
-            problem = ("no screenshot" if not png.is_file() else "blank page" if blank(png)
-                       else f"does not show {missing}" if missing else "")
+            problem = (
+                "no screenshot"
+                if not png.is_file()
+                else "blank page"
+                if blank(png)
+                else f"does not show {missing}"
+                if missing
+                else ""
+            )
             print(f"{'FAIL' if problem else 'ok  '} {stem:<20} {png}  {problem}")
             if problem:
                 failures.append(stem)

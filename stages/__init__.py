@@ -9,5 +9,7 @@ from importlib.util import find_spec
 
 _missing = [name for name in ("numpy", "pandas", "pydantic", "yaml", "mlflow") if find_spec(name) is None]
 if _missing:
-    sys.exit(f"error: {sys.executable} lacks the project's packages ({', '.join(_missing)}). Activate the project's "
-             "environment first: `source .venv/bin/activate` (created by `make install`), then run the command again.")
+    sys.exit(
+        f"error: {sys.executable} lacks the project's packages ({', '.join(_missing)}). Activate the project's "
+        "environment first: `source .venv/bin/activate` (created by `make install`), then run the command again."
+    )

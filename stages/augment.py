@@ -51,8 +51,13 @@ def main() -> None:
             save_labels(args.out, split, labels)
             if split == "train":
                 train_images, train_labels = images, labels
-        meta = {"classes": classes, "image_size": size, "interpolation": interpolation,
-                "counts": {split: len(frame) for split, frame in frames.items()}, "oversampled": False}
+        meta = {
+            "classes": classes,
+            "image_size": size,
+            "interpolation": interpolation,
+            "counts": {split: len(frame) for split, frame in frames.items()},
+            "oversampled": False,
+        }
         index = None
         if params.augment.oversample:
             index = oversampled_index(train_labels, params.base.seed)
@@ -64,12 +69,20 @@ def main() -> None:
         from stages.lib.data.augmentation import preview_grid, train_transform  # torch: only for the preview
 
         args.preview.parent.mkdir(parents=True, exist_ok=True)
-        preview_grid(train_images, train_transform(params.augment), params.augment.preview_images,
-                     args.preview, params.base.seed, indexes=index)
+        preview_grid(
+            train_images,
+            train_transform(params.augment),
+            params.augment.preview_images,
+            args.preview,
+            params.base.seed,
+            indexes=index,
+        )
         mlflow.log_artifact(str(args.preview))
         mlflow.log_dict(meta, "prepared_meta.json")
-        mlflow.log_metrics({f"images.{split}": count for split, count in meta["counts"].items()}
-                           | {"images.train_per_epoch": len(index) if index is not None else meta["counts"]["train"]})
+        mlflow.log_metrics(
+            {f"images.{split}": count for split, count in meta["counts"].items()}
+            | {"images.train_per_epoch": len(index) if index is not None else meta["counts"]["train"]}
+        )
     log.info("cached %s images at %dpx in %s", meta["counts"], size, args.out)
 
 

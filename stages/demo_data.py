@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("arrow", "circle", "crescent", "cross", "hexagon", "pentagon", "ring", "square", "star", "triangle")
-SHAPE_SIZE = 64        # pixels, each side of a written image
-SUPERSAMPLE = 4        # shapes are drawn this many times larger, then reduced: anti-aliased edges
+SHAPE_SIZE = 64  # pixels, each side of a written image
+SUPERSAMPLE = 4  # shapes are drawn this many times larger, then reduced: anti-aliased edges
 
 
 def write_digits(out: Path, per_class: int | None = None, classes: int | None = None) -> int:
@@ -47,8 +47,9 @@ def write_digits(out: Path, per_class: int | None = None, classes: int | None = 
     return written
 
 
-def _rotated(points: list[tuple[float, float]], cx: float, cy: float, radius: float,
-             angle: float) -> list[tuple[float, float]]:
+def _rotated(
+    points: list[tuple[float, float]], cx: float, cy: float, radius: float, angle: float
+) -> list[tuple[float, float]]:
     """Unit-circle points scaled by radius, rotated by angle (radians) and moved to (cx, cy)."""
     cos, sin = math.cos(angle), math.sin(angle)
     return [(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in points]
@@ -59,15 +60,39 @@ def _regular(sides: int) -> list[tuple[float, float]]:
 
 
 def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
-    return [((1.0 if k % 2 == 0 else inner) * math.cos(math.pi * k / points),
-             (1.0 if k % 2 == 0 else inner) * math.sin(math.pi * k / points)) for k in range(2 * points)]
+    return [
+        (
+            (1.0 if k % 2 == 0 else inner) * math.cos(math.pi * k / points),
+            (1.0 if k % 2 == 0 else inner) * math.sin(math.pi * k / points),
+        )
+        for k in range(2 * points)
+    ]
 
 
-_CROSS = [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1),
-          (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)]
+_CROSS = [
+    (-0.3, -1),
+    (0.3, -1),
+    (0.3, -0.3),
+    (1, -0.3),
+    (1, 0.3),
+    (0.3, 0.3),
+    (0.3, 1),
+    (-0.3, 1),
+    (-0.3, 0.3),
+    (-1, 0.3),
+    (-1, -0.3),
+    (-0.3, -0.3),
+]
 _ARROW = [(-1, -0.25), (0.2, -0.25), (0.2, -0.65), (1, 0), (0.2, 0.65), (0.2, 0.25), (-1, 0.25)]
-_OUTLINES = {"triangle": _regular(3), "square": _regular(4), "pentagon": _regular(5), "hexagon": _regular(6),
-             "star": _star(), "cross": _CROSS, "arrow": _ARROW}
+_OUTLINES = {
+    "triangle": _regular(3),
+    "square": _regular(4),
+    "pentagon": _regular(5),
+    "hexagon": _regular(6),
+    "star": _star(),
+    "cross": _CROSS,
+    "arrow": _ARROW,
+}
 
 
 def shape_mask(shape: str, cx: float, cy: float, radius: float, angle: float, size: int) -> Image.Image:
@@ -113,8 +138,11 @@ def render_shape(shape: str, rng: np.random.Generator, size: int = SHAPE_SIZE) -
     draw = ImageDraw.Draw(canvas)
     for _ in range(rng.integers(1, 4)):  # thin strokes in a third colour: edges that belong to no shape
         stroke = _colour(rng, away_from=background, min_distance=40.0)
-        draw.line([tuple(rng.uniform(0, size, size=2)), tuple(rng.uniform(0, size, size=2))],
-                  fill=tuple(int(c) for c in stroke), width=int(rng.integers(1, 3)))
+        draw.line(
+            [tuple(rng.uniform(0, size, size=2)), tuple(rng.uniform(0, size, size=2))],
+            fill=tuple(int(c) for c in stroke),
+            width=int(rng.integers(1, 3)),
+        )
     alpha = np.asarray(shape_mask(shape, cx, cy, radius, angle, size), dtype=np.float64)[..., None] / 255.0
     pixels = np.asarray(canvas, dtype=np.float64) * (1 - alpha) + foreground * alpha
     pixels += rng.normal(0.0, rng.uniform(5.0, 30.0), size=pixels.shape)
@@ -140,8 +168,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data/images"))
     parser.add_argument("--kind", choices=("digits", "shapes"), default="digits", help="which image set")
-    parser.add_argument("--per-class", type=int, default=None,
-                        help="digits: write at most N images per class; shapes: N per class (default 150)")
+    parser.add_argument(
+        "--per-class",
+        type=int,
+        default=None,
+        help="digits: write at most N images per class; shapes: N per class (default 150)",
+    )
     parser.add_argument("--classes", type=int, default=None, help="digits: write only the digits 0 .. K-1")
     parser.add_argument("--seed", type=int, default=0, help="shapes: the seed of every random choice")
     args = parser.parse_args()

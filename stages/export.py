@@ -75,24 +75,33 @@ def main() -> None:
 
         run_pytorch = pytorch_runner(model)
         reference = logits_of(run_pytorch, images, settings.batch_size)
-        results = {"pytorch": {"accuracy": float((reference.argmax(1) == labels).mean()),
-                               "size_mb": round(state_dict_mb(model), 3)}}
+        results = {
+            "pytorch": {
+                "accuracy": float((reference.argmax(1) == labels).mean()),
+                "size_mb": round(state_dict_mb(model), 3),
+            }
+        }
         files = export_all(settings.variants, model, args.out, size, settings.opset, metadata, calibration)
         for variant, path in files.items():
             logits = logits_of(runner(variant, path, cores), images, settings.batch_size)
             results[variant] = parity(reference, logits, labels) | {"size_mb": round(size_mb(path), 3)}
 
         torch.set_num_threads(settings.threads)
-        timed = {"pytorch": run_pytorch} | {variant: runner(variant, path, settings.threads)
-                                           for variant, path in files.items()}
+        timed = {"pytorch": run_pytorch} | {
+            variant: runner(variant, path, settings.threads) for variant, path in files.items()
+        }
         for variant, run in timed.items():
             for batch in settings.latency_batches:
-                ms, runs = latency_ms(run, images, batch, settings.latency_repeats, settings.latency_seconds,
-                                      settings.latency_warmup)
+                ms, runs = latency_ms(
+                    run, images, batch, settings.latency_repeats, settings.latency_seconds, settings.latency_warmup
+                )
                 results[variant] |= {f"latency_ms_b{batch}": round(ms, 4), f"latency_runs_b{batch}": runs}
             log.info("%s: %s", variant, ", ".join(f"{k} {v:.4g}" for k, v in results[variant].items()))
-        write_metrics(args.metrics, {variant: {key: results[variant][key] for key in HEADLINE}
-                                     for variant in settings.variants}, log_to_mlflow=False)
+        write_metrics(
+            args.metrics,
+            {variant: {key: results[variant][key] for key in HEADLINE} for variant in settings.variants},
+            log_to_mlflow=False,
+        )
         mlflow.log_metrics(numeric_leaves(results))  # everything, timings and sizes included
         mlflow.log_artifacts(str(args.out), artifact_path="export")
     log.info("exported %s to %s", ", ".join(settings.variants), args.out)

@@ -57,8 +57,12 @@ def lpft_head(winner: Entry, settings, seed: int) -> dict:
     if winner.embedding_dim == winner.classifier_dim:
         return winner.head
     head = classifier_probe(Path(winner.features), winner.classifier_dim, settings.C, settings.max_iter, seed)
-    log.info("LP-FT head: a probe on the %d pre-logits columns (val %.4f; the fused baseline: %.4f)",
-             winner.classifier_dim, head["val_accuracy"], winner.val_accuracy)
+    log.info(
+        "LP-FT head: a probe on the %d pre-logits columns (val %.4f; the fused baseline: %.4f)",
+        winner.classifier_dim,
+        head["val_accuracy"],
+        winner.val_accuracy,
+    )
     return head
 
 
@@ -66,8 +70,9 @@ def save_head(head: dict, path: Path) -> None:
     torch.save({"weight": torch.from_numpy(head["weight"]), "bias": torch.from_numpy(head["bias"])}, path)
 
 
-def save_baseline(folder: Path, winner: Entry, classifier_head: dict, classes: list[str], settings,
-                  fused: dict | None) -> None:
+def save_baseline(
+    folder: Path, winner: Entry, classifier_head: dict, classes: list[str], settings, fused: dict | None
+) -> None:
     """head.pt (the baseline probe), classifier.pt (the LP-FT start), with a fusion head (`fused`: fuse_winner's)
     fusion.pt (finetune's start instead), and probe.json (what later stages need; `settings`: the features params)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,12 +81,27 @@ def save_baseline(folder: Path, winner: Entry, classifier_head: dict, classes: l
     fusion = None
     if fused:
         torch.save(fused["head"].state_dict(), folder / "fusion.pt")
-        fusion = BaselineFusion(mode=settings.fusion_mode, stages=settings.fusion_stages, dim=settings.fusion_head.dim,
-                                sources=fused["sources"], val_accuracy=fused["summary"]["val_accuracy"])
-    BaselineCard(model=winner.name, weights=winner.weights, classes=classes, embedding_dim=winner.embedding_dim,
-                 classifier_dim=winner.classifier_dim, fusion_stages=settings.fusion_stages, C=winner.C,
-                 grid=winner.head["grid"], classifier_C=classifier_head["C"], features=winner.features,
-                 data_config=winner.data_config, fusion=fusion).write(folder)
+        fusion = BaselineFusion(
+            mode=settings.fusion_mode,
+            stages=settings.fusion_stages,
+            dim=settings.fusion_head.dim,
+            sources=fused["sources"],
+            val_accuracy=fused["summary"]["val_accuracy"],
+        )
+    BaselineCard(
+        model=winner.name,
+        weights=winner.weights,
+        classes=classes,
+        embedding_dim=winner.embedding_dim,
+        classifier_dim=winner.classifier_dim,
+        fusion_stages=settings.fusion_stages,
+        C=winner.C,
+        grid=winner.head["grid"],
+        classifier_C=classifier_head["C"],
+        features=winner.features,
+        data_config=winner.data_config,
+        fusion=fusion,
+    ).write(folder)
 
 
 def no_weights(classes: list[str]):
@@ -100,12 +120,16 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="the winner's probe val accuracy (JSON)")
     parser.add_argument("--leaderboard", type=Path, required=True, help="every candidate's row (CSV)")
     parser.add_argument("--plot", type=Path, required=True, help="the leaderboard figure (PNG)")
-    parser.add_argument("--fusion-weights", type=Path, required=True,
-                        help="mean fusion weight per source on val, overall and per class (CSV; empty without a "
-                             "gated or attention head)")
+    parser.add_argument(
+        "--fusion-weights",
+        type=Path,
+        required=True,
+        help="mean fusion weight per source on val, overall and per class (CSV; empty without a "
+        "gated or attention head)",
+    )
     parser.add_argument("--fusion-figure", type=Path, required=True, help="the same as a figure (PNG)")
     args = parser.parse_args()
-    setup_stage()
+    setup_stage(gpu=True)
     params = load_params()
     settings = params.features
 
@@ -117,16 +141,23 @@ def main() -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         digest = prepared_digest(args.prepared)
         cache = repo_root() / args.cache
-        entries = [probe_candidate(candidate, args.prepared, digest, cache, args.out, settings, params.base.seed, device)
-                   for candidate in params.candidates()]
+        entries = [
+            probe_candidate(candidate, args.prepared, digest, cache, args.out, settings, params.base.seed, device)
+            for candidate in params.candidates()
+        ]
         for stale in prune_cache(cache, digest):
             log.info("removed cached embeddings of an older data version: %s", stale)
         winner = choose(entries, settings.select)
         board = leaderboard(entries, winner, settings.select)
 
         classifier_head = lpft_head(winner, settings, params.base.seed)
-        fused = None if settings.fusion_mode == "none" else fuse_winner(
-            winner, meta["classes"], meta["image_size"], settings, params.model.drop_rate, params.base.seed)
+        fused = (
+            None
+            if settings.fusion_mode == "none"
+            else fuse_winner(
+                winner, meta["classes"], meta["image_size"], settings, params.model.drop_rate, params.base.seed
+            )
+        )
         save_baseline(args.baseline, winner, classifier_head, meta["classes"], settings, fused)
         weights = no_weights(meta["classes"])
         if fused:
@@ -138,14 +169,20 @@ def main() -> None:
         weights_figure(weights, settings.fusion_mode, args.fusion_figure)
         mlflow.log_artifact(str(args.fusion_figure), artifact_path="fusion")
         write_metrics(args.metrics, {"probe": {"val_accuracy": winner.val_accuracy}})
-        mlflow.log_metrics({"probe.val_log_loss": winner.val_log_loss,
-                            "lpft_head.val_accuracy": classifier_head["val_accuracy"]})
-        mlflow.log_params({"probe.C": winner.C, "probe.embedding_dim": winner.embedding_dim,
-                           "lpft_head.C": classifier_head["C"]})
+        mlflow.log_metrics(
+            {"probe.val_log_loss": winner.val_log_loss, "lpft_head.val_accuracy": classifier_head["val_accuracy"]}
+        )
+        mlflow.log_params(
+            {"probe.C": winner.C, "probe.embedding_dim": winner.embedding_dim, "lpft_head.C": classifier_head["C"]}
+        )
         args.leaderboard.parent.mkdir(parents=True, exist_ok=True)
         board.to_csv(args.leaderboard, index=False)
-        leaderboard_figure(entries, winner, args.plot, settings.select.latency_budget_ms
-                           if settings.select.rule == "latency_budget" else None)
+        leaderboard_figure(
+            entries,
+            winner,
+            args.plot,
+            settings.select.latency_budget_ms if settings.select.rule == "latency_budget" else None,
+        )
         log_leaderboard(board, args.plot)
     log.info("chosen by %s: %s (probe val %.4f)", settings.select.rule, winner.name, winner.val_accuracy)
 

@@ -1,9 +1,10 @@
 """finetune: staged fine-tuning from the linear probe (LP-FT), phase by phase.
 
 The classifier starts as the probe from the features stage (or, with `features.fusion_mode`, the
-model is a `fusion.FusedClassifier` whose fusion head starts as the one the features stage trained); each phase in `finetune.phases`
-trains the groups it names (head, the top N timm block groups, or all) with a fresh optimizer
-and warmup + cosine schedule, stops early on val loss; the last epoch's weights are kept (`finetune.keep`: or the best by val loss).
+model is a `fusion.FusedClassifier` whose fusion head starts as the one the features stage trained);
+each phase in `finetune.phases` trains the groups it names (head, the top N timm block groups, or all)
+with a fresh optimizer and warmup + cosine schedule, stops early on val loss; the last epoch's weights
+are kept (`finetune.keep`: or the best by val loss).
 After training, a temperature is fitted on val (NLL) and stored with the model: served
 probabilities are calibrated. A checkpoint after every epoch (--checkpoints, resolved under the
 real repository root and named by a fingerprint of the settings and inputs, so `dvc exp run
@@ -63,8 +64,10 @@ def start_from_probe(model: torch.nn.Module, head_file: Path) -> None:
     head = torch.load(head_file, map_location="cpu", weights_only=True)
     classifier = model.get_classifier()
     if head["weight"].shape != classifier.weight.shape:
-        raise PipelineError(f"{head_file}: a head of shape {tuple(head['weight'].shape)} does not fit the classifier "
-                            f"{tuple(classifier.weight.shape)}; re-run the features stage")
+        raise PipelineError(
+            f"{head_file}: a head of shape {tuple(head['weight'].shape)} does not fit the classifier "
+            f"{tuple(classifier.weight.shape)}; re-run the features stage"
+        )
     with torch.no_grad():
         classifier.weight.copy_(head["weight"])
         classifier.bias.copy_(head["bias"])
@@ -75,8 +78,10 @@ def start_from_fusion_head(model: torch.nn.Module, fusion: FusionSpec, head_file
     try:
         model.head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
     except (RuntimeError, FileNotFoundError) as error:
-        raise PipelineError(f"{head_file}: does not fit the {fusion.mode} fusion head of {fusion.stages} "
-                            f"stages ({str(error).splitlines()[0]}); re-run the features stage") from None
+        raise PipelineError(
+            f"{head_file}: does not fit the {fusion.mode} fusion head of {fusion.stages} "
+            f"stages ({str(error).splitlines()[0]}); re-run the features stage"
+        ) from None
 
 
 def fingerprint(params: Params, meta: dict, head_file: Path) -> str:
@@ -118,10 +123,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the fine-tuned model")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--history", type=Path, required=True, help="per-epoch CSV (DVC plot)")
-    parser.add_argument("--checkpoints", type=Path, required=True,
-                        help="folder for resumable checkpoints, relative to the repository root (not a DVC out)")
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        required=True,
+        help="folder for resumable checkpoints, relative to the repository root (not a DVC out)",
+    )
     args = parser.parse_args()
-    setup_stage()
+    setup_stage(gpu=True)
     params = load_params()
     settings = params.finetune
     dist = distributed.setup()  # one process, or this process's rank under torchrun
@@ -149,14 +158,26 @@ def main() -> None:
 
         loaders = make_loaders(
             training_dataset(args.prepared, train_transform(params.augment)),
-            PreparedDataset(args.prepared, "val"), settings.batch_size, dist, params.base.seed,
+            PreparedDataset(args.prepared, "val"),
+            settings.batch_size,
+            dist,
+            params.base.seed,
             threads.apply().workers(settings.workers),
-            mixup=uses_mixup(settings))
+            mixup=uses_mixup(settings),
+        )
         started = time.perf_counter()
         key = fingerprint(params, meta, start)
         checkpoint = Checkpoint(repo_root() / args.checkpoints / f"{key[:16]}.pt", key)
-        state = run_phases(model, settings, loaders, data_config, params.base.seed, checkpoint,
-                           on_epoch=log_epoch if dist.is_main else lambda row: None, dist=dist)
+        state = run_phases(
+            model,
+            settings,
+            loaders,
+            data_config,
+            params.base.seed,
+            checkpoint,
+            on_epoch=log_epoch if dist.is_main else lambda row: None,
+            dist=dist,
+        )
         seconds = time.perf_counter() - started
         distributed.shutdown(dist)
         if not dist.is_main:
@@ -168,31 +189,68 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         model = model.cpu().to(memory_format=torch.contiguous_format)
         torch.save(model.state_dict(), args.out / "model.pt")
-        FinetunedCard(model=probe.model, num_classes=len(classes), classes=classes, data_config=data_config.as_dict(),
-                      temperature=round(temperature, 6), classifier=classifier_prefix(model),
-                      kept_epoch=state.best_epoch, fusion=fusion).write(args.out)
+        FinetunedCard(
+            model=probe.model,
+            num_classes=len(classes),
+            classes=classes,
+            data_config=data_config.as_dict(),
+            temperature=round(temperature, 6),
+            classifier=classifier_prefix(model),
+            kept_epoch=state.best_epoch,
+            fusion=fusion,
+        ).write(args.out)
         write_history(args.history, state.history)
         best = state.history[state.best_epoch - 1]
-        write_metrics(args.metrics, {"kept_epoch": state.best_epoch, "kept_val_loss": round(best["val_loss"], 6),
-                                     "temperature": round(temperature, 4)})
-        mlflow.log_metrics({"kept/val_accuracy": best["val_accuracy"], "calibration/val_nll_before": nll_before,
-                            "calibration/val_nll_after": nll_after, "time/train_seconds": round(seconds, 1)})
+        write_metrics(
+            args.metrics,
+            {
+                "kept_epoch": state.best_epoch,
+                "kept_val_loss": round(best["val_loss"], 6),
+                "temperature": round(temperature, 4),
+            },
+        )
+        mlflow.log_metrics(
+            {
+                "kept/val_accuracy": best["val_accuracy"],
+                "calibration/val_nll_before": nll_before,
+                "calibration/val_nll_after": nll_after,
+                "time/train_seconds": round(seconds, 1),
+            }
+        )
         mlflow.log_param("epochs_run", state.epoch)
-        phase_ends = [i for i, row in enumerate(state.history[:-1])
-                      if row["phase_index"] != state.history[i + 1]["phase_index"]]
+        phase_ends = [
+            i for i, row in enumerate(state.history[:-1]) if row["phase_index"] != state.history[i + 1]["phase_index"]
+        ]
         curves = args.out / "learning_curves.png"
-        line_figure(state.history, "epoch", ["train_loss", "val_loss", "val_accuracy"], curves,
-                    "fine-tuning (dashed: phase boundaries)", [i + 1 for i in phase_ends])
+        line_figure(
+            state.history,
+            "epoch",
+            ["train_loss", "val_loss", "val_accuracy"],
+            curves,
+            "fine-tuning (dashed: phase boundaries)",
+            [i + 1 for i in phase_ends],
+        )
         mlflow.log_artifact(str(curves))
         from stages.lib.registry.pyfunc import register_image_classifier  # mlflow.pyfunc: off the --help path
 
-        version, reused = register_image_classifier(args.out, np.asarray(load_split(args.prepared, "val")[0][0]),
-                                                    params.mlflow.registered_model)
-        mlflow.set_tags({"registered.model": params.mlflow.registered_model, "registered.version": version,
-                         "registered.reused": str(reused).lower()})
+        version, reused = register_image_classifier(
+            args.out, np.asarray(load_split(args.prepared, "val")[0][0]), params.mlflow.registered_model
+        )
+        mlflow.set_tags(
+            {
+                "registered.model": params.mlflow.registered_model,
+                "registered.version": version,
+                "registered.reused": str(reused).lower(),
+            }
+        )
     checkpoint.path.unlink(missing_ok=True)
-    log.info("kept epoch %d: val loss %.4f, val accuracy %.4f (%.0f s)", state.best_epoch, best["val_loss"],
-             best["val_accuracy"], seconds)
+    log.info(
+        "kept epoch %d: val loss %.4f, val accuracy %.4f (%.0f s)",
+        state.best_epoch,
+        best["val_loss"],
+        best["val_accuracy"],
+        seconds,
+    )
 
 
 if __name__ == "__main__":

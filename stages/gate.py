@@ -26,10 +26,18 @@ from stages.lib.core.errors import PipelineError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--against", default="auto", metavar="FILE",
-                        help="a reference predictions file, or auto (default): the registry champion's, else gate.reference")
-    action.add_argument("--write-reference", type=Path, metavar="FILE",
-                        help="save the current predictions as the reference file (commit it), then exit")
+    action.add_argument(
+        "--against",
+        default="auto",
+        metavar="FILE",
+        help="a reference predictions file, or auto (default): the registry champion's, else gate.reference",
+    )
+    action.add_argument(
+        "--write-reference",
+        type=Path,
+        metavar="FILE",
+        help="save the current predictions as the reference file (commit it), then exit",
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--report", type=Path, help="also write the Markdown report to this file")
     args = parser.parse_args(argv)

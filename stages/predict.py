@@ -22,9 +22,11 @@ log = logging.getLogger("predict")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--model", default="models/finetuned",
-                        help="a model folder written by finetune (default), or an MLflow model URI "
-                             "such as models:/<name>@champion")
+    parser.add_argument(
+        "--model",
+        default="models/finetuned",
+        help="a model folder written by finetune (default), or an MLflow model URI such as models:/<name>@champion",
+    )
     parser.add_argument("--top-k", type=int, default=3, help="classes per image, most probable first")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write ('-': stdout)")
     args = parser.parse_args(argv)

@@ -73,9 +73,11 @@ def report(rows: list[dict]) -> str:
                 values[label].append(float(value))
             cells.append(f"{value:>20.4f}" if isinstance(value, (int, float)) else f"{'—':>20}")
         lines.append(f"{int(_column(row, SEED)):>6}  " + "  ".join(cells))
+
     def stat(label, fn):
         data = values[label]
         return f"{fn(data):>20.4f}" if data else f"{'—':>20}"
+
     std = lambda data: statistics.stdev(data) if len(data) > 1 else math.nan  # noqa: E731
     lines.append(f"{'mean':>6}  " + "  ".join(stat(label, statistics.fmean) for label in labels))
     lines.append(f"{'std':>6}  " + "  ".join(stat(label, std) for label in labels))
@@ -91,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = seed_rows(dvc.api.exp_show(), param_keys(yaml.safe_load(open("params.yaml"))))
     if not rows:
-        print("no finished experiments of the committed recipe with other seeds: queue them first\n"
-              "  for seed in 42 1 2; do dvc exp run --queue -S base.seed=$seed; done; dvc queue start", file=sys.stderr)
+        print(
+            "no finished experiments of the committed recipe with other seeds: queue them first\n"
+            "  for seed in 42 1 2; do dvc exp run --queue -S base.seed=$seed; done; dvc queue start",
+            file=sys.stderr,
+        )
         return 1
     print(f"{len(rows)} seed experiments of the committed recipe (test split reported; each seed its own split):")
     print(report(rows))

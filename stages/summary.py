@@ -50,16 +50,21 @@ def main(argv: list[str] | None = None) -> int:
         row = results[name]["test"]
         ece = f"{row['ece']:>8.4f}" if "ece" in row else f"{'':>8}"
         print(f"{label:<28}{row['accuracy']:>10.4f}{row['macro_f1']:>10.4f}{ece}")
-    print(f"\nfine-tuning: kept epoch {finetune['kept_epoch']}, val accuracy {results['finetuned']['val']['accuracy']:.4f}, "
-          f"temperature {finetune['temperature']:.3f}")
+    val_accuracy = results["finetuned"]["val"]["accuracy"]
+    print(
+        f"\nfine-tuning: kept epoch {finetune['kept_epoch']}, val accuracy {val_accuracy:.4f}, "
+        f"temperature {finetune['temperature']:.3f}"
+    )
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     print(registry_line(params.mlflow.registered_model))
     experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
     print(f"MLflow store: {uri}")
     if uri.startswith("sqlite:") and experiment is not None:
-        print(f"open the UI:  make ui   then  http://127.0.0.1:{args.ui_port}/#/experiments/"
-              f"{experiment.experiment_id}/runs")
+        print(
+            f"open the UI:  make ui   then  http://127.0.0.1:{args.ui_port}/#/experiments/"
+            f"{experiment.experiment_id}/runs"
+        )
     elif experiment is not None:
         print(f"runs:         {uri.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs")
     return 0

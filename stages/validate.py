@@ -54,8 +54,13 @@ def main() -> None:
         (args.reports / "gx_results.json").write_text(json.dumps(gx_results, indent=2, default=str) + "\n")
         (args.reports / "validation.md").write_text(markdown_report(summary, checks, manifest))
         write_metrics(args.metrics, {"images": {"usable": summary["ok"], "excluded": summary["excluded"]}})
-        mlflow.log_metrics({"images.files": summary["files"], "images.excluded_fraction": summary["excluded_fraction"],
-                            "classes": summary["classes"]})
+        mlflow.log_metrics(
+            {
+                "images.files": summary["files"],
+                "images.excluded_fraction": summary["excluded_fraction"],
+                "classes": summary["classes"],
+            }
+        )
         mlflow.log_artifacts(str(args.reports), artifact_path="validation")
         mlflow.log_artifact(str(args.manifest))
 
@@ -64,10 +69,16 @@ def main() -> None:
                 log.warning("check %s failed (%s): %s", check.name, check.severity, check.unexpected[:5])
         problems = blocking_problems(summary, checks)
         if problems:
-            raise PipelineError(f"validate: the data cannot be used: {'; '.join(problems)}. "
-                                f"See {args.reports / 'validation.md'}")
-    log.info("%d usable images in %d classes, %d files left out %s", summary["ok"], summary["classes"],
-             summary["excluded"], summary["excluded_by_reason"])
+            raise PipelineError(
+                f"validate: the data cannot be used: {'; '.join(problems)}. See {args.reports / 'validation.md'}"
+            )
+    log.info(
+        "%d usable images in %d classes, %d files left out %s",
+        summary["ok"],
+        summary["classes"],
+        summary["excluded"],
+        summary["excluded_by_reason"],
+    )
 
 
 if __name__ == "__main__":

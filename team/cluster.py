@@ -59,9 +59,11 @@ def check_loopback_only(allow_network: bool = False) -> None:
     """Refuse to start Ray where it would listen on a non-loopback address (see the module's docstring)."""
     address = None if allow_network else outward_address()
     if address:
-        raise TeamError(f"Ray would listen on {address} (all interfaces), not only 127.0.0.1: start it inside a "
-                        "loopback-only network namespace (as root: unshare -n -- bash -c 'ip link set lo up; exec "
-                        "bash', then make server/cluster/sweep there) or pass --allow-network (ALLOW_NETWORK=1)")
+        raise TeamError(
+            f"Ray would listen on {address} (all interfaces), not only 127.0.0.1: start it inside a "
+            "loopback-only network namespace (as root: unshare -n -- bash -c 'ip link set lo up; exec "
+            "bash', then make server/cluster/sweep there) or pass --allow-network (ALLOW_NETWORK=1)"
+        )
 
 
 def _ray_env() -> dict:
@@ -88,16 +90,24 @@ def _ray_binary() -> str:
 
 class LocalCluster:
     """A head and `workers` worker nodes on 127.0.0.1, state in `home`. Args:
-        home: state folder (cluster.json, node logs).
-        workers: worker nodes besides the head.
-        cpus, gpus: each node's CPUs and (fake) GPUs.
-        port: the head's GCS port.
-        temp_dir: Ray's temp dir (short: Unix socket paths are limited to 107 bytes).
-        timeout_s: how long a node may take to start.
+    home: state folder (cluster.json, node logs).
+    workers: worker nodes besides the head.
+    cpus, gpus: each node's CPUs and (fake) GPUs.
+    port: the head's GCS port.
+    temp_dir: Ray's temp dir (short: Unix socket paths are limited to 107 bytes).
+    timeout_s: how long a node may take to start.
     """
 
-    def __init__(self, home: Path = Path(".team/ray"), workers: int = 1, cpus: int = 1, gpus: int = 0,
-                 port: int = 6380, temp_dir: str | None = None, timeout_s: float = 90.0):
+    def __init__(
+        self,
+        home: Path = Path(".team/ray"),
+        workers: int = 1,
+        cpus: int = 1,
+        gpus: int = 0,
+        port: int = 6380,
+        temp_dir: str | None = None,
+        timeout_s: float = 90.0,
+    ):
         self.home = Path(home).resolve()
         self.workers, self.cpus, self.gpus, self.port = workers, cpus, gpus, port
         self.temp_dir = temp_dir or f"/tmp/ray-{port}"
@@ -122,20 +132,35 @@ class LocalCluster:
         if self.gpus:
             common.append(f"--num-gpus={self.gpus}")
         if head:
-            command = [_ray_binary(), "start", "--head", f"--port={self.port}", "--include-dashboard=false",
-                       f"--temp-dir={self.temp_dir}", *common, *extra]
+            command = [
+                _ray_binary(),
+                "start",
+                "--head",
+                f"--port={self.port}",
+                "--include-dashboard=false",
+                f"--temp-dir={self.temp_dir}",
+                *common,
+                *extra,
+            ]
         else:
             command = [_ray_binary(), "start", f"--address={self.address}", *common, *extra]
         logfile = self.home / f"{name}.log"
         with open(logfile, "wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, env=_ray_env())
+            process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=_ray_env(),
+            )
         deadline = time.monotonic() + self.timeout_s
         while READY not in logfile.read_text(errors="replace"):
             if process.poll() is not None or time.monotonic() > deadline:
                 tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-10:])
                 self._kill_session(process.pid)
-                raise TeamError(f"ray node {name} did not start ({'exit ' + str(process.returncode) if process.poll() is not None else 'timeout'}); {logfile}:\n{tail}")
+                ended = f"exit {process.returncode}" if process.poll() is not None else "timeout"
+                raise TeamError(f"ray node {name} did not start ({ended}); {logfile}:\n{tail}")
             time.sleep(0.3)
         return process.pid
 
@@ -152,8 +177,15 @@ class LocalCluster:
             pids.append(self._start_node("head", True, []))
             for index in range(1, self.workers + 1):
                 pids.append(self._start_node(f"node{index}", False, [f"--resources={json.dumps({f'node{index}': 1})}"]))
-            state = {"address": self.address, "pids": pids, "temp_dir": self.temp_dir, "nodes": self.workers + 1,
-                     "cpus_per_node": self.cpus, "gpus_per_node": self.gpus, "home": str(self.home)}
+            state = {
+                "address": self.address,
+                "pids": pids,
+                "temp_dir": self.temp_dir,
+                "nodes": self.workers + 1,
+                "cpus_per_node": self.cpus,
+                "gpus_per_node": self.gpus,
+                "home": str(self.home),
+            }
             self.state_file.write_text(json.dumps(state, indent=2) + "\n")
             self._wait_for_nodes(self.workers + 1)
         except BaseException:
@@ -174,11 +206,14 @@ class LocalCluster:
     def alive_nodes(self) -> int:
         """How many nodes the head's GCS lists as alive, asked by a short-lived driver (the state API
         needs the dashboard, which the head runs without)."""
-        script = ("import logging, ray; ray.init(address=%r, logging_level=logging.ERROR); "
-                  "print(sum(n['Alive'] for n in ray.nodes()))" % self.address)
+        script = (
+            f"import logging, ray; ray.init(address={self.address!r}, logging_level=logging.ERROR); "
+            "print(sum(n['Alive'] for n in ray.nodes()))"
+        )
         try:
-            result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                    env=_ray_env(), timeout=60)
+            result = subprocess.run(
+                [sys.executable, "-c", script], capture_output=True, text=True, env=_ray_env(), timeout=60
+            )
             return int(result.stdout.strip().splitlines()[-1])
         except (subprocess.TimeoutExpired, ValueError, IndexError):
             return 0
@@ -220,8 +255,10 @@ class LocalCluster:
     def status(self) -> dict:
         state = self.state() or {}
         pids = state.get("pids", [])
-        return state | {"running": [pid for pid in pids if _session_pids(pid)],
-                        "alive_nodes": self.alive_nodes() if pids and self.alive(state) else 0}
+        return state | {
+            "running": [pid for pid in pids if _session_pids(pid)],
+            "alive_nodes": self.alive_nodes() if pids and self.alive(state) else 0,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,20 +270,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=0, help="(fake) GPUs of each node: scheduling only")
     parser.add_argument("--port", type=int, default=6380, help="the head's GCS port")
     parser.add_argument("--temp-dir", default=None, help="Ray's temp dir (default /tmp/ray-<port>; keep it short)")
-    parser.add_argument("--allow-network", action="store_true", default=os.environ.get("ALLOW_NETWORK") in ("1", "yes"),
-                        help="start even where Ray would listen on a non-loopback address")
+    parser.add_argument(
+        "--allow-network",
+        action="store_true",
+        default=os.environ.get("ALLOW_NETWORK") in ("1", "yes"),
+        help="start even where Ray would listen on a non-loopback address",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     if args.nodes < 1:
         parser.error("--nodes must be at least 1")
-    cluster = LocalCluster(args.home, workers=args.nodes - 1, cpus=args.cpus, gpus=args.gpus, port=args.port,
-                           temp_dir=args.temp_dir)
+    cluster = LocalCluster(
+        args.home, workers=args.nodes - 1, cpus=args.cpus, gpus=args.gpus, port=args.port, temp_dir=args.temp_dir
+    )
     try:
         if args.action == "start":
             started = time.monotonic()
             state = cluster.start(args.allow_network)
-            print(f"Ray cluster of {state['nodes']} nodes at {state['address']} ({time.monotonic() - started:.0f} s; "
-                  f"{state['cpus_per_node']} CPU, {state['gpus_per_node']} GPU each; logs in {cluster.home})")
+            print(
+                f"Ray cluster of {state['nodes']} nodes at {state['address']} ({time.monotonic() - started:.0f} s; "
+                f"{state['cpus_per_node']} CPU, {state['gpus_per_node']} GPU each; logs in {cluster.home})"
+            )
             print(f"export RAY_ADDRESS={state['address']}")
         elif args.action == "stop":
             print("stopped" if cluster.stop() else "no cluster recorded in " + str(cluster.home))

@@ -111,7 +111,9 @@ def search_space(overrides: list[str]) -> list[Dimension]:
             except ValueError:
                 raise TeamError(f"-S {text!r}: {match.group(1)}(low,high) takes two numbers") from None
             if not low < high or (match.group(1) == "loguniform" and low <= 0):
-                raise TeamError(f"-S {text!r}: needs low < high{' and low > 0' if match.group(1) == 'loguniform' else ''}")
+                raise TeamError(
+                    f"-S {text!r}: needs low < high{' and low > 0' if match.group(1) == 'loguniform' else ''}"
+                )
             dimensions.append(Dimension(key, match.group(1), low=low, high=high))
         else:
             values = split_top_level(value)
@@ -133,8 +135,10 @@ class Objective:
         if not sep or not path.endswith((".json", ".yaml", ".yml")) or not key:
             raise TeamError(f"--objective {text!r}: write FILE:KEY, e.g. metrics/evaluate.json:finetuned.val.accuracy")
         if "test" in re.split(r"[._\-]", key.lower()):
-            raise TeamError(f"--objective {text!r} is a test metric: choose on a val metric "
-                            "(e.g. metrics/evaluate.json:finetuned.val.accuracy); the test split stays for the report")
+            raise TeamError(
+                f"--objective {text!r} is a test metric: choose on a val metric "
+                "(e.g. metrics/evaluate.json:finetuned.val.accuracy); the test split stays for the report"
+            )
         if mode not in ("max", "min"):
             raise TeamError(f"--mode {mode!r}: max or min")
         return cls(path, key, mode)

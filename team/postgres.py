@@ -45,8 +45,10 @@ def find_bindir() -> tuple[Path, str]:
         bindir = Path(pgserver.__file__).parent / "pginstall" / "bin"
         if (bindir / "initdb").is_file():
             return bindir, "the pip package pgserver's bundled PostgreSQL"
-    raise TeamError("no PostgreSQL server programs found: install your system's PostgreSQL server "
-                    "(e.g. apt-get install postgresql) or the pip build with `pip install -e '.[server]'`")
+    raise TeamError(
+        "no PostgreSQL server programs found: install your system's PostgreSQL server "
+        "(e.g. apt-get install postgresql) or the pip build with `pip install -e '.[server]'`"
+    )
 
 
 def postgres_version(bindir: Path) -> str:
@@ -81,10 +83,13 @@ class Cluster:
     def _as_user(self, command: list[str]) -> list[str]:
         """`command` run as `run_as` through util-linux's runuser (found also where root's PATH lacks sbin)."""
         runuser = shutil.which("runuser") or next(
-            (path for path in ("/usr/sbin/runuser", "/sbin/runuser") if os.access(path, os.X_OK)), None)
+            (path for path in ("/usr/sbin/runuser", "/sbin/runuser") if os.access(path, os.X_OK)), None
+        )
         if runuser is None:
-            raise TeamError(f"running as root, PostgreSQL must run as {self.run_as!r}: that needs `runuser` "
-                            "(util-linux), found neither on PATH nor in /usr/sbin or /sbin")
+            raise TeamError(
+                f"running as root, PostgreSQL must run as {self.run_as!r}: that needs `runuser` "
+                "(util-linux), found neither on PATH nor in /usr/sbin or /sbin"
+            )
         return [runuser, "-u", self.run_as, "--", *command]
 
     def _run(self, program: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -102,8 +107,10 @@ class Cluster:
         os.chown(path, user.pw_uid, user.pw_gid)
         probe = subprocess.run(self._as_user(["test", "-w", str(path)]), capture_output=True)
         if probe.returncode != 0:
-            raise TeamError(f"{path}: user {self.run_as!r} (PostgreSQL does not run as root) cannot reach it; "
-                            "choose a state folder whose parents are world-executable (e.g. under /tmp or the repo)")
+            raise TeamError(
+                f"{path}: user {self.run_as!r} (PostgreSQL does not run as root) cannot reach it; "
+                "choose a state folder whose parents are world-executable (e.g. under /tmp or the repo)"
+            )
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -119,8 +126,18 @@ class Cluster:
             pwfile.write(self.password + "\n")
         try:
             self._hand_over(Path(pwfile.name))
-            self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=scram-sha-256",
-                      f"--pwfile={pwfile.name}", "-E", "UTF8", "--no-sync")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                SUPERUSER,
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile.name}",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            )
         finally:
             os.unlink(pwfile.name)
         log.info("PostgreSQL cluster initialised in %s", self.data)
@@ -166,9 +183,18 @@ class Cluster:
         """The server settings that matter for throughput (for the benchmark's report)."""
         import psycopg
 
-        names = ("server_version", "shared_buffers", "max_connections", "synchronous_commit", "fsync",
-                 "wal_level", "work_mem", "effective_cache_size")
+        names = (
+            "server_version",
+            "shared_buffers",
+            "max_connections",
+            "synchronous_commit",
+            "fsync",
+            "wal_level",
+            "work_mem",
+            "effective_cache_size",
+        )
         with psycopg.connect(self.uri("postgres"), connect_timeout=10) as connection:
-            rows = connection.execute("SELECT name, setting, unit FROM pg_settings WHERE name = ANY(%s)",
-                                      (list(names),)).fetchall()
+            rows = connection.execute(
+                "SELECT name, setting, unit FROM pg_settings WHERE name = ANY(%s)", (list(names),)
+            ).fetchall()
         return {name: f"{setting}{' x ' + unit if unit else ''}" for name, setting, unit in rows}

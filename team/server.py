@@ -47,16 +47,16 @@ ADMIN = "admin"
 @dataclass
 class ServerConfig:
     """How to run the server. Args:
-        home: the state folder.
-        host, port: where `mlflow server` listens (127.0.0.1 unless you put TLS in front).
-        pg_port: the local PostgreSQL's port (unused with backend_store_uri).
-        auth: run MLflow's basic-auth app (users in the database `mlflow_auth`).
-        artifacts: the artifacts destination: a folder (default <home>/artifacts) or s3://bucket/prefix.
-        backend_store_uri: an existing PostgreSQL database (postgresql://user:pw@host/db): no local cluster.
-        auth_database_uri: with backend_store_uri and auth, the user store's database.
-        workers: uvicorn workers of the server.
-        default_permission: what an authenticated user may do where nothing was granted (READ).
-        health_timeout_s: how long to wait for /health (a fresh database takes 20-60 s of migrations).
+    home: the state folder.
+    host, port: where `mlflow server` listens (127.0.0.1 unless you put TLS in front).
+    pg_port: the local PostgreSQL's port (unused with backend_store_uri).
+    auth: run MLflow's basic-auth app (users in the database `mlflow_auth`).
+    artifacts: the artifacts destination: a folder (default <home>/artifacts) or s3://bucket/prefix.
+    backend_store_uri: an existing PostgreSQL database (postgresql://user:pw@host/db): no local cluster.
+    auth_database_uri: with backend_store_uri and auth, the user store's database.
+    workers: uvicorn workers of the server.
+    default_permission: what an authenticated user may do where nothing was granted (READ).
+    health_timeout_s: how long to wait for /health (a fresh database takes 20-60 s of migrations).
     """
 
     home: Path = Path(".team")
@@ -89,17 +89,25 @@ def load_secrets(home: Path) -> dict[str, str]:
     """The server's secrets (generated once into <home>/secrets.json, mode 600); env vars override."""
     path = home / "secrets.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
-    generated = {key: secrets.token_urlsafe(24) for key in ("postgres_password", "admin_password", "flask_secret")
-                 if key not in stored}
+    generated = {
+        key: secrets.token_urlsafe(24)
+        for key in ("postgres_password", "admin_password", "flask_secret")
+        if key not in stored
+    }
     if generated:
         home.mkdir(parents=True, exist_ok=True)
         stored |= generated
         path.touch(mode=0o600)
         path.chmod(0o600)
         path.write_text(json.dumps(stored, indent=2) + "\n")
-    return stored | {key: os.environ[var] for key, var in (("admin_password", "MLFLOW_AUTH_ADMIN_PASSWORD"),
-                                                           ("flask_secret", "MLFLOW_FLASK_SERVER_SECRET_KEY"))
-                     if os.environ.get(var)}
+    return stored | {
+        key: os.environ[var]
+        for key, var in (
+            ("admin_password", "MLFLOW_AUTH_ADMIN_PASSWORD"),
+            ("flask_secret", "MLFLOW_FLASK_SERVER_SECRET_KEY"),
+        )
+        if os.environ.get(var)
+    }
 
 
 def cluster(config: ServerConfig, password: str) -> Cluster:
@@ -141,11 +149,13 @@ def _auth_ini(config: ServerConfig, database_uri: str) -> Path:
     path = config.home / "auth.ini"
     path.touch(mode=0o600)
     path.chmod(0o600)
-    path.write_text("[mlflow]\n"
-                    f"default_permission = {config.default_permission}\n"
-                    f"database_uri = {database_uri}\n"
-                    f"admin_username = {ADMIN}\n"
-                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    path.write_text(
+        "[mlflow]\n"
+        f"default_permission = {config.default_permission}\n"
+        f"database_uri = {database_uri}\n"
+        f"admin_username = {ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
     return path
 
 
@@ -177,9 +187,21 @@ def start(config: ServerConfig) -> dict:
             pg.ensure_database(AUTH_DATABASE)
             auth_db = pg.uri(AUTH_DATABASE)
     try:
-        command = [sys.executable, "-m", "mlflow", "server", "--host", config.host, "--port", str(config.port),
-                   "--workers", str(config.workers), "--serve-artifacts",
-                   "--artifacts-destination", config.artifacts_destination]
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            config.host,
+            "--port",
+            str(config.port),
+            "--workers",
+            str(config.workers),
+            "--serve-artifacts",
+            "--artifacts-destination",
+            config.artifacts_destination,
+        ]
         env = os.environ | {"MLFLOW_BACKEND_STORE_URI": backend}  # not on the command line: it holds a password
         # the job runner (GenAI scorers, 8 extra processes) serves nothing this project uses
         env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -187,32 +209,50 @@ def start(config: ServerConfig) -> dict:
             if not auth_db:
                 raise TeamError("--auth with --backend-store-uri needs --auth-database-uri (the user store's database)")
             command += ["--app-name", "basic-auth"]
-            env |= {"MLFLOW_AUTH_CONFIG_PATH": str(_auth_ini(config, auth_db)),
-                    "MLFLOW_FLASK_SERVER_SECRET_KEY": keys["flask_secret"],
-                    "MLFLOW_AUTH_ADMIN_PASSWORD": keys["admin_password"]}
+            env |= {
+                "MLFLOW_AUTH_CONFIG_PATH": str(_auth_ini(config, auth_db)),
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": keys["flask_secret"],
+                "MLFLOW_AUTH_ADMIN_PASSWORD": keys["admin_password"],
+            }
         logfile = config.home / "mlflow.log"
         with open(logfile, "ab") as out:
-            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True, cwd=config.home)
+            process = subprocess.Popen(
+                command,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=config.home,
+            )
         _pidfile(config).write_text(f"{process.pid}\n")
         deadline = time.monotonic() + config.health_timeout_s
         while not health(config.url):
             if process.poll() is not None:
-                raise TeamError(f"mlflow server exited ({process.returncode}) before answering; "
-                                f"{logfile}:\n{_log_tail(logfile)}")
+                raise TeamError(
+                    f"mlflow server exited ({process.returncode}) before answering; {logfile}:\n{_log_tail(logfile)}"
+                )
             if time.monotonic() > deadline:
-                raise TeamError(f"mlflow server did not answer {config.url}/health within "
-                                f"{config.health_timeout_s:.0f} s; {logfile}:\n{_log_tail(logfile)}")
+                raise TeamError(
+                    f"mlflow server did not answer {config.url}/health within "
+                    f"{config.health_timeout_s:.0f} s; {logfile}:\n{_log_tail(logfile)}"
+                )
             time.sleep(1)
     except BaseException:
         _stop_mlflow(config)
         if started_pg:
             started_pg.stop()
         raise
-    state = {"tracking_uri": config.url, "pid": process.pid, "auth": config.auth,
-             "artifacts_destination": config.artifacts_destination, "postgres": postgres_source,
-             "pg_port": None if config.backend_store_uri else config.pg_port, "workers": config.workers,
-             "home": str(config.home)}
+    state = {
+        "tracking_uri": config.url,
+        "pid": process.pid,
+        "auth": config.auth,
+        "artifacts_destination": config.artifacts_destination,
+        "postgres": postgres_source,
+        "pg_port": None if config.backend_store_uri else config.pg_port,
+        "workers": config.workers,
+        "home": str(config.home),
+    }
     (config.home / "server.json").write_text(json.dumps(state, indent=2) + "\n")
     return state
 
@@ -268,17 +308,28 @@ def status(config: ServerConfig) -> dict:
 
 # ------------------------------------------------------------------------------------ CLI
 def _config(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(home=args.home, host=args.host, port=args.port, pg_port=args.pg_port, auth=args.auth,
-                        artifacts=args.artifacts or None, backend_store_uri=args.backend_store_uri or None,
-                        auth_database_uri=args.auth_database_uri or None, workers=args.workers)
+    return ServerConfig(
+        home=args.home,
+        host=args.host,
+        port=args.port,
+        pg_port=args.pg_port,
+        auth=args.auth,
+        artifacts=args.artifacts or None,
+        backend_store_uri=args.backend_store_uri or None,
+        auth_database_uri=args.auth_database_uri or None,
+        workers=args.workers,
+    )
 
 
 def client_exports(state: dict, home: Path) -> list[str]:
     lines = [f"export MLFLOW_TRACKING_URI={state['tracking_uri']}"]
     if state.get("auth"):
-        lines += [f"export MLFLOW_TRACKING_USERNAME={ADMIN}",
-                  f"export MLFLOW_TRACKING_PASSWORD=$(python -c \"import json; print(json.load(open('{home}/secrets.json'))['admin_password'])\")"
-                  "   # the admin; create users with: python -m team.users add NAME --role writer"]
+        lines += [
+            f"export MLFLOW_TRACKING_USERNAME={ADMIN}",
+            'export MLFLOW_TRACKING_PASSWORD=$(python -c "import json; '
+            f"print(json.load(open('{home}/secrets.json'))['admin_password'])\")"
+            "   # the admin; create users with: python -m team.users add NAME --role writer",
+        ]
     return lines
 
 
@@ -290,12 +341,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=5000, help="mlflow server port")
     parser.add_argument("--pg-port", type=int, default=5433, help="local PostgreSQL port")
     parser.add_argument("--auth", action="store_true", help="basic-auth: users and permissions")
-    parser.add_argument("--artifacts", default=os.environ.get("MLFLOW_ARTIFACTS_DESTINATION"),
-                        help="artifacts destination: a folder or s3://bucket/prefix (default <home>/artifacts)")
-    parser.add_argument("--backend-store-uri", default=os.environ.get("MLFLOW_BACKEND_STORE_URI"),
-                        help="an existing PostgreSQL database instead of the local cluster")
-    parser.add_argument("--auth-database-uri", default=os.environ.get("MLFLOW_AUTH_DATABASE_URI"),
-                        help="with --backend-store-uri and --auth: the user store's database")
+    parser.add_argument(
+        "--artifacts",
+        default=os.environ.get("MLFLOW_ARTIFACTS_DESTINATION"),
+        help="artifacts destination: a folder or s3://bucket/prefix (default <home>/artifacts)",
+    )
+    parser.add_argument(
+        "--backend-store-uri",
+        default=os.environ.get("MLFLOW_BACKEND_STORE_URI"),
+        help="an existing PostgreSQL database instead of the local cluster",
+    )
+    parser.add_argument(
+        "--auth-database-uri",
+        default=os.environ.get("MLFLOW_AUTH_DATABASE_URI"),
+        help="with --backend-store-uri and --auth: the user store's database",
+    )
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
@@ -304,9 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "start":
             started = time.monotonic()
             state = start(config)
-            print(f"MLflow tracking server at {state['tracking_uri']} ({time.monotonic() - started:.0f} s); "
-                  f"PostgreSQL: {state['postgres']}; artifacts: {state['artifacts_destination']}"
-                  f"{'; basic-auth on' if state['auth'] else ''}")
+            print(
+                f"MLflow tracking server at {state['tracking_uri']} ({time.monotonic() - started:.0f} s); "
+                f"PostgreSQL: {state['postgres']}; artifacts: {state['artifacts_destination']}"
+                f"{'; basic-auth on' if state['auth'] else ''}"
+            )
             print("\n".join(client_exports(state, config.home)))
         elif args.action == "stop":
             stop(config)

@@ -79,11 +79,12 @@ def exp_ref_exists(remote: str, commit: str, name: str, env: dict | None = None)
 def remote_experiments(remote: str, commit: str, env: dict | None = None) -> set[str]:
     """The names of every experiment of baseline `commit` on the git remote."""
     prefix = f"refs/exps/{commit[:2]}/{commit[2:]}/"
-    result = subprocess.run(["git", "ls-remote", remote, f"{prefix}*"], capture_output=True, text=True, env=env,
-                            timeout=120)
+    result = subprocess.run(
+        ["git", "ls-remote", remote, f"{prefix}*"], capture_output=True, text=True, env=env, timeout=120
+    )
     if result.returncode != 0:
         raise TrialFailed(f"git ls-remote {remote} failed: {_last_line(result.stderr)}")
-    return {line.split("\t", 1)[1][len(prefix):] for line in result.stdout.splitlines() if "\t" in line}
+    return {line.split("\t", 1)[1][len(prefix) :] for line in result.stdout.splitlines() if "\t" in line}
 
 
 def _last_line(text: str) -> str:
@@ -93,7 +94,7 @@ def _last_line(text: str) -> str:
     stage = [i for i, line in enumerate(lines) if line.startswith("error:")]
     if stage:  # the stage's message with its detail lines (up to DVC's own ERROR line), joined
         block = [lines[stage[-1]]]
-        for line in lines[stage[-1] + 1:]:
+        for line in lines[stage[-1] + 1 :]:
             if line.startswith(("ERROR", "fatal", "Traceback")) or len(block) >= 6:
                 break
             block.append(line)
@@ -102,8 +103,9 @@ def _last_line(text: str) -> str:
     return (tools or lines or ["(no output)"])[-1][:300]
 
 
-def _run(command: list[str], cwd: Path, env: dict, scratch: Path, what: str, timeout_s: float,
-         timings: dict | None = None) -> str:
+def _run(
+    command: list[str], cwd: Path, env: dict, scratch: Path, what: str, timeout_s: float, timings: dict | None = None
+) -> str:
     """Run `command` in its own process group, guarded by the watchdog; raise TrialFailed on failure.
     Adds its seconds to `timings[what]`."""
     log.info("%s: %s", what, " ".join(command))
@@ -111,10 +113,20 @@ def _run(command: list[str], cwd: Path, env: dict, scratch: Path, what: str, tim
     logfile = scratch / "commands.log"
     offset = logfile.stat().st_size if logfile.exists() else 0
     with open(logfile, "ab") as out:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(process.pid), str(scratch)],
-                                start_new_session=True, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(process.pid), str(scratch)],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         returncode = process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -142,8 +154,16 @@ def run_trial(spec: dict) -> dict:
 
     started = time.monotonic()
     node = _node()
-    result = {"name": spec["name"], "params": spec["params"], "status": "failed", "objective": None,
-              "error": "", "node": node, "duration_s": 0.0, "timings": {}}
+    result = {
+        "name": spec["name"],
+        "params": spec["params"],
+        "status": "failed",
+        "objective": None,
+        "error": "",
+        "node": node,
+        "duration_s": 0.0,
+        "timings": {},
+    }
     timings = result["timings"]
     root = Path(spec.get("scratch_root") or tempfile.gettempdir()) / "team-sweep"
     root.mkdir(parents=True, exist_ok=True)
@@ -151,8 +171,11 @@ def run_trial(spec: dict) -> dict:
     repo = scratch / "repo"
     bindir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
-    env |= {"PATH": f"{bindir}{os.pathsep}{env.get('PATH', '')}", "GX_ANALYTICS_ENABLED": "false",
-            "GIT_TERMINAL_PROMPT": "0"} | spec.get("env", {})
+    env |= {
+        "PATH": f"{bindir}{os.pathsep}{env.get('PATH', '')}",
+        "GX_ANALYTICS_ENABLED": "false",
+        "GIT_TERMINAL_PROMPT": "0",
+    } | spec.get("env", {})
     dvc = str(bindir / "dvc") if (bindir / "dvc").exists() else "dvc"
     timeout_s = float(spec.get("timeout_s", 7200))
     try:

@@ -83,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["add", "password"])
     parser.add_argument("username")
     parser.add_argument("--password", help="default: a generated one, printed once")
-    parser.add_argument("--role", choices=sorted(ROLES), default="reader",
-                        help="reader (default) or writer, on the pipeline's experiment and registered model")
+    parser.add_argument(
+        "--role",
+        choices=sorted(ROLES),
+        default="reader",
+        help="reader (default) or writer, on the pipeline's experiment and registered model",
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("TEAM_HOME", ".team")))
     args = parser.parse_args(argv)

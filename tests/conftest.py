@@ -20,8 +20,19 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["stages", "scripts", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore",
-                 ".dvc/plots_template.html", ".dvcignore", ".gitignore", "ci"]
+PROJECT_FILES = [
+    "stages",
+    "scripts",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvc/plots_template.html",
+    ".dvcignore",
+    ".gitignore",
+    "ci",
+]
 
 # Small enough for CI on 2 cores: 12 images per class, 32 px, one epoch per phase.
 TINY_PARAMS = {
@@ -29,10 +40,13 @@ TINY_PARAMS = {
     "model": {"image_size": 32, "interpolation": "bilinear"},  # a non-default filter: the contract is tested end to end
     "augment": {"preview_images": 8},
     "features": {"C": [1.0], "batch_size": 64},
-    "finetune": {"batch_size": 32, "phases": [
-        {"name": "head", "trainable": "head", "epochs": 1, "lr": 1.0e-3},
-        {"name": "full", "trainable": "all", "epochs": 1, "lr": 5.0e-4},
-    ]},
+    "finetune": {
+        "batch_size": 32,
+        "phases": [
+            {"name": "head", "trainable": "head", "epochs": 1, "lr": 1.0e-3},
+            {"name": "full", "trainable": "all", "epochs": 1, "lr": 5.0e-4},
+        ],
+    },
     "evaluate": {"error_gallery": 4},
 }
 
@@ -40,7 +54,9 @@ TINY_PARAMS = {
 def deep_merge(base: dict, override: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -56,7 +72,9 @@ def pipeline_env() -> dict:
 def run(project: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=project, env=pipeline_env(), capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -69,13 +87,16 @@ def write_params(project: Path, overrides: dict) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, overrides), sort_keys=False))
 
 
-def make_project(root: Path, per_class: int = 12, overrides: dict | None = None, images: bool = True,
-                 classes: int | None = None) -> Path:
+def make_project(
+    root: Path, per_class: int = 12, overrides: dict | None = None, images: bool = True, classes: int | None = None
+) -> Path:
     """A git + DVC repository with this project's code, tiny params and (optionally) digits: `per_class`
     images of each class, the first `classes` digits (None: all ten)."""
     root.mkdir(parents=True, exist_ok=True)
     if not (REPO / ".dvc/plots_template.html").is_file():  # written by `make install`
-        subprocess.run([sys.executable, "-m", "scripts.offline_plots", ".dvc/plots_template.html"], cwd=REPO, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "scripts.offline_plots", ".dvc/plots_template.html"], cwd=REPO, check=True
+        )
     for name in PROJECT_FILES:
         source, target = REPO / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +110,17 @@ def make_project(root: Path, per_class: int = 12, overrides: dict | None = None,
     run(root, "git", "config", "user.name", "tests")
     if images:
         digits = ["--classes", str(classes)] if classes else []
-        run(root, sys.executable, "-m", "stages.demo_data", "--out", "data/images", "--per-class", str(per_class), *digits)
+        run(
+            root,
+            sys.executable,
+            "-m",
+            "stages.demo_data",
+            "--out",
+            "data/images",
+            "--per-class",
+            str(per_class),
+            *digits,
+        )
         dvc(root, "add", "-q", "data/images")
     run(root, "git", "add", "-A")
     run(root, "git", "commit", "-qm", "tiny project")

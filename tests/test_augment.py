@@ -57,7 +57,9 @@ def test_random_resized_crop_keeps_the_size_and_zooms_in():
     out = transform(asymmetric(32))
     assert out.shape == (3, 32, 32) and out.dtype == torch.uint8 and not torch.equal(out, asymmetric(32))
     with pytest.raises(ParamsError, match="augment.crop_scale"):
-        parse_params({"finetune": {"phases": [{"name": "a", "epochs": 1, "lr": 0.1}]}, "augment": {"crop_scale": [0.5, 1.5]}})
+        parse_params(
+            {"finetune": {"phases": [{"name": "a", "epochs": 1, "lr": 0.1}]}, "augment": {"crop_scale": [0.5, 1.5]}}
+        )
 
 
 def test_random_erasing_and_per_image_draws_in_a_batch():
@@ -74,9 +76,9 @@ def test_oversampling_evens_classes_and_keeps_every_image():
     labels = np.array([0] * 10 + [1] * 3 + [2] * 1)
     index = oversampled_index(labels, seed=0)
     assert np.bincount(labels[index]).tolist() == [10, 10, 10]
-    assert set(index.tolist()) == set(range(len(labels)))          # nothing dropped
-    assert np.bincount(index)[:10].tolist() == [1] * 10            # the largest class is not repeated
-    assert np.bincount(index, minlength=14)[10:13].min() == 3      # 3 images to 10: each at least 3 times
+    assert set(index.tolist()) == set(range(len(labels)))  # nothing dropped
+    assert np.bincount(index)[:10].tolist() == [1] * 10  # the largest class is not repeated
+    assert np.bincount(index, minlength=14)[10:13].min() == 3  # 3 images to 10: each at least 3 times
     assert np.array_equal(index, oversampled_index(labels, seed=0))
 
 

@@ -60,7 +60,9 @@ def test_local_state_dict_loads_with_another_head(tmp_path):
     torch.save(pretrained.state_dict(), tmp_path / "weights.pth")
     model = create_backbone("tf_efficientnet_lite0", str(tmp_path / "weights.pth"), num_classes=10)
     assert model.get_classifier().out_features == 10
-    assert torch.equal(model.state_dict()["blocks.3.0.conv_pw.weight"], pretrained.state_dict()["blocks.3.0.conv_pw.weight"])
+    assert torch.equal(
+        model.state_dict()["blocks.3.0.conv_pw.weight"], pretrained.state_dict()["blocks.3.0.conv_pw.weight"]
+    )
 
 
 def test_unknown_weight_source_names_the_value():
@@ -96,8 +98,13 @@ def test_batchnorm_stays_in_eval_mode_unless_asked():
 
 def test_the_contract_takes_mean_and_std_from_the_backbone_and_size_and_filter_from_the_cache():
     config = for_backbone("tf_efficientnet_lite0", 64, "bilinear").as_dict()
-    assert config == {"input_size": [3, 64, 64], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
-                      "std": [0.5, 0.5, 0.5], "crop": "center"}
+    assert config == {
+        "input_size": [3, 64, 64],
+        "interpolation": "bilinear",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "crop": "center",
+    }
 
 
 def test_the_deployed_model_normalises_uint8_and_float_alike_and_applies_its_temperature():

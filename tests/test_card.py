@@ -15,8 +15,15 @@ DATA = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3
 
 
 def card(**overrides) -> FinetunedCard:
-    values = {"model": "test_efficientnet", "num_classes": 3, "classes": ["a", "b", "c"], "data_config": DATA,
-              "temperature": 0.5, "classifier": "classifier", "kept_epoch": 2} | overrides
+    values = {
+        "model": "test_efficientnet",
+        "num_classes": 3,
+        "classes": ["a", "b", "c"],
+        "data_config": DATA,
+        "temperature": 0.5,
+        "classifier": "classifier",
+        "kept_epoch": 2,
+    } | overrides
     return FinetunedCard(**values)
 
 
@@ -36,12 +43,15 @@ def test_a_card_written_before_versions_reads_as_version_1(tmp_path):
     assert FinetunedCard.read(tmp_path).card_version == 1
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda values: values.pop("classes"), "classes: Field required"),
-    (lambda values: values.update(num_classes="three"), "num_classes"),
-    (lambda values: values.update(surprise=1), "surprise: Extra inputs are not permitted"),
-    (lambda values: values.update(card_version=CARD_VERSION + 1), "is newer than this code reads"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda values: values.pop("classes"), "classes: Field required"),
+        (lambda values: values.update(num_classes="three"), "num_classes"),
+        (lambda values: values.update(surprise=1), "surprise: Extra inputs are not permitted"),
+        (lambda values: values.update(card_version=CARD_VERSION + 1), "is newer than this code reads"),
+    ],
+)
 def test_a_bad_card_names_the_file_and_the_key(tmp_path, change, message):
     values = card().model_dump(exclude_none=True)
     change(values)

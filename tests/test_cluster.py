@@ -53,8 +53,14 @@ def test_sweeps_on_a_two_node_ray_cluster_complete_survive_faults_and_resume():
             pytest.skip(reason)
     started = time.monotonic()
     command = f"ip link set lo up && exec {sys.executable} tests/cluster_scenario.py {' '.join(SCENARIOS)}"
-    result = subprocess.run(["unshare", "-n", "--", "bash", "-c", command], cwd=ROOT, capture_output=True, text=True,
-                            timeout=1800, env={k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))})
+    result = subprocess.run(
+        ["unshare", "-n", "--", "bash", "-c", command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))},
+    )
     output = result.stdout + result.stderr
     print(output[-20000:])
     for name in SCENARIOS:

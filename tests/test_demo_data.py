@@ -10,8 +10,10 @@ from stages.demo_data import SHAPE_SIZE, SHAPES, write_shapes
 
 
 def digest(root: Path) -> dict[str, str]:
-    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(root.rglob("*.png"))}
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*.png"))
+    }
 
 
 def test_shapes_writes_one_folder_per_class_of_rgb_pngs(tmp_path):

@@ -87,14 +87,24 @@ def test_the_readme_links_into_docs_resolve():
 
 
 def test_the_docs_cite_only_files_that_exist():
-    missing = sorted({f"{page_id(page)}: {path}" for page in PAGES for path in re.findall(CITED, page.read_text())
-                      if not (REPO / path).exists()})
+    missing = sorted(
+        {
+            f"{page_id(page)}: {path}"
+            for page in PAGES
+            for path in re.findall(CITED, page.read_text())
+            if not (REPO / path).exists()
+        }
+    )
     assert not missing
 
 
 def test_the_docs_commands_assume_the_activated_environment():
-    offending = [f"{page_id(page)}: {c}" for page in PAGES for c in commands(page.read_text())
-                 if ".venv/bin/" in c and not c.startswith("source")]
+    offending = [
+        f"{page_id(page)}: {c}"
+        for page in PAGES
+        for c in commands(page.read_text())
+        if ".venv/bin/" in c and not c.startswith("source")
+    ]
     assert not offending, "one convention: commands assume the activated environment"
 
 
@@ -122,10 +132,14 @@ def test_the_site_builds_strictly(tmp_path):
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
         pytest.skip("mkdocs-material is not installed here (pip install -e '.[docs]', part of make install)")
     site = tmp_path / "site"
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO / "mkdocs.yml"),
-                             "-d", str(site)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NO_MKDOCS_2_WARNING": "1",
-                                 "LANG": "C.UTF-8"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO / "mkdocs.yml"), "-d", str(site)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NO_MKDOCS_2_WARNING": "1", "LANG": "C.UTF-8"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     pages = {page.relative_to(site).as_posix(): page.read_text() for page in site.rglob("*.html")}
     assert "index.html" in pages and "cluster.html" in pages
@@ -140,8 +154,9 @@ def test_the_site_builds_strictly(tmp_path):
 
 def test_the_table_hook_renders_a_known_csv(tmp_path):
     rows = tmp_path / "known.csv"
-    rows.write_text("mode,seed,finetuned_test,seconds,source\n"
-                    "none,42,0.99,70,run A\nnone,1,0.97,80,run A\nconcat,42,1.0,75,run B\n")
+    rows.write_text(
+        "mode,seed,finetuned_test,seconds,source\nnone,42,0.99,70,run A\nnone,1,0.97,80,run A\nconcat,42,1.0,75,run B\n"
+    )
     hook = load_hook()
     page = f'before\n{{{{ table("{rows}") }}}}\nafter\n```\n{{{{ table("{rows}") }}}}\n```\n'
     rendered = hook.render_markers(page)
@@ -157,8 +172,10 @@ def test_the_table_hook_renders_a_known_csv(tmp_path):
     ]
     assert rendered.endswith(f'after\n```\n{{{{ table("{rows}") }}}}\n```\n'), "a marker in code is left alone"
 
-    grouped = hook.render_markers(f'{{{{ table("{rows}", group_by="mode", mean_std=["finetuned_test"], '
-                                  f'mean=["seconds"], percent=True, caption=False) }}}}')
+    grouped = hook.render_markers(
+        f'{{{{ table("{rows}", group_by="mode", mean_std=["finetuned_test"], '
+        f'mean=["seconds"], percent=True, caption=False) }}}}'
+    )
     assert grouped.split("\n") == [
         "| mode | n | finetuned_test_pct | seconds |",
         "|---|---:|---|---:|",
@@ -174,8 +191,9 @@ def test_the_cli_prints_the_table_the_site_shows():
     from scripts import tables
 
     path = "benchmarks/measured/seeds_default_cpu_isa.csv"
-    printed = subprocess.run([sys.executable, "-m", "scripts.tables", path], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout
+    printed = subprocess.run(
+        [sys.executable, "-m", "scripts.tables", path], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     assert printed.strip() == tables.render(path).strip()
     assert "| avx2 | 2 | 2 | 99.26 |" in printed
 
@@ -206,7 +224,7 @@ def test_every_measured_csv_has_a_header_and_is_shown_in_the_docs():
 NUMBER = re.compile(r"[~≈<>≤≥+−-]?\d[\d.,]*\s*(%|s|ms|min|px|×|x|MB|img/s)?(\s*±\s*\d[\d.,]*\s*%?)?")
 
 
-@pytest.mark.parametrize("page", [REPO / "README.md", *PAGES], ids=lambda p: page_id(p))
+@pytest.mark.parametrize("page", [REPO / "README.md", *PAGES], ids=page_id)
 def test_no_table_of_measured_numbers_is_typed(page):
     """A Markdown table row in a page's source with a cell that is a number: it belongs in benchmarks/measured/."""
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)

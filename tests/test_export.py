@@ -31,9 +31,12 @@ from stages.lib.model.backbones import NormalizedClassifier, create_backbone
 from stages.lib.model.card import FinetunedCard
 
 SIZE = 32
-CONFIG = FinetunedCard(model="tf_efficientnet_lite0", num_classes=2, classes=["china", "flower"],
-                       data_config={"input_size": [3, SIZE, SIZE], "interpolation": "bicubic", "mean": [0.5] * 3,
-                                    "std": [0.5] * 3})
+CONFIG = FinetunedCard(
+    model="tf_efficientnet_lite0",
+    num_classes=2,
+    classes=["china", "flower"],
+    data_config={"input_size": [3, SIZE, SIZE], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3},
+)
 # variant -> (largest logit difference allowed, smallest top-1 agreement)
 TOLERANCE = {"onnx": (1e-3, 1.0), "torchscript": (1e-4, 1.0), "onnx_fp16": (0.25, 1.0), "onnx_int8": (None, 0.9)}
 
@@ -46,7 +49,7 @@ def photo_crops() -> tuple[np.ndarray, np.ndarray]:
     for label, photo in enumerate(load_sample_images().images):
         for top in (0, 100, 200, 300):
             for left in (0, 150, 300):
-                crop = Image.fromarray(photo[top:top + 120, left:left + 120]).resize((SIZE, SIZE), Image.BICUBIC)
+                crop = Image.fromarray(photo[top : top + 120, left : left + 120]).resize((SIZE, SIZE), Image.BICUBIC)
                 crops.append(np.asarray(crop))
                 labels.append(label)
     return np.stack(crops), np.array(labels)
@@ -113,8 +116,9 @@ def test_smaller_variants_are_smaller(exported):
     producer = {output: node.op_type for node in graph.node for output in node.output}
     convolutions = [node for node in graph.node if node.op_type == "Conv"]
     # static QDQ: every convolution reads int8-dequantized activations and weights; the classifier stays float
-    assert convolutions and all(producer.get(name) == "DequantizeLinear"
-                                for node in convolutions for name in node.input[:2])
+    assert convolutions and all(
+        producer.get(name) == "DequantizeLinear" for node in convolutions for name in node.input[:2]
+    )
     head = next(node for node in graph.node if node.name == classifier_node(graph))
     assert producer.get(head.input[1]) != "DequantizeLinear"
 

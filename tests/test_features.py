@@ -41,7 +41,7 @@ def test_fusion_appends_the_pooled_last_stages(lite0, images):
     stage_channels = [info["num_chs"] for info in lite0.feature_info]  # 16, 24, 40, 112, 320
     assert plain.shape == (5, lite0.num_features)
     assert fused.shape == (5, lite0.num_features + sum(stage_channels[-2:]))
-    np.testing.assert_allclose(fused[:, :lite0.num_features], plain, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fused[:, : lite0.num_features], plain, rtol=1e-4, atol=1e-5)
     everything = extract_embeddings(lite0, images, [0.5] * 3, [0.5] * 3, batch_size=5, fusion_stages=5)
     assert everything.shape[1] == lite0.num_features + sum(stage_channels)
 
@@ -80,11 +80,25 @@ def test_prune_keeps_the_most_recently_used_data_versions(tmp_path):
 
 # ------------------------------------------------------------------------------- selection
 def entry(name, val, loss=0.5, params=1_000_000, latency=10.0) -> Entry:
-    return Entry(name=name, weights="pypi", val_accuracy=val, val_log_loss=loss, C=1.0, params=params, embedding_dim=8, latency_ms=latency, features=f"{name}.npz")
+    return Entry(
+        name=name,
+        weights="pypi",
+        val_accuracy=val,
+        val_log_loss=loss,
+        C=1.0,
+        params=params,
+        embedding_dim=8,
+        latency_ms=latency,
+        features=f"{name}.npz",
+    )
 
 
-BOARD = [entry("small", 0.90, latency=4.0), entry("medium", 0.95, latency=8.0),
-         entry("large", 0.97, latency=20.0), entry("large_twin", 0.97, loss=0.3, latency=21.0)]
+BOARD = [
+    entry("small", 0.90, latency=4.0),
+    entry("medium", 0.95, latency=8.0),
+    entry("large", 0.97, latency=20.0),
+    entry("large_twin", 0.97, loss=0.3, latency=21.0),
+]
 
 
 def test_best_val_wins_and_ties_go_to_the_lower_val_loss():
@@ -107,15 +121,25 @@ def test_fixed_takes_the_named_candidate_whatever_its_rank():
     assert choose(BOARD, Select(rule="fixed", name="small")).name == "small"
 
 
-@pytest.mark.parametrize("features, message", [
-    ({"select": {"rule": "fixed", "name": "resnet50"}}, "select.rule fixed needs select.name, one of: tf_efficientnet_lite0"),
-    ({"select": {"rule": "latency_budget"}}, "needs select.latency_budget_ms"),
-    ({"candidates": [{"name": "resnet18"}, {"name": "resnet18", "weights": "none"}]},
-     "each name once (repeated: resnet18)"),
-    ({"candidates": [{"name": "resnet18", "weight": "none"}]},
-     "features.candidates.0.weight: unknown key (did you mean 'weights'?)"),
-    ({"fusion_stages": -1}, "features.fusion_stages"),
-])
+@pytest.mark.parametrize(
+    "features, message",
+    [
+        (
+            {"select": {"rule": "fixed", "name": "resnet50"}},
+            "select.rule fixed needs select.name, one of: tf_efficientnet_lite0",
+        ),
+        ({"select": {"rule": "latency_budget"}}, "needs select.latency_budget_ms"),
+        (
+            {"candidates": [{"name": "resnet18"}, {"name": "resnet18", "weights": "none"}]},
+            "each name once (repeated: resnet18)",
+        ),
+        (
+            {"candidates": [{"name": "resnet18", "weight": "none"}]},
+            "features.candidates.0.weight: unknown key (did you mean 'weights'?)",
+        ),
+        ({"fusion_stages": -1}, "features.fusion_stages"),
+    ],
+)
 def test_bad_features_params_fail_naming_the_key(features, message):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["features"].update(features)
@@ -136,8 +160,11 @@ def test_a_head_that_does_not_fit_the_classifier_fails_naming_the_file(tmp_path)
 
     model = create_backbone("tf_efficientnet_lite0", "none", num_classes=10)
     torch.save({"weight": torch.ones(10, 1712), "bias": torch.zeros(10)}, tmp_path / "classifier.pt")
-    with pytest.raises(PipelineError, match=r"classifier.pt: a head of shape \(10, 1712\) does not fit the classifier "
-                                            r"\(10, 1280\)"):
+    with pytest.raises(
+        PipelineError,
+        match=r"classifier.pt: a head of shape \(10, 1712\) does not fit the classifier "
+        r"\(10, 1280\)",
+    ):
         start_from_probe(model, tmp_path / "classifier.pt")
     torch.save({"weight": torch.ones(10, 1280), "bias": torch.zeros(10)}, tmp_path / "classifier.pt")
     start_from_probe(model, tmp_path / "classifier.pt")
@@ -156,13 +183,24 @@ def test_with_fusion_the_lpft_head_is_a_probe_on_the_classifier_columns(tmp_path
     np.savez(tmp_path / "emb.npz", **arrays)
     settings = Features(C=[1.0])
     fused = fit_probe(arrays["train_x"], arrays["train_y"], arrays["val_x"], arrays["val_y"], [1.0], 1000, 0)
-    entry = lambda dim: Entry(name="m", weights="pypi", val_accuracy=1.0, val_log_loss=0.0,  # noqa: E731
-                              C=1.0, params=1, embedding_dim=12, latency_ms=1.0,
-                              features=str(tmp_path / "emb.npz"), classifier_dim=dim, head=fused)
+    entry = lambda dim: Entry(
+        name="m",
+        weights="pypi",
+        val_accuracy=1.0,
+        val_log_loss=0.0,  # noqa: E731
+        C=1.0,
+        params=1,
+        embedding_dim=12,
+        latency_ms=1.0,
+        features=str(tmp_path / "emb.npz"),
+        classifier_dim=dim,
+        head=fused,
+    )
     assert lpft_head(entry(12), settings, seed=0) is fused
     head = lpft_head(entry(8), settings, seed=0)
-    expected = fit_probe(arrays["train_x"][:, :8], arrays["train_y"], arrays["val_x"][:, :8], arrays["val_y"],
-                         [1.0], 1000, 0)
+    expected = fit_probe(
+        arrays["train_x"][:, :8], arrays["train_y"], arrays["val_x"][:, :8], arrays["val_y"], [1.0], 1000, 0
+    )
     assert head["weight"].shape == (4, 8)
     np.testing.assert_allclose(head["weight"], expected["weight"])
 
@@ -208,7 +246,9 @@ def test_leaderboard_and_the_winner_probe(tiny_pipeline):
     assert {"model", "weights", "classes", "features", "data_config", "embedding_dim"} <= set(probe)
     assert (probe["model"], probe["weights"]) == (board["winner"], "pypi")
     assert probe["features"] == f"data/features/{probe['model']}.npz"
-    assert sorted(p.name for p in (tiny_pipeline / "data/features").iterdir()) == [f"{n}.npz" for n in DEFAULT_CANDIDATES]
+    assert sorted(p.name for p in (tiny_pipeline / "data/features").iterdir()) == [
+        f"{n}.npz" for n in DEFAULT_CANDIDATES
+    ]
     arrays = np.load(tiny_pipeline / probe["features"])
     head = torch.load(tiny_pipeline / "models/baseline/head.pt", weights_only=True)
     assert arrays["train_x"].shape[1] == probe["embedding_dim"] == head["weight"].shape[1]

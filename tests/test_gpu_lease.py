@@ -1,4 +1,4 @@
-"""GPU leases by lock file (stages/lib/gpu_lease.py), with a faked device count: real processes, real flocks.
+"""GPU leases by lock file (stages/lib/core/gpus.py), with a faked device count: real processes, real flocks.
 
 Holders are subprocesses that lease, print their device and sleep; the test reads what each got."""
 
@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-from stages.lib import gpu_lease
+from stages.lib.core import gpus as gpu_lease
 
 HOLDER = """
 import os, sys, time
-from stages.lib.gpu_lease import lease
+from stages.lib.core.gpus import lease
 device = lease(folder=sys.argv[1], wait_s=float(sys.argv[2]), poll_s=0.1)
 print(device, os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
 time.sleep(float(sys.argv[3]))
@@ -25,8 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def holder(folder: Path, devices: int, wait_s: float = 0.0, hold_s: float = 60.0) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {gpu_lease.ENV_COUNT: str(devices)}
-    return subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(wait_s), str(hold_s)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder), str(wait_s), str(hold_s)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def first_line(process: subprocess.Popen) -> list[str]:
@@ -83,3 +88,21 @@ def test_the_lock_folder_is_the_repositorys_dvc_tmp(monkeypatch, tmp_path):
     assert gpu_lease.lock_dir() == tmp_path / ".dvc" / "tmp"
     monkeypatch.setenv(gpu_lease.ENV_COUNT, "3")
     assert gpu_lease.device_count() == 3
+
+
+def test_a_gpu_stage_leases_at_its_start_and_a_cpu_stage_does_not(tmp_path):
+    """setup_stage(gpu=True), as features and finetune call it, leases a device on a multi-GPU machine."""
+    script = (
+        "import os, sys; from stages.lib.core.stage import setup_stage; setup_stage(gpu=sys.argv[1] == 'gpu'); "
+        "print(os.environ.get('CUDA_VISIBLE_DEVICES'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "LOCAL_WORLD_SIZE")}
+    env |= {gpu_lease.ENV_COUNT: "2", "DVC_ROOT": str(tmp_path)}
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", script, kind], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+        for kind in ("gpu", "cpu")
+    ]
+    assert outputs[0][-1] in ("0", "1") and outputs[1][-1] == "None"
+    assert (tmp_path / ".dvc" / "tmp" / f"gpu-{outputs[0][-1]}.lock").is_file()

@@ -49,8 +49,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A valid PNG header claiming width x height RGB pixels (30 GB decoded), with a tiny body."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def exif_rotated_jpeg(path: Path) -> Path:
@@ -147,8 +151,9 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 def inspect(path: Path, label: str = "x", **limits) -> ManifestRow:
-    return inspect_image(ManifestRow(path=str(path), label=label), limits.get("min_side", MIN_SIDE),
-                         limits.get("max_pixels", MAX_PIXELS))
+    return inspect_image(
+        ManifestRow(path=str(path), label=label), limits.get("min_side", MIN_SIDE), limits.get("max_pixels", MAX_PIXELS)
+    )
 
 
 # ------------------------------------------------------------------------------- inspect
@@ -216,8 +221,8 @@ def test_awkward_modes_are_kept_and_noted(tmp_path):
 def test_exif_rotated_photo_loads_upright(tmp_path):
     upright = load_rgb(exif_rotated_jpeg(tmp_path / "rotated.jpg"), 20).astype(int)
     left, right = upright[:, :8].mean(axis=(0, 1)), upright[:, 12:].mean(axis=(0, 1))
-    assert left[2] > 200 and left[0] < 60      # blue on the left
-    assert right[0] > 200 and right[2] < 60    # red on the right
+    assert left[2] > 200 and left[0] < 60  # blue on the left
+    assert right[0] > 200 and right[2] < 60  # red on the right
 
 
 def test_to_rgb_scales_16_bit_and_puts_transparency_over_white():
@@ -242,14 +247,14 @@ def test_scan_lists_every_file_and_flags_litter_stray_files_and_loops(tmp_path):
     for litter in ("cat/.DS_Store", "cat/Thumbs.db", "cat/.hidden.png", "__MACOSX/cat/._a.png", ".cache/x.png"):
         (images / litter).parent.mkdir(parents=True, exist_ok=True)
         (images / litter).write_bytes(b"litter")
-    os.symlink("..", images / "cat" / "loop")                   # a loop back to the image folder
+    os.symlink("..", images / "cat" / "loop")  # a loop back to the image folder
     os.symlink(images / "cat" / "a.png", images / "cat" / "link.png")  # a symlink to a file
     os.symlink(images / "gone.png", images / "cat" / "dangling.png")
     rows = {row.path.removeprefix(images.as_posix() + "/"): row for row in scan_image_folder(images)}
 
     assert rows["cat/a.png"].label == "cat" and rows["cat/a.png"].status == "ok"
-    assert rows["cat/nested/b.png"].label == "cat"            # deeper folders belong to the top class
-    assert rows["cat/link.png"].status == "ok"                # followed
+    assert rows["cat/nested/b.png"].label == "cat"  # deeper folders belong to the top class
+    assert rows["cat/link.png"].status == "ok"  # followed
     assert reason_code(rows["stray.png"].reason) == "not in a class folder"
     for litter in ("cat/.DS_Store", "cat/Thumbs.db", "cat/.hidden.png", "__MACOSX/cat/._a.png", ".cache/x.png"):
         assert rows[litter].reason == "hidden or OS file", litter
@@ -284,7 +289,7 @@ def test_scan_of_a_missing_folder_names_it(tmp_path):
 def test_every_bad_input_gets_its_reason_and_the_users_files_are_untouched(tmp_path):
     images = tmp_path / "images"
     expected = write_bad_folder(images)
-    os.symlink(expected["good"][1], images / "dog" / "link_to_cat.png")     # a symlink across classes
+    os.symlink(expected["good"][1], images / "dog" / "link_to_cat.png")  # a symlink across classes
     before = tree_digest(images)
     manifest = build_manifest(scan_image_folder(images), MIN_SIDE, MAX_PIXELS)
     assert tree_digest(images) == before

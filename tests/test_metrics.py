@@ -20,12 +20,14 @@ from stages.lib.evaluation.metrics import (
 # 4 test images, 3 classes. Predictions: 0 (right, p=.7), 0 (wrong, true 1 is 2nd), 2 (right, p=.5),
 # 1 (wrong, true 2 is 2nd).
 LABELS = np.array([0, 1, 2, 2])
-PROBABILITIES = np.array([
-    [0.7, 0.2, 0.1],
-    [0.5, 0.4, 0.1],
-    [0.2, 0.3, 0.5],
-    [0.1, 0.6, 0.3],
-])
+PROBABILITIES = np.array(
+    [
+        [0.7, 0.2, 0.1],
+        [0.5, 0.4, 0.1],
+        [0.2, 0.3, 0.5],
+        [0.1, 0.6, 0.3],
+    ]
+)
 
 
 def test_metrics_match_the_hand_computed_values():
@@ -54,7 +56,11 @@ def test_top_k_accuracy_counts_the_true_class_among_the_k_most_probable():
 
 def test_reliability_bins_hold_accuracy_confidence_and_count():
     ece, rows = expected_calibration_error(PROBABILITIES, LABELS)
-    assert [(row["confidence"], row["accuracy"], row["count"]) for row in rows] == [(0.5, 0.5, 2), (0.6, 0.0, 1), (0.7, 1.0, 1)]
+    assert [(row["confidence"], row["accuracy"], row["count"]) for row in rows] == [
+        (0.5, 0.5, 2),
+        (0.6, 0.0, 1),
+        (0.7, 1.0, 1),
+    ]
     assert ece == pytest.approx(0.225)
     perfect = np.eye(3)[[0, 1, 2]]
     assert expected_calibration_error(perfect, np.array([0, 1, 2]))[0] == pytest.approx(0.0)

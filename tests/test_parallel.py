@@ -39,8 +39,9 @@ def test_null_or_zero_workers_mean_the_cores_this_process_may_use():
 def test_validate_manifest_is_identical_for_any_number_of_workers(tmp_path):
     images = tmp_path / "images"
     write_bad_folder(images, good_per_class=12)
-    manifests = {workers: build_manifest(scan_image_folder(images), 8, 40_000_000, workers, chunksize=3)
-                 for workers in (1, 2, 3)}
+    manifests = {
+        workers: build_manifest(scan_image_folder(images), 8, 40_000_000, workers, chunksize=3) for workers in (1, 2, 3)
+    }
     assert (manifests[1]["status"] == "excluded").sum() > 5  # the bad files are in there, with reasons
     for workers in (2, 3):
         pd.testing.assert_frame_equal(manifests[workers], manifests[1])

@@ -23,17 +23,22 @@ def test_the_committed_params_are_valid():
     assert params.section("validate")["min_images_per_class"] >= 1
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda p: p.update(fintune=p.pop("finetune")), "fintune: unknown key (did you mean 'finetune'?)"),
-    (lambda p: p["finetune"]["phases"][1].update(lr=-1), "finetune.phases.1.lr: Input should be greater than 0"),
-    (lambda p: p["finetune"]["phases"][0].update(trainable="top"), "finetune.phases.0.trainable"),
-    (lambda p: p["split"].update(val_size=0.5, test_size=0.45), "val_size + test_size must leave"),
-    (lambda p: p["model"].update(imag_size=64), "model.imag_size: unknown key (did you mean 'image_size'?)"),
-    (lambda p: p["validate"].update(fail_on=["nonsense"]), "validate.fail_on.0"),
-    (lambda p: p["finetune"]["phases"][1].update(opt="adamx"),
-     "finetune.phases.1.opt: Value error, timm has no optimizer 'adamx' (did you mean 'adamax'?)"),
-    (lambda p: p["finetune"].update(opt="sgdd"), "finetune.opt: Value error, timm has no optimizer 'sgdd'"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda p: p.update(fintune=p.pop("finetune")), "fintune: unknown key (did you mean 'finetune'?)"),
+        (lambda p: p["finetune"]["phases"][1].update(lr=-1), "finetune.phases.1.lr: Input should be greater than 0"),
+        (lambda p: p["finetune"]["phases"][0].update(trainable="top"), "finetune.phases.0.trainable"),
+        (lambda p: p["split"].update(val_size=0.5, test_size=0.45), "val_size + test_size must leave"),
+        (lambda p: p["model"].update(imag_size=64), "model.imag_size: unknown key (did you mean 'image_size'?)"),
+        (lambda p: p["validate"].update(fail_on=["nonsense"]), "validate.fail_on.0"),
+        (
+            lambda p: p["finetune"]["phases"][1].update(opt="adamx"),
+            "finetune.phases.1.opt: Value error, timm has no optimizer 'adamx' (did you mean 'adamax'?)",
+        ),
+        (lambda p: p["finetune"].update(opt="sgdd"), "finetune.opt: Value error, timm has no optimizer 'sgdd'"),
+    ],
+)
 def test_bad_params_fail_naming_the_key(mutate, message):
     params = repo_params()
     mutate(params)
@@ -88,8 +93,11 @@ def test_params_yaml_is_the_one_source_of_values():
 
     written = flatten(yaml.safe_load((REPO / "params.yaml").read_text()))
     defaults = _schema_defaults(Params)
-    differing = {key: (default, written[key]) for key, default in defaults.items()
-                 if key in written and default not in ({}, []) and _plain(default) != _plain(written[key])}
+    differing = {
+        key: (default, written[key])
+        for key, default in defaults.items()
+        if key in written and default not in ({}, []) and _plain(default) != _plain(written[key])
+    }
     assert not differing, f"schema default vs params.yaml: {differing}"
 
 
@@ -140,8 +148,14 @@ def test_optimizer_names_are_checked_without_importing_torch(tmp_path):
     env = os.environ | {"XDG_CACHE_HOME": str(tmp_path / "cache")}
 
     def check(path):
-        return subprocess.run([sys.executable, "-c", CHECK_WITHOUT_TORCH, str(path)], cwd=REPO, env=env,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            [sys.executable, "-c", CHECK_WITHOUT_TORCH, str(path)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
 
     assert check(REPO / "params.yaml") == "ok False"  # the first run lists timm's names in a subprocess
     cached = list((tmp_path / "cache/transfer-pipeline").glob("timm-*-optimizers.json"))
@@ -149,5 +163,6 @@ def test_optimizer_names_are_checked_without_importing_torch(tmp_path):
     from timm.optim import list_optimizers
 
     assert sorted(yaml.safe_load(cached[0].read_text())) == sorted(list_optimizers())
-    assert check(tmp_path / "bad.yaml") == ("error False finetune.opt: Value error, timm has no optimizer 'adamx' "
-                                            "(did you mean 'adamax'?)")  # from the cached list
+    assert check(tmp_path / "bad.yaml") == (
+        "error False finetune.opt: Value error, timm has no optimizer 'adamx' (did you mean 'adamax'?)"
+    )  # from the cached list

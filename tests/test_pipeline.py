@@ -12,14 +12,33 @@ from conftest import dvc, mlflow_runs
 
 STAGES = ["validate", "split", "augment", "features", "finetune", "evaluate", "export"]
 OUTS = [
-    "data/manifest.csv", "reports/validation/validation.md", "metrics/validation.json",
-    "data/splits/train.csv", "data/splits/val.csv", "data/splits/test.csv", "metrics/split.json",
-    "data/prepared/train_images.npy", "data/prepared/meta.json", "reports/augment_preview.png",
-    "data/features/tf_efficientnet_lite0.npz", "models/baseline/head.pt", "models/baseline/classifier.pt",
-    "metrics/features.json", "reports/leaderboard.csv", "plots/fusion_weights.csv", "reports/fusion_weights.png",
-    "models/finetuned/model.pt", "models/finetuned/config.json", "metrics/finetune.json", "plots/finetune_history.csv",
-    "metrics/evaluate.json", "plots/evaluate/confusion.csv", "plots/evaluate/per_class_f1.csv",
-    "plots/evaluate/reliability.csv", "reports/evaluate/confusion_finetuned.png", "reports/evaluate/predictions.csv",
+    "data/manifest.csv",
+    "reports/validation/validation.md",
+    "metrics/validation.json",
+    "data/splits/train.csv",
+    "data/splits/val.csv",
+    "data/splits/test.csv",
+    "metrics/split.json",
+    "data/prepared/train_images.npy",
+    "data/prepared/meta.json",
+    "reports/augment_preview.png",
+    "data/features/tf_efficientnet_lite0.npz",
+    "models/baseline/head.pt",
+    "models/baseline/classifier.pt",
+    "metrics/features.json",
+    "reports/leaderboard.csv",
+    "plots/fusion_weights.csv",
+    "reports/fusion_weights.png",
+    "models/finetuned/model.pt",
+    "models/finetuned/config.json",
+    "metrics/finetune.json",
+    "plots/finetune_history.csv",
+    "metrics/evaluate.json",
+    "plots/evaluate/confusion.csv",
+    "plots/evaluate/per_class_f1.csv",
+    "plots/evaluate/reliability.csv",
+    "reports/evaluate/confusion_finetuned.png",
+    "reports/evaluate/predictions.csv",
 ]
 
 
@@ -91,7 +110,9 @@ def test_one_tagged_mlflow_run_per_stage_grouped_under_a_parent(tiny_pipeline):
     # the parent shows the execution: every params section, the headline metrics, the run behind each stage
     assert parent["params.finetune.phases.0.name"] == "head" and parent["params.model.interpolation"] == "bilinear"
     headline = json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())
-    assert parent["metrics.evaluate.finetuned.test.accuracy"] == pytest.approx(headline["finetuned"]["test"]["accuracy"])
+    assert parent["metrics.evaluate.finetuned.test.accuracy"] == pytest.approx(
+        headline["finetuned"]["test"]["accuracy"]
+    )
     assert all(parent[f"tags.stage.{stage}"] == by_stage.loc[stage, "run_id"] for stage in STAGES)
 
 

@@ -32,7 +32,9 @@ def predict(project, *args) -> tuple[int, pd.DataFrame, str]:
 
 def test_folder_to_csv_with_top_k_and_error_rows(tiny_pipeline, inbox, tmp_path):
     out = tmp_path / "predictions.csv"
-    code, _, stderr = predict(tiny_pipeline, str(inbox), str(tmp_path / "missing.png"), "--top-k", "2", "--out", str(out))
+    code, _, stderr = predict(
+        tiny_pipeline, str(inbox), str(tmp_path / "missing.png"), "--top-k", "2", "--out", str(out)
+    )
     assert code == 0, stderr
     table = pd.read_csv(out, keep_default_na=False, dtype={"pred_1": str, "pred_2": str})
     assert list(table.columns) == ["path", "error", "pred_1", "prob_1", "pred_2", "prob_2"]
@@ -52,8 +54,9 @@ def test_folder_to_csv_with_top_k_and_error_rows(tiny_pipeline, inbox, tmp_path)
 def test_registered_model_gives_the_same_answers(tiny_pipeline, inbox, tmp_path):
     local, registered = tmp_path / "local.csv", tmp_path / "registered.csv"
     assert predict(tiny_pipeline, str(inbox), "--out", str(local))[0] == 0
-    code, _, stderr = predict(tiny_pipeline, str(inbox), "--model", "models:/image-classifier@champion",
-                              "--out", str(registered))
+    code, _, stderr = predict(
+        tiny_pipeline, str(inbox), "--model", "models:/image-classifier@champion", "--out", str(registered)
+    )
     assert code == 0, stderr
     pd.testing.assert_frame_equal(pd.read_csv(local), pd.read_csv(registered), atol=1e-5)
     assert list(pd.read_csv(local).columns)[-2:] == ["pred_3", "prob_3"]  # default --top-k 3

@@ -22,8 +22,16 @@ import pytest
 from conftest import BIN, REPO
 
 README = (REPO / "README.md").read_text()
-CHEAP = ("dvc exp show", "dvc metrics diff", "dvc params diff", "dvc plots diff", "dvc plots show", "make help",
-         "make summary", "python -m stages.predict")
+CHEAP = (
+    "dvc exp show",
+    "dvc metrics diff",
+    "dvc params diff",
+    "dvc plots diff",
+    "dvc plots show",
+    "make help",
+    "make summary",
+    "python -m stages.predict",
+)
 
 
 CITED = r"`((?:stages|scripts|tests|benchmarks|ci|team)/[\w./-]+\.(?:py|csv|json|md))`"
@@ -44,10 +52,21 @@ def commands(text: str = README) -> list[str]:
 def fresh_shell(project: Path, command: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`command` in a new bash, after the README's activation line; PATH has no project environment before it.
     `.venv` in the project is a link to this test's environment (what `make install` would create)."""
-    env = {"HOME": os.environ.get("HOME", "/root"), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-           "GX_ANALYTICS_ENABLED": "false", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(["bash", "-c", f"source .venv/bin/activate && {command}"], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    env = {
+        "HOME": os.environ.get("HOME", "/root"),
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "GX_ANALYTICS_ENABLED": "false",
+        "PYTHONWARNINGS": "ignore",
+    }
+    return subprocess.run(
+        ["bash", "-c", f"source .venv/bin/activate && {command}"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +79,9 @@ def demo(tiny_pipeline, tmp_path_factory) -> Path:
 
 def test_the_readme_activates_the_environment_once():
     assert "source .venv/bin/activate" in commands()
-    assert not [c for c in commands() if ".venv/bin/" in c and not c.startswith("source")], \
+    assert not [c for c in commands() if ".venv/bin/" in c and not c.startswith("source")], (
         "one convention: commands assume the activated environment"
+    )
 
 
 def run_cheap(project: Path, command: str) -> None:
@@ -89,9 +109,14 @@ def check_serving(demo: Path, serve: str, request: str) -> None:
     serve = serve.removesuffix("&").strip()
     port = re.search(r"-p (\d+)", serve).group(1)
     log = open(demo / "serve.log", "w")
-    server = subprocess.Popen(["bash", "-c", f"source .venv/bin/activate && {serve}"], cwd=demo, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True,
-                              env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")})
+    server = subprocess.Popen(
+        ["bash", "-c", f"source .venv/bin/activate && {serve}"],
+        cwd=demo,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")},
+    )
     try:
         deadline = time.monotonic() + 240
         while True:

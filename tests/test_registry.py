@@ -35,11 +35,22 @@ def aliases(client, name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
 
 
-def evaluate(client, name: str, version: str, accuracy: float, val_images: str = "digest-1",
-             min_improvement: float = 0.0) -> dict:
+def evaluate(
+    client, name: str, version: str, accuracy: float, val_images: str = "digest-1", min_improvement: float = 0.0
+) -> dict:
     if own_evaluation(client, name, version):
-        record_evaluation(client, name, version, {"evaluation.run_id": f"run-{version}", "val.accuracy": str(accuracy),
-                                                  "val.images": val_images, "test.accuracy": "0.5"}, "described")
+        record_evaluation(
+            client,
+            name,
+            version,
+            {
+                "evaluation.run_id": f"run-{version}",
+                "val.accuracy": str(accuracy),
+                "val.images": val_images,
+                "test.accuracy": "0.5",
+            },
+            "described",
+        )
     return settle_aliases(client, name, "accuracy", min_improvement, pause_s=0.0)
 
 

@@ -67,8 +67,11 @@ def s3_endpoint():
     """moto's S3 server on 127.0.0.1 with one bucket, dummy credentials in the environment; stopped after."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     saved = {name: os.environ.get(name) for name in S3_CREDENTIALS}
     try:
         deadline = time.monotonic() + 60

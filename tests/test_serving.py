@@ -42,9 +42,21 @@ def model_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("finetuned")
     torch.manual_seed(0)
     torch.save(create_backbone("tf_efficientnet_lite0", "none", 3).state_dict(), folder / "model.pt")
-    (folder / "config.json").write_text(json.dumps({
-        "model": "tf_efficientnet_lite0", "num_classes": 3, "classes": ["cat", "dog", "fox"],
-        "data_config": {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model": "tf_efficientnet_lite0",
+                "num_classes": 3,
+                "classes": ["cat", "dog", "fox"],
+                "data_config": {
+                    "input_size": [3, 32, 32],
+                    "interpolation": "bicubic",
+                    "mean": [0.5] * 3,
+                    "std": [0.5] * 3,
+                },
+            }
+        )
+    )
     return folder
 
 
@@ -64,11 +76,14 @@ def test_an_unknown_filter_is_an_error_not_a_silent_default():
         DataConfig(32, "bicubicc", (0.5,) * 3, (0.5,) * 3)
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", "empty input"),
-    (b"GIF89a not really", "not an image"),
-    (png_bytes(np.zeros((64, 64, 3), dtype=np.uint8))[:60], "corrupt image"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty input"),
+        (b"GIF89a not really", "not an image"),
+        (png_bytes(np.zeros((64, 64, 3), dtype=np.uint8))[:60], "corrupt image"),
+    ],
+)
 def test_undecodable_input_is_named(data, message):
     with pytest.raises(ImageDecodeError, match=message):
         decode_image(data, CONTRACT)
@@ -79,8 +94,12 @@ def test_bad_images_get_an_error_row_and_do_not_stop_the_batch(model_folder):
     image = png_bytes(np.full((50, 50, 3), 200, dtype=np.uint8))
     rows = classifier.predict([image, b"not an image", base64.b64encode(image).decode(), 42])
     assert list(rows.columns) == ["label", "probability", "probabilities", "error"]
-    assert list(rows["error"]) == ["", "not an image (unrecognised format)", "",
-                                   "expected encoded image bytes, got int"]
+    assert list(rows["error"]) == [
+        "",
+        "not an image (unrecognised format)",
+        "",
+        "expected encoded image bytes, got int",
+    ]
     assert rows.loc[0, "label"] in {"cat", "dog", "fox"}
     assert sum(rows.loc[0, "probabilities"]) == pytest.approx(1.0, abs=1e-5)
     assert rows.loc[0, "probability"] == pytest.approx(max(rows.loc[0, "probabilities"]))
@@ -107,7 +126,9 @@ def test_registered_version_is_an_image_pyfunc(tiny_pipeline):
     version = mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion")
     results = json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())["finetuned"]
     assert version.description.startswith(f"Val accuracy {results['val']['accuracy']:.4f} (what promotion compares)")
-    assert float(version.tags["test.accuracy"]) == pytest.approx(results["test"]["accuracy"], abs=1e-6)  # tags hold 6 decimals
+    assert float(version.tags["test.accuracy"]) == pytest.approx(
+        results["test"]["accuracy"], abs=1e-6
+    )  # tags hold 6 decimals
     logged = {metric.key: metric.value for metric in mlflow.get_logged_model(info.model_id).metrics}
     assert logged["test.accuracy"] == pytest.approx(results["test"]["accuracy"])
     model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
@@ -140,11 +161,27 @@ def test_a_version_registered_with_an_old_import_path_still_predicts(model_folde
     """Versions registered before the library's packages existed import their pyfunc from `stages.lib.serving`
     or `stages.lib.pyfunc`; `stages.predict --model models:/...` loads them in a process where this project's
     package is imported, so those two modules stay as re-exports."""
-    run(tmp_path, sys.executable, "-c", OLD_ENTRY_POINT, f"sqlite:///{tmp_path / 'mlflow.db'}", str(model_folder),
-        old_module)
+    run(
+        tmp_path,
+        sys.executable,
+        "-c",
+        OLD_ENTRY_POINT,
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        str(model_folder),
+        old_module,
+    )
     (tmp_path / "in.png").write_bytes(png_bytes(np.full((40, 40, 3), 90, np.uint8)))
-    run(tmp_path, sys.executable, "-m", "stages.predict", "in.png", "--model", "models:/before-the-move/1",
-        "--out", "out.csv")
+    run(
+        tmp_path,
+        sys.executable,
+        "-m",
+        "stages.predict",
+        "in.png",
+        "--model",
+        "models:/before-the-move/1",
+        "--out",
+        "out.csv",
+    )
     import pandas as pd
 
     [row] = pd.read_csv(tmp_path / "out.csv", keep_default_na=False).to_dict("records")
@@ -161,8 +198,9 @@ def post(port: int, values: list[bytes] | None = None, body: dict | None = None)
     if body is None:
         data = [[base64.b64encode(value).decode()] for value in values]
         body = {"dataframe_split": {"columns": ["image"], "data": data}}
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -178,14 +216,31 @@ def server(tiny_pipeline, tmp_path_factory):
     env = pipeline_env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{tiny_pipeline / 'mlflow.db'}"}
     log_file = open(tmp_path / "serve.log", "w")
     process = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL_NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while True:
             if process.poll() is not None:
-                pytest.fail(f"mlflow models serve exited ({process.returncode}):\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+                log = (tmp_path / "serve.log").read_text()[-3000:]
+                pytest.fail(f"mlflow models serve exited ({process.returncode}):\n{log}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
                     break
@@ -240,16 +295,29 @@ def test_every_consumer_agrees_with_evaluate_on_encoded_files(tiny_pipeline, ser
     from stages.lib.data.images import read_labelled_csv
     from stages.lib.data.preprocessing import decode
 
-    assert json.loads((tiny_pipeline / "models/finetuned/config.json").read_text())["data_config"]["interpolation"] \
+    assert (
+        json.loads((tiny_pipeline / "models/finetuned/config.json").read_text())["data_config"]["interpolation"]
         == "bilinear"
+    )
     evaluated = pd.read_csv(tiny_pipeline / "reports/evaluate/predictions.csv", dtype=str)
     evaluated = evaluated[(evaluated["split"] == "test") & (evaluated["model"] == "finetuned")].set_index("path")
     paths = read_labelled_csv(tiny_pipeline / "data/splits/test.csv")["path"].tolist()
     expected = [evaluated.loc[path, "predicted"] for path in paths]
 
     for model in ("models/finetuned", f"models:/{MODEL_NAME}@champion"):
-        result = run(tiny_pipeline, str(BIN / "python"), "-m", "stages.predict", *paths, "--model", model, "--out", "-",
-                     "--top-k", "1")
+        result = run(
+            tiny_pipeline,
+            str(BIN / "python"),
+            "-m",
+            "stages.predict",
+            *paths,
+            "--model",
+            model,
+            "--out",
+            "-",
+            "--top-k",
+            "1",
+        )
         table = pd.read_csv(io.StringIO(result.stdout), dtype=str).set_index("path")
         assert [table.loc[path, "pred_1"] for path in paths] == expected, model
 

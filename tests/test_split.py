@@ -15,8 +15,16 @@ def manifest(per_class: dict[str, int], split: dict[int, str] | None = None, cop
     for label, count in per_class.items():
         for index in range(count):
             for copy in range(copies):
-                rows.append({"path": f"data/images/{label}/{index:03d}_{copy}.png", "label": label,
-                             "sha256": f"{label}-{index:03d}", "status": "ok", "reason": "", "split": ""})
+                rows.append(
+                    {
+                        "path": f"data/images/{label}/{index:03d}_{copy}.png",
+                        "label": label,
+                        "sha256": f"{label}-{index:03d}",
+                        "status": "ok",
+                        "reason": "",
+                        "split": "",
+                    }
+                )
     frame = pd.DataFrame(rows)
     for position, name in (split or {}).items():
         frame.loc[position, "split"] = name
@@ -59,7 +67,9 @@ def test_a_manifest_split_column_is_honoured_and_the_rest_split_by_ratio():
     where = {path: name for name, frame in splits.items() for path in frame["path"]}
     assert all(where[table.loc[position, "path"]] == name for position, name in pinned.items())
     assert len(where) == 40
-    fully = table.assign(split=["train"] * 14 + ["val"] * 3 + ["test"] * 3 + ["train"] * 14 + ["val"] * 3 + ["test"] * 3)
+    fully = table.assign(
+        split=["train"] * 14 + ["val"] * 3 + ["test"] * 3 + ["train"] * 14 + ["val"] * 3 + ["test"] * 3
+    )
     sizes = {name: len(frame) for name, frame in split_manifest(fully, Split(), seed=0).items()}
     assert sizes == {"train": 28, "val": 6, "test": 6}
 

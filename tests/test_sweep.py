@@ -35,11 +35,14 @@ def test_commas_inside_brackets_and_quotes_do_not_split():
         split_top_level("[0.9,1.1")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("finetune.phases.1.lr", "write key=value"),
-    ("=3", "write key=value"),
-    ("finetune.phases.1.lr=loguniform(1e-4,1e-2)", "needs --search optuna"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune.phases.1.lr", "write key=value"),
+        ("=3", "write key=value"),
+        ("finetune.phases.1.lr=loguniform(1e-4,1e-2)", "needs --search optuna"),
+    ],
+)
 def test_bad_overrides_are_refused_in_one_line(override, message):
     with pytest.raises(TeamError, match=message):
         grid([override])
@@ -48,8 +51,15 @@ def test_bad_overrides_are_refused_in_one_line(override, message):
 def test_a_search_space_of_distributions_choices_and_fixed_values():
     import optuna
 
-    space = search_space(["finetune.phases.1.lr=loguniform(1e-4,1e-2)", "base.seed=42,1", "finetune.batch_size=32",
-                          "augment.rotation=int(0,20)", "model.drop_rate=uniform(0.1,0.3)"])
+    space = search_space(
+        [
+            "finetune.phases.1.lr=loguniform(1e-4,1e-2)",
+            "base.seed=42,1",
+            "finetune.batch_size=32",
+            "augment.rotation=int(0,20)",
+            "model.drop_rate=uniform(0.1,0.3)",
+        ]
+    )
     assert [d.kind for d in space] == ["loguniform", "choice", "fixed", "int", "uniform"]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     trial = study.ask()
@@ -64,7 +74,10 @@ def test_the_objective_must_be_a_val_metric():
     objective = Objective.parse("metrics/evaluate.json:finetuned.val.accuracy")
     assert objective.value('{"finetuned": {"val": {"accuracy": 0.75}, "test": {"accuracy": 0.7}}}') == 0.75
     assert Objective.parse("metrics/finetune.json:kept_val_loss", "min").better(0.1, 0.2)
-    for test_metric in ("metrics/evaluate.json:finetuned.test.accuracy", "metrics/evaluate.json:baseline.test.macro_f1"):
+    for test_metric in (
+        "metrics/evaluate.json:finetuned.test.accuracy",
+        "metrics/evaluate.json:baseline.test.macro_f1",
+    ):
         with pytest.raises(TeamError, match="is a test metric: choose on a val metric"):
             Objective.parse(test_metric)
     with pytest.raises(TeamError, match="write FILE:KEY"):
@@ -80,14 +93,40 @@ def test_the_reports_list_every_trial_and_the_best_by_the_objective(tmp_path):
     objective = Objective.parse("metrics/evaluate.json:finetuned.val.accuracy")
     sweep = Sweep(name="lr", overrides=[], objective=objective)
     results = [
-        {"name": "lr-01", "params": {"a": "1"}, "status": "ok", "objective": 0.5, "node": "n1", "duration_s": 3.0, "error": ""},
-        {"name": "lr-02", "params": {"a": "2"}, "status": "exists", "objective": 0.9, "node": "", "duration_s": 0.0, "error": ""},
-        {"name": "lr-03", "params": {"a": "3"}, "status": "failed", "objective": None, "node": "n2", "duration_s": 1.0,
-         "error": "dvc exp run failed (1): ERROR: boom"},
+        {
+            "name": "lr-01",
+            "params": {"a": "1"},
+            "status": "ok",
+            "objective": 0.5,
+            "node": "n1",
+            "duration_s": 3.0,
+            "error": "",
+        },
+        {
+            "name": "lr-02",
+            "params": {"a": "2"},
+            "status": "exists",
+            "objective": 0.9,
+            "node": "",
+            "duration_s": 0.0,
+            "error": "",
+        },
+        {
+            "name": "lr-03",
+            "params": {"a": "3"},
+            "status": "failed",
+            "objective": None,
+            "node": "n2",
+            "duration_s": 1.0,
+            "error": "dvc exp run failed (1): ERROR: boom",
+        },
     ]
     assert best(results, objective)["name"] == "lr-02"
     csv_path, md_path = write_reports(sweep, results, tmp_path)
-    assert csv_path.read_text().splitlines()[0] == "trial,a,metrics/evaluate.json:finetuned.val.accuracy,status,node,duration_s,error"
+    assert (
+        csv_path.read_text().splitlines()[0]
+        == "trial,a,metrics/evaluate.json:finetuned.val.accuracy,status,node,duration_s,error"
+    )
     report = md_path.read_text()
     assert "**Best trial: `lr-02`**" in report and "2 finished, 1 failed" in report and "ERROR: boom" in report
 
@@ -96,6 +135,7 @@ def test_the_reports_list_every_trial_and_the_best_by_the_objective(tmp_path):
 @pytest.fixture(scope="module")
 def tracking_server():
     """A local HTTP server answering /health with 200, as an MLflow server does."""
+
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
             self.send_response(200 if self.path == "/health" else 404)
@@ -157,9 +197,13 @@ def test_refusals_name_what_to_set_in_order(repo, tmp_path, tracking_server):
         check_prerequisites(repo, env)
     dvc(repo, "remote", "add", "-d", "shared", str(tmp_path / "dvc-remote"))
     git(repo, "commit", "-qam", "dvc remote")
-    for uri, message in ((None, "MLFLOW_TRACKING_URI is not set"), ("sqlite:///mlflow.db", "is a local store"),
-                         ("file:///tmp/mlruns", "is a local store"), ("/tmp/mlruns", "is a local store"),
-                         ("http://127.0.0.1:9", "does not answer")):
+    for uri, message in (
+        (None, "MLFLOW_TRACKING_URI is not set"),
+        ("sqlite:///mlflow.db", "is a local store"),
+        ("file:///tmp/mlruns", "is a local store"),
+        ("/tmp/mlruns", "is a local store"),
+        ("http://127.0.0.1:9", "does not answer"),
+    ):
         with pytest.raises(TeamError, match=message):
             check_prerequisites(repo, {"MLFLOW_TRACKING_URI": uri} if uri else {})
     (repo / "params.yaml").write_text("base:\n  seed: 1\n")
@@ -218,9 +262,16 @@ class FakeRunner:
         spec, tag = self.pending.pop(0)
         exists = spec["name"] in FakeRunner.existing
         lr = float(spec["params"]["finetune.phases.1.lr"])
-        return {"name": spec["name"], "params": spec["params"], "status": "exists" if exists else "ok",
-                "objective": None if exists else -abs(math.log10(lr) + 3), "error": "", "node": "n",
-                "duration_s": 1.0, "timings": {}}, tag
+        return {
+            "name": spec["name"],
+            "params": spec["params"],
+            "status": "exists" if exists else "ok",
+            "objective": None if exists else -abs(math.log10(lr) + 3),
+            "error": "",
+            "node": "n",
+            "duration_s": 1.0,
+            "timings": {},
+        }, tag
 
 
 def test_an_optuna_search_asks_tells_and_resumes_a_killed_drivers_study(tmp_path, monkeypatch):
@@ -236,14 +287,21 @@ def test_an_optuna_search_asks_tells_and_resumes_a_killed_drivers_study(tmp_path
     monkeypatch.setenv("TEAM_HOME", str(tmp_path / "team"))
     objective = Objective.parse("metrics/evaluate.json:finetuned.val.accuracy")
     pre = Prerequisites(remote="origin", commit="ab" * 20, tracking_uri="http://127.0.0.1:1")
-    sweep = Sweep(name="tpe", overrides=["finetune.phases.1.lr=loguniform(1e-4,1e-2)"], objective=objective,
-                  search="optuna", trials=3, repo=tmp_path)
+    sweep = Sweep(
+        name="tpe",
+        overrides=["finetune.phases.1.lr=loguniform(1e-4,1e-2)"],
+        objective=objective,
+        search="optuna",
+        trials=3,
+        repo=tmp_path,
+    )
     results = run_optuna(sweep, pre, {})
     assert [r["name"] for r in results] == ["tpe-01", "tpe-02", "tpe-03"] and all(r["status"] == "ok" for r in results)
 
     # a driver killed with two trials in flight: tpe-04 had reached origin, tpe-05 had not
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-        str(tmp_path / "team/sweeps/tpe.optuna.log")))
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "team/sweeps/tpe.optuna.log"))
+    )
     study = optuna.load_study(study_name=f"tpe@{pre.commit}", storage=storage)
     for name in ("tpe-04", "tpe-05"):
         trial = study.ask()
@@ -263,10 +321,13 @@ def test_an_optuna_search_asks_tells_and_resumes_a_killed_drivers_study(tmp_path
 def test_a_failed_commands_output_becomes_one_telling_line():
     from team.trial import _last_line
 
-    output = ("Running stage 'finetune':\n> python -m stages.finetune\nerror: params.yaml is invalid:\n"
-              "  finetune.phases.1.lr: Input should be greater than 0 [got -1.0]\n"
-              "ERROR: failed to reproduce 'finetune': failed to run: python -m stages.finetune, exited with 1\n")
-    assert _last_line(output) == ("error: params.yaml is invalid: finetune.phases.1.lr: Input should be greater "
-                                  "than 0 [got -1.0]")
+    output = (
+        "Running stage 'finetune':\n> python -m stages.finetune\nerror: params.yaml is invalid:\n"
+        "  finetune.phases.1.lr: Input should be greater than 0 [got -1.0]\n"
+        "ERROR: failed to reproduce 'finetune': failed to run: python -m stages.finetune, exited with 1\n"
+    )
+    assert _last_line(output) == (
+        "error: params.yaml is invalid: finetune.phases.1.lr: Input should be greater than 0 [got -1.0]"
+    )
     assert _last_line("Cloning...\nfatal: repository '/x' does not exist\n") == "fatal: repository '/x' does not exist"
     assert _last_line("") == "(no output)"

@@ -98,8 +98,11 @@ class TeamServer:
 
     def env(self, user: str | None = None, password: str | None = None) -> dict:
         """A stage's environment pointed at the server (MLflow retries kept short for the crash test)."""
-        env = pipeline_env() | {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+        env = pipeline_env() | {
+            "MLFLOW_TRACKING_URI": self.url,
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        }
         if user:
             env |= {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
         return env
@@ -135,10 +138,16 @@ def test_a_lost_server_is_reported_in_one_line():
         "API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-batch failed with exception "
         "HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded with url: /api/2.0/mlflow/runs/"
         "log-batch (Caused by NewConnectionError(\"HTTPConnection(host='127.0.0.1', port=5000): Failed to "
-        "establish a new connection: [Errno 111] Connection refused\"))")
+        'establish a new connection: [Errno 111] Connection refused"))'
+    )
     line = lost_tracking_server(error)
-    assert line.startswith("the MLflow tracking server http://127.0.0.1:5000 stopped answering "
-                           "([Errno 111] Connection refused)") and "dvc repro" in line and "\n" not in line
+    assert (
+        line.startswith(
+            "the MLflow tracking server http://127.0.0.1:5000 stopped answering ([Errno 111] Connection refused)"
+        )
+        and "dvc repro" in line
+        and "\n" not in line
+    )
     assert lost_tracking_server(MlflowException("RESOURCE_DOES_NOT_EXIST: no such run")) is None
 
 
@@ -167,7 +176,9 @@ def server():
 def repro(project: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"dvc repro failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"dvc repro failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -175,8 +186,12 @@ def make_server_project(root: Path, lr: float | None = None) -> Path:
     """The tiny project (conftest's) on 3 digit classes, committed; `lr` sets the full phase's lr."""
     overrides = dict(SERVER_PARAMS)
     if lr is not None:
-        overrides["finetune"] = {"phases": [{"name": "head", "trainable": "head", "epochs": 1, "lr": 1.0e-3},
-                                            {"name": "full", "trainable": "all", "epochs": 1, "lr": lr}]}
+        overrides["finetune"] = {
+            "phases": [
+                {"name": "head", "trainable": "head", "epochs": 1, "lr": 1.0e-3},
+                {"name": "full", "trainable": "all", "epochs": 1, "lr": lr},
+            ]
+        }
     project = make_project(root, overrides=overrides, images=False)
     run(project, sys.executable, "-m", "stages.demo_data", "--out", "data/images", "--per-class", "12")
     for folder in (project / "data/images").iterdir():
@@ -203,8 +218,9 @@ def stage_runs(client, **tags) -> list:
 def finetune_runs(client, lr: float) -> list:
     """The finetune runs whose full phase ran at `lr`. A run whose server was killed right after the run was
     created has no params at all: it is not one of them."""
-    return [run for run in stage_runs(client, stage="finetune")
-            if run.data.params.get("finetune.phases.1.lr") == str(lr)]
+    return [
+        run for run in stage_runs(client, stage="finetune") if run.data.params.get("finetune.phases.1.lr") == str(lr)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +249,9 @@ def test_pipeline_logs_every_stage_through_the_server(server, project):
         assert runs[stage].info.status == "FINISHED"
         assert runs[stage].info.artifact_uri.startswith("mlflow-artifacts:/"), runs[stage].info.artifact_uri
     evaluate = json.loads((project / "metrics/evaluate.json").read_text())
-    assert runs["evaluate"].data.metrics["finetuned.test.accuracy"] == pytest.approx(evaluate["finetuned"]["test"]["accuracy"])
+    assert runs["evaluate"].data.metrics["finetuned.test.accuracy"] == pytest.approx(
+        evaluate["finetuned"]["test"]["accuracy"]
+    )
     history = client.get_metric_history(runs["finetune"].info.run_id, "val/loss")
     assert [point.step for point in history] == [1, 2]  # one point per epoch, two phases of one epoch
     # artifacts went through the server's proxy into its artifacts destination
@@ -265,9 +283,22 @@ def test_registered_version_and_aliases_on_the_server(server, project):
 def test_predict_loads_the_champion_from_the_server(server, project, tmp_path):
     images = sorted((project / "data/images/1").glob("*.png"))[:3]
     out = tmp_path / "predictions.csv"
-    result = subprocess.run([sys.executable, "-m", "stages.predict", *map(str, images), "--model",
-                             f"models:/{MODEL}@champion", "--out", str(out)],
-                            cwd=project, env=server.env(), capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.predict",
+            *map(str, images),
+            "--model",
+            f"models:/{MODEL}@champion",
+            "--out",
+            str(out),
+        ],
+        cwd=project,
+        env=server.env(),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     import pandas as pd
 
@@ -283,8 +314,14 @@ def test_server_killed_mid_stage_fails_the_stage_and_repro_completes_after_resta
     client = server.client()
     before = {run.info.run_id for run in stage_runs(client, stage="finetune")}
     log_file = open(tmp_path / "repro.log", "w")
-    process = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=copy, env=server.env(), stdout=log_file,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [str(BIN / "dvc"), "repro"],
+        cwd=copy,
+        env=server.env(),
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not {run.info.run_id for run in stage_runs(client, stage="finetune")} - before:
@@ -324,8 +361,11 @@ def auth_server(server, project):
 
     server.start(auth=True)
     os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", server.admin_password
-    for name, password, role in (("writer1", WRITER_PASSWORD, "writer"), ("writer2", WRITER_PASSWORD, "writer"),
-                                 ("reader", READER_PASSWORD, "reader")):
+    for name, password, role in (
+        ("writer1", WRITER_PASSWORD, "writer"),
+        ("writer2", WRITER_PASSWORD, "writer"),
+        ("reader", READER_PASSWORD, "reader"),
+    ):
         add_user(server.url, name, password, role, EXPERIMENT, MODEL)
     return server
 
@@ -415,10 +455,14 @@ def test_two_writers_at_once_complete_and_agree_on_the_aliases(auth_server, proj
             clone = tmp_path / user
             shutil.copytree(project, clone, symlinks=True)
             set_full_lr(clone, lr)
-            processes[user] = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=clone,
-                                               env=auth_server.env(user, WRITER_PASSWORD),
-                                               stdout=open(tmp_path / f"{user}.log", "w"), stderr=subprocess.STDOUT,
-                                               start_new_session=True)
+            processes[user] = subprocess.Popen(
+                [str(BIN / "dvc"), "repro"],
+                cwd=clone,
+                env=auth_server.env(user, WRITER_PASSWORD),
+                stdout=open(tmp_path / f"{user}.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         for process in processes.values():
             process.wait(timeout=900)
     finally:

@@ -17,12 +17,15 @@ from stages.lib.core.threads import QUEUE_WORKERS_DIR, decide, live_queue_worker
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("cores, sharers, threads, loader_workers", [
-    (2, 1, 2, 1),      # alone: every core, one DataLoader worker beside the main process
-    (2, 2, 1, 0),      # dvc queue start -j 2 on 2 cores: one thread each, no loader processes
-    (16, 3, 5, 4),     # rounds down: 3 x 5 threads fit in 16 cores
-    (1, 4, 1, 0),      # never below one thread
-])
+@pytest.mark.parametrize(
+    "cores, sharers, threads, loader_workers",
+    [
+        (2, 1, 2, 1),  # alone: every core, one DataLoader worker beside the main process
+        (2, 2, 1, 0),  # dvc queue start -j 2 on 2 cores: one thread each, no loader processes
+        (16, 3, 5, 4),  # rounds down: 3 x 5 threads fit in 16 cores
+        (1, 4, 1, 0),  # never below one thread
+    ],
+)
 def test_the_cores_are_divided_among_the_processes_sharing_them(cores, sharers, threads, loader_workers):
     budget = decide(cores, sharers)
     assert (budget.threads, budget.interop, budget.loader_workers) == (threads, threads, loader_workers)
@@ -30,10 +33,10 @@ def test_the_cores_are_divided_among_the_processes_sharing_them(cores, sharers, 
 
 
 def test_pipeline_threads_overrides_and_omp_num_threads_caps():
-    assert decide(16, 4, requested="6").threads == 6            # the setting wins over the division
-    assert decide(16, 1, requested="2", cap="1").threads == 2   # ... and over OMP_NUM_THREADS
-    assert decide(16, 2, cap="3").threads == 3                  # a user's OMP_NUM_THREADS caps the default
-    assert decide(2, 1, cap="8").threads == 2                   # but never raises it
+    assert decide(16, 4, requested="6").threads == 6  # the setting wins over the division
+    assert decide(16, 1, requested="2", cap="1").threads == 2  # ... and over OMP_NUM_THREADS
+    assert decide(16, 2, cap="3").threads == 3  # a user's OMP_NUM_THREADS caps the default
+    assert decide(2, 1, cap="8").threads == 2  # but never raises it
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
@@ -96,8 +99,8 @@ def test_the_queue_counts_only_inside_a_queued_experiment(fake_queue):
     try:
         record.write_text(str(other.pid))
         assert queue_workers(queued, cwd=copy) == 2
-        assert queue_workers(queued, cwd=root) == 1                       # dvc exp run in the workspace
-        assert queue_workers({"DVC_ROOT": str(root)}, cwd=copy) == 1      # dvc repro: no experiment
+        assert queue_workers(queued, cwd=root) == 1  # dvc exp run in the workspace
+        assert queue_workers({"DVC_ROOT": str(root)}, cwd=copy) == 1  # dvc repro: no experiment
     finally:
         other.kill()
         other.wait()
@@ -115,17 +118,25 @@ print(json.dumps({"threads": torch.get_num_threads(), "interop": torch.get_num_i
 
 def stage_budget(env: dict, cwd: Path) -> dict:
     """What a process starting like a stage (torch imported, then setup_stage) ends up with."""
-    result = subprocess.run([sys.executable, "-c", STAGE_START], cwd=cwd, capture_output=True, text=True,
-                            env={**env, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-c", STAGE_START],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr
     assert "thread budget:" in result.stderr
     return json.loads(result.stdout)
 
 
 def clean_env() -> dict:
-    return {k: v for k, v in os.environ.items()
-            if k not in ("PIPELINE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE")
-            and not k.startswith("DVC_")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PIPELINE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE")
+        and not k.startswith("DVC_")
+    }
 
 
 def test_a_stage_process_gets_the_setting(tmp_path):

@@ -58,15 +58,18 @@ def tiny_model() -> nn.Module:
 
 
 def settings(phases: list[dict] | None = None, **overrides) -> Finetune:
-    phases = phases or [{"name": "head", "trainable": "head", "epochs": 1, "lr": 1e-2},
-                        {"name": "full", "trainable": "all", "epochs": 2, "lr": 1e-3}]
+    phases = phases or [
+        {"name": "head", "trainable": "head", "epochs": 1, "lr": 1e-2},
+        {"name": "full", "trainable": "all", "epochs": 2, "lr": 1e-3},
+    ]
     overrides = {"model_ema": False, "patience": 3} | overrides  # the plain model is what these tests inspect
     return Finetune(batch_size=16, phases=[Phase(**phase) for phase in phases], **overrides)
 
 
 def train(model: nn.Module, recipe: Finetune, tmp_path, on_epoch=lambda row: None, seed: int = 0):
-    loaders = make_loaders(tiny_data(48, 1), tiny_data(24, 2), recipe.batch_size, Distributed(), seed,
-                           mixup=recipe.mixes)
+    loaders = make_loaders(
+        tiny_data(48, 1), tiny_data(24, 2), recipe.batch_size, Distributed(), seed, mixup=recipe.mixes
+    )
     return run_phases(model, recipe, loaders, DATA, seed, Checkpoint(tmp_path / "last.pt", "test"), on_epoch)
 
 
@@ -76,9 +79,14 @@ def batchnorms(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
 
 # ----------------------------------------------------------------------------- recipe
 def test_a_phase_inherits_the_section_and_overrides_its_own_keys():
-    recipe = settings([{"name": "a", "epochs": 1, "lr": 1e-3},
-                       {"name": "b", "epochs": 1, "lr": 1e-4, "weight_decay": 0.0, "mixup_alpha": 0.2}],
-                      weight_decay=0.01, smoothing=0.2)
+    recipe = settings(
+        [
+            {"name": "a", "epochs": 1, "lr": 1e-3},
+            {"name": "b", "epochs": 1, "lr": 1e-4, "weight_decay": 0.0, "mixup_alpha": 0.2},
+        ],
+        weight_decay=0.01,
+        smoothing=0.2,
+    )
     first, second = (recipe.recipe(phase) for phase in recipe.phases)
     assert (first.weight_decay, first.smoothing, first.mixup_alpha) == (0.01, 0.2, 0.0)
     assert (second.weight_decay, second.smoothing, second.mixup_alpha) == (0.0, 0.2, 0.2)
@@ -114,11 +122,20 @@ def test_frozen_parameters_do_not_move_and_unfrozen_ones_join_in_the_next_phase(
     model = tiny_model()
     groups = block_groups(model)
     snapshots = []
-    recipe = settings([{"name": "head", "trainable": "head", "epochs": 1, "lr": 1e-2},
-                       {"name": "top", "trainable": 1, "epochs": 1, "lr": 1e-2}], patience=5)
+    recipe = settings(
+        [
+            {"name": "head", "trainable": "head", "epochs": 1, "lr": 1e-2},
+            {"name": "top", "trainable": 1, "epochs": 1, "lr": 1e-2},
+        ],
+        patience=5,
+    )
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    train(model, recipe, tmp_path, on_epoch=lambda row: snapshots.append(
-        {name: p.detach().clone() for name, p in model.named_parameters()}))
+    train(
+        model,
+        recipe,
+        tmp_path,
+        on_epoch=lambda row: snapshots.append({name: p.detach().clone() for name, p in model.named_parameters()}),
+    )
     moved = [{name for name in before if not torch.equal(before[name], snapshot[name])} for snapshot in snapshots]
     classifier = {name for name in before if name.startswith("classifier")}
     assert moved[0] == classifier
@@ -135,8 +152,9 @@ def test_frozen_batchnorm_stays_in_eval_mode_and_keeps_its_statistics(tmp_path, 
     trainable_bn = {name: bn for name, bn in batchnorms(model).items() if f"{name}.weight" not in frozen}
     modes = {name: set() for name in batchnorms(model)}
     for name, bn in batchnorms(model).items():
-        bn.register_forward_pre_hook(lambda module, args, name=name: modes[name].add(module.training)
-                                     if torch.is_grad_enabled() else None)
+        bn.register_forward_pre_hook(
+            lambda module, args, name=name: modes[name].add(module.training) if torch.is_grad_enabled() else None
+        )
     before = {name: bn.running_mean.clone() for name, bn in batchnorms(model).items()}
     train(model, settings([{"name": "top", "trainable": 4, "epochs": 1, "lr": 1e-3}], train_bn=train_bn), tmp_path)
     assert frozen_bn and all(modes[name] == {False} for name in frozen_bn)
@@ -164,8 +182,11 @@ def one_epoch(trainer: Trainer, recipe: Finetune, loader, loss_fn=None, lr: floa
 
 def test_gradients_are_clipped_to_clip_grad():
     norms = []
-    hook = lambda optimizer, args, kwargs: norms.append(torch.linalg.vector_norm(torch.stack(
-        [p.grad.norm() for group in optimizer.param_groups for p in group["params"]])).item())
+    hook = lambda optimizer, args, kwargs: norms.append(
+        torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for group in optimizer.param_groups for p in group["params"]])
+        ).item()
+    )
     handle = register_optimizer_step_pre_hook(hook)
     try:
         for clip_grad in (None, 0.01):
@@ -184,8 +205,9 @@ def test_ema_and_mixup_train_and_the_ema_is_what_is_validated_and_kept(tmp_path)
     train_loader, val_loader = make_loaders(tiny_data(48, 1), tiny_data(24, 2), 16, Distributed(), 0, mixup=True)
     loss_fn, _ = build_loss(recipe.recipe(recipe.phases[0]), CLASSES)
     seen_targets = []
-    metrics, state = one_epoch(trainer, recipe, train_loader,
-                               lambda logits, targets: seen_targets.append(targets) or loss_fn(logits, targets))
+    metrics, state = one_epoch(
+        trainer, recipe, train_loader, lambda logits, targets: seen_targets.append(targets) or loss_fn(logits, targets)
+    )
     assert math.isfinite(metrics["train_loss"]) and state.updates == 3
     assert all(targets.shape == (16, CLASSES) for targets in seen_targets)  # soft, mixed targets
     assert any((targets.max(1).values < 0.85).any() for targets in seen_targets)
@@ -216,12 +238,24 @@ def test_lr_per_block_group_shows_the_phases(tmp_path):
 @pytest.mark.parametrize("keep", ["best_val_loss", "last"])
 def test_the_kept_weights_are_the_best_epochs_by_val_loss_or_the_last(tmp_path, keep):
     model = tiny_model()
-    recipe = settings([{"name": "good", "trainable": "all", "epochs": 2, "lr": 1e-2},
-                       {"name": "wreck", "trainable": "all", "epochs": 2, "lr": 1.0}], patience=5, clip_grad=None,
-                      keep=keep)
+    recipe = settings(
+        [
+            {"name": "good", "trainable": "all", "epochs": 2, "lr": 1e-2},
+            {"name": "wreck", "trainable": "all", "epochs": 2, "lr": 1.0},
+        ],
+        patience=5,
+        clip_grad=None,
+        keep=keep,
+    )
     kept = {}
-    state = train(model, recipe, tmp_path, on_epoch=lambda row: kept.setdefault(row["epoch"], {
-        name: value.clone() for name, value in model.state_dict().items()}))
+    state = train(
+        model,
+        recipe,
+        tmp_path,
+        on_epoch=lambda row: kept.setdefault(
+            row["epoch"], {name: value.clone() for name, value in model.state_dict().items()}
+        ),
+    )
     losses = [row["val_loss"] for row in state.history]
     assert all(math.isfinite(loss) for loss in losses) and len(losses) == 4
     expected = 1 + losses.index(min(losses)) if keep == "best_val_loss" else 4
@@ -232,8 +266,12 @@ def test_the_kept_weights_are_the_best_epochs_by_val_loss_or_the_last(tmp_path, 
 def test_early_stopping_counts_within_a_phase(tmp_path):
     """A phase stops after `patience` epochs without beating its own best val loss; it is not held to
     the previous phase's best (a new phase may start worse and still improve)."""
-    recipe = settings([{"name": "learn", "trainable": "all", "epochs": 2, "lr": 1e-2},
-                       {"name": "frozen", "trainable": "all", "epochs": 6, "lr": 1e-12, "min_lr": 0.0, "patience": 2}])
+    recipe = settings(
+        [
+            {"name": "learn", "trainable": "all", "epochs": 2, "lr": 1e-2},
+            {"name": "frozen", "trainable": "all", "epochs": 6, "lr": 1e-12, "min_lr": 0.0, "patience": 2},
+        ]
+    )
     state = train(tiny_model(), recipe, tmp_path)  # lr 1e-12 leaves the weights and so the val loss unchanged
     assert [row["phase"] for row in state.history] == ["learn", "learn", "frozen", "frozen", "frozen"]
     frozen_losses = {row["val_loss"] for row in state.history[2:]}
@@ -242,10 +280,16 @@ def test_early_stopping_counts_within_a_phase(tmp_path):
 
 # ---------------------------------------------------------------- determinism, resume
 def recipe_with_everything() -> Finetune:
-    return settings([{"name": "head", "trainable": "head", "epochs": 1, "lr": 1e-2},
-                     {"name": "top", "trainable": 2, "epochs": 2, "lr": 1e-3, "warmup_epochs": 1, "layer_decay": 0.8},
-                     {"name": "full", "trainable": "all", "epochs": 2, "lr": 5e-4}],
-                    model_ema=True, mixup_alpha=0.2, patience=5)
+    return settings(
+        [
+            {"name": "head", "trainable": "head", "epochs": 1, "lr": 1e-2},
+            {"name": "top", "trainable": 2, "epochs": 2, "lr": 1e-3, "warmup_epochs": 1, "layer_decay": 0.8},
+            {"name": "full", "trainable": "all", "epochs": 2, "lr": 5e-4},
+        ],
+        model_ema=True,
+        mixup_alpha=0.2,
+        patience=5,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -274,12 +318,14 @@ def crash_after(epoch: int):
     def on_epoch(row):
         if row["epoch"] == epoch:
             raise Crash
+
     return on_epoch
 
 
 @pytest.mark.parametrize("crash_epoch", [2, 3])  # inside a phase, and at a phase boundary
-def test_a_crashed_run_resumes_from_its_last_epoch_and_ends_as_an_uninterrupted_one(uninterrupted, tmp_path,
-                                                                                     crash_epoch, caplog):
+def test_a_crashed_run_resumes_from_its_last_epoch_and_ends_as_an_uninterrupted_one(
+    uninterrupted, tmp_path, crash_epoch, caplog
+):
     straight, weights = uninterrupted
     with pytest.raises(Crash):
         train(tiny_model(), recipe_with_everything(), tmp_path, on_epoch=crash_after(crash_epoch + 1))
@@ -320,11 +366,16 @@ def test_torchrun_with_two_processes_trains_as_one_process(tmp_path):
     script.write_text(DDP_SCRIPT)
     repo = str(Path(__file__).resolve().parents[1])
     histories = []
-    for name, launcher in (("one", [sys.executable]),
-                           ("two", [str(Path(sys.executable).parent / "torchrun"), "--standalone",
-                                    "--nproc_per_node=2"])):
-        result = subprocess.run([*launcher, str(script), repo, str(tmp_path / f"{name}.pt"), str(tmp_path / name)],
-                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for name, launcher in (
+        ("one", [sys.executable]),
+        ("two", [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]),
+    ):
+        result = subprocess.run(
+            [*launcher, str(script), repo, str(tmp_path / f"{name}.pt"), str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         histories.append(json.loads((tmp_path / name).read_text()))
     one, two = histories
@@ -335,10 +386,13 @@ def test_torchrun_with_two_processes_trains_as_one_process(tmp_path):
             assert row_two[key] == pytest.approx(row_one[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("world_size, batch_size, mixup, message", [
-    (3, 16, False, "finetune.batch_size: 16 does not split over 3 processes"),
-    (2, 6, True, "mixup/cutmix mix pairs, so each process needs an even batch (got 3)"),
-])
+@pytest.mark.parametrize(
+    "world_size, batch_size, mixup, message",
+    [
+        (3, 16, False, "finetune.batch_size: 16 does not split over 3 processes"),
+        (2, 6, True, "mixup/cutmix mix pairs, so each process needs an even batch (got 3)"),
+    ],
+)
 def test_a_batch_that_does_not_split_fails_naming_the_key(world_size, batch_size, mixup, message):
     dist = Distributed(rank=0, world_size=world_size)
     with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -30,13 +30,14 @@ def test_csv_manifest_rows_are_resolved_against_the_image_folder(tmp_path):
     (images / "labels.csv").write_text(
         "path,label,split\n"
         "pics/0.png,cat,train\n"
-        f"{(images / 'pics/1.png').as_posix()},dog,\n"   # absolute, inside the folder
-        "pics\\2.png,dog,TEST\n"                           # written on Windows; split case-insensitive
-        "pics/3.png,,\n"                                   # no label
-        "pics/0.png,cat,holdout\n"                         # not a split name
-        "../elsewhere.png,cat,\n"                          # outside the folder DVC tracks
+        f"{(images / 'pics/1.png').as_posix()},dog,\n"  # absolute, inside the folder
+        "pics\\2.png,dog,TEST\n"  # written on Windows; split case-insensitive
+        "pics/3.png,,\n"  # no label
+        "pics/0.png,cat,holdout\n"  # not a split name
+        "../elsewhere.png,cat,\n"  # outside the folder DVC tracks
         "pics/missing.png,cat,\n"
-        "pics/1.png,dog,\n")                               # the same line twice
+        "pics/1.png,dog,\n"
+    )  # the same line twice
     manifest = manifest_of(read_manifest_csv(images / "labels.csv", images))
     reasons = [reason_code(reason) or status for reason, status in zip(manifest["reason"], manifest["status"])]
     assert reasons == ["ok", "ok", "ok", "no label", "bad split", "outside images folder", "missing", "duplicate"]
@@ -72,8 +73,11 @@ def test_a_class_left_with_no_usable_image_fails_by_name_and_the_report_shows_wh
     (images / ".thumbnails" / "x.png").write_bytes(b"litter")  # hidden folders are not classes
     manifest = manifest_of(scan_image_folder(images))
     summary = summarise(manifest)
-    assert summary["per_class"] == {"cat": {"ok": 6, "excluded": 0}, "dog": {"ok": 6, "excluded": 0},
-                                    "owl": {"ok": 0, "excluded": 1}}
+    assert summary["per_class"] == {
+        "cat": {"ok": 6, "excluded": 0},
+        "dog": {"ok": 6, "excluded": 0},
+        "owl": {"ok": 0, "excluded": 1},
+    }
     assert summary["excluded_by_reason"] == {"empty file": 1, "hidden or OS file": 1}
     assert summary["excluded_fraction"] == round(1 / 13, 4)  # litter is not a lost image
     checks, gx_results = run_checks(manifest, Validate())
@@ -105,7 +109,7 @@ def test_a_folder_of_every_bad_input_goes_through_validate_split_augment(tmp_pat
     project = make_project(tmp_path / "project", images=False, overrides={"split": {"max_per_class": None}})
     images = project / "data" / "images"
     expected = write_bad_folder(images)
-    os.symlink("..", images / "dog" / "loop")                                      # a symlink loop
+    os.symlink("..", images / "dog" / "loop")  # a symlink loop
     os.symlink(os.path.relpath(expected["good"][1], images / "dog"), images / "dog" / "cat_link.png")
     dvc(project, "add", "-q", "data/images")
     run(project, "git", "add", "-A")
@@ -127,8 +131,10 @@ def test_a_folder_of_every_bad_input_goes_through_validate_split_augment(tmp_pat
 
     good = {relative[path] for path in expected["good"] if path != expected["good"][1]}
     assert set(manifest.index[manifest["status"] == "ok"]) == good
-    splits = {name: pd.read_csv(project / f"data/splits/{name}.csv", dtype=str)["path"].tolist()
-              for name in ("train", "val", "test")}
+    splits = {
+        name: pd.read_csv(project / f"data/splits/{name}.csv", dtype=str)["path"].tolist()
+        for name in ("train", "val", "test")
+    }
     listed = [path for paths in splits.values() for path in paths]
     assert sorted(listed) == sorted(good)  # every good image in exactly one split
 

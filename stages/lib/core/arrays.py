@@ -14,10 +14,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def batched(function: Callable[[np.ndarray], np.ndarray], items: np.ndarray, batch_size: int,
-            empty: np.ndarray | None = None) -> np.ndarray:
+def batched(
+    function: Callable[[np.ndarray], np.ndarray], items: np.ndarray, batch_size: int, empty: np.ndarray | None = None
+) -> np.ndarray:
     """`function` over `items` in slices of `batch_size`, the outputs concatenated (`empty` when no items)."""
-    outputs = [function(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
+    outputs = [function(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]
     if not outputs:
         if empty is None:
             raise ValueError("no items to run")

@@ -15,9 +15,11 @@ def lost_tracking_server(error: BaseException) -> str | None:
     if type(error).__name__ != "MlflowException" or not found:
         return None
     reason = re.search(r"\[Errno -?\d+\] [^\"')]+|Read timed out|Connection aborted", found.group(2))
-    return (f"the MLflow tracking server {found.group(1)} stopped answering "
-            f"({reason.group(0) if reason else 'no connection'}): this stage's run is left unfinished "
-            "and DVC records nothing. Restart the server, then run `dvc repro` again.")
+    return (
+        f"the MLflow tracking server {found.group(1)} stopped answering "
+        f"({reason.group(0) if reason else 'no connection'}): this stage's run is left unfinished "
+        "and DVC records nothing. Restart the server, then run `dvc repro` again."
+    )
 
 
 def report_pipeline_errors(kind, error, traceback):
@@ -27,4 +29,3 @@ def report_pipeline_errors(kind, error, traceback):
         print(f"error: {lost_tracking_server(error)}", file=sys.stderr)
     else:
         sys.__excepthook__(kind, error, traceback)
-

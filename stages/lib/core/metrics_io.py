@@ -35,8 +35,11 @@ def flatten(value, prefix: str = "") -> dict[str, object]:
 
 def numeric_leaves(metrics: dict, prefix: str = "") -> dict[str, float]:
     """The numbers of a nested metrics mapping, flattened: {'a': {'b': 1, 'c': 'x'}} -> {'a.b': 1.0}."""
-    return {key: float(value) for key, value in flatten(metrics, prefix).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {
+        key: float(value)
+        for key, value in flatten(metrics, prefix).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 def write_metrics(path: str | Path, metrics: dict, log_to_mlflow: bool = True) -> None:

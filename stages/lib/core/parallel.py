@@ -47,8 +47,13 @@ def _apply(function: Callable[[Item], Result], chunk: list[Item]) -> list[Result
     return [function(item) for item in chunk]
 
 
-def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], workers: int | None = None,
-                chunksize: int = 16, window: int | None = None) -> Iterator[Result]:
+def ordered_map(
+    function: Callable[[Item], Result],
+    items: Iterable[Item],
+    workers: int | None = None,
+    chunksize: int = 16,
+    window: int | None = None,
+) -> Iterator[Result]:
     """`function(item)` for each item, in order, computed by `worker_count(workers)` processes.
 
     chunksize: items per task sent to a worker (fewer messages; too large unbalances the last chunks).
@@ -64,8 +69,9 @@ def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], worke
     iterator = iter(items)
     chunks = iter(lambda: list(itertools.islice(iterator, chunksize)), [])
     with _context().Pool(workers) as pool:
-        pending = collections.deque(pool.apply_async(_apply, (function, chunk))
-                                    for chunk in itertools.islice(chunks, in_flight))
+        pending = collections.deque(
+            pool.apply_async(_apply, (function, chunk)) for chunk in itertools.islice(chunks, in_flight)
+        )
         while pending:
             results = pending.popleft().get()
             for chunk in itertools.islice(chunks, 1):

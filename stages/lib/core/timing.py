@@ -23,8 +23,9 @@ def timed(function: Callable[[], Result], synchronize: Callable[[], None] | None
     return time.perf_counter() - started, result
 
 
-def median_seconds(function: Callable[[], object], repeats: int, max_seconds: float, warmup: int = 1,
-                   min_runs: int = 1) -> tuple[float, int]:
+def median_seconds(
+    function: Callable[[], object], repeats: int, max_seconds: float, warmup: int = 1, min_runs: int = 1
+) -> tuple[float, int]:
     """(median wall seconds of one call, timed calls). After `warmup` untimed calls, times at most `repeats`
     calls and stops once `max_seconds` have been spent timing and `min_runs` calls were timed: the cost of
     measuring is bounded whatever the function and the machine."""

@@ -130,8 +130,12 @@ def close_abandoned_runs(experiment_id: str) -> list[str]:
         if owner and _gone(owner):
             client.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)
-            log.warning("run %s (%s) was left RUNNING by %s, which has ended: marked KILLED",
-                        run.info.run_id, run.data.tags.get("stage", "?"), owner)
+            log.warning(
+                "run %s (%s) was left RUNNING by %s, which has ended: marked KILLED",
+                run.info.run_id,
+                run.data.tags.get("stage", "?"),
+                owner,
+            )
     return closed
 
 
@@ -146,6 +150,7 @@ def _parent_run(experiment_id: str, tags: dict[str, str], params: Params) -> str
     """The run id of this execution's parent: found (and marked RUNNING again) or created with the params."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
+    from mlflow.tracking.context.registry import resolve_tags
 
     key = pipeline_execution_key()
     if key is None:
@@ -156,8 +161,12 @@ def _parent_run(experiment_id: str, tags: dict[str, str], params: Params) -> str
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     shared = {k: v for k, v in tags.items() if k not in ("stage", PROCESS_TAG) and not k.startswith("upstream.")}
-    parent = client.create_run(experiment_id, run_name=execution_name(tags),
-                               tags=shared | {PIPELINE_TAG: key, "stage": "pipeline"})
+    # MLflow's run context (user, source, MLFLOW_RUN_CONTEXT's tags: a sweep's name) as on a fluent run
+    parent = client.create_run(
+        experiment_id,
+        run_name=execution_name(tags),
+        tags=resolve_tags(shared | {PIPELINE_TAG: key, "stage": "pipeline"}),
+    )
     flat = flatten(params.subset(pipeline_params()))  # everything that defines an execution
     client.log_batch(parent.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
     return parent.info.run_id
@@ -175,8 +184,11 @@ def _end_parent(parent: str | None, experiment_id: str, status: str) -> None:
     client = MlflowClient()
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in pipeline_metrics().items()]
-    tags = [RunTag(f"stage.{name}", run_id) for name in pipeline_stages()
-            if (run_id := producing_run(experiment_id, name)) is not None]
+    tags = [
+        RunTag(f"stage.{name}", run_id)
+        for name in pipeline_stages()
+        if (run_id := producing_run(experiment_id, name)) is not None
+    ]
     client.log_batch(parent, metrics=metrics, tags=tags)
     client.set_terminated(parent, status=status)
 
@@ -189,9 +201,12 @@ def producing_run(experiment_id: str, stage: str) -> str | None:
     if digest is None:
         return None
     found = MlflowClient().search_runs(
-        [experiment_id], filter_string=f"tags.stage = '{stage}' and tags.`{OUTPUTS_TAG}` = '{digest}' "
-                                       "and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+        [experiment_id],
+        filter_string=f"tags.stage = '{stage}' and tags.`{OUTPUTS_TAG}` = '{digest}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return found[0].info.run_id if found else None
 
 
@@ -205,8 +220,9 @@ def stage_run(stage: str, params: Params):
     experiment_id = configure(params)
     close_abandoned_runs(experiment_id)
     tags = run_tags(stage, params) | {PROCESS_TAG: process_key()}
-    links = {name: run_id for name in upstream_stages(stage)
-             if (run_id := producing_run(experiment_id, name)) is not None}
+    links = {
+        name: run_id for name in upstream_stages(stage) if (run_id := producing_run(experiment_id, name)) is not None
+    }
     tags |= {f"upstream.{name}": run_id for name, run_id in links.items()}
     parent = _parent_run(experiment_id, tags, params)
     if parent:
@@ -223,5 +239,3 @@ def stage_run(stage: str, params: Params):
         raise
     _end_parent(parent, experiment_id, "FINISHED")
     log.info("%s: MLflow run %s in %s", stage, run.info.run_id, tracking_uri())
-
-

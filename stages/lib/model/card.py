@@ -70,8 +70,10 @@ class _Card(BaseModel):
         except json.JSONDecodeError as error:
             raise PipelineError(f"{path}: not JSON ({error})") from None
         if isinstance(values, dict) and values.get("card_version", 1) > CARD_VERSION:
-            raise PipelineError(f"{path}: card_version {values['card_version']} is newer than this code reads "
-                                f"({CARD_VERSION}); update the project")
+            raise PipelineError(
+                f"{path}: card_version {values['card_version']} is newer than this code reads "
+                f"({CARD_VERSION}); update the project"
+            )
         try:
             return cls.model_validate(values)
         except ValidationError as error:
@@ -117,8 +119,9 @@ class FinetunedCard(_Card):
         return build_model(self.model, self.num_classes, fusion=self.fusion)
 
 
-def build_model(name: str, num_classes: int, weights: str = "none", drop_rate: float = 0.0,
-                fusion: FusionSpec | None = None) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, weights: str = "none", drop_rate: float = 0.0, fusion: FusionSpec | None = None
+) -> nn.Module:
     """A timm backbone `name` with `weights` (see backbones.py) and a classifier of `num_classes`; with
     `fusion`, a `FusedClassifier` whose fresh fusion head replaces that classifier."""
     backbone = create_backbone(name, weights, num_classes, drop_rate)

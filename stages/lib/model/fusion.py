@@ -46,21 +46,25 @@ def check_fusion(model: nn.Module, fusion_stages: int) -> None:
     if not hasattr(model, "forward_intermediates"):
         raise PipelineError(f"features.fusion_stages={fusion_stages}: {name} has no forward_intermediates in timm")
     if fusion_stages > len(model.feature_info):
-        raise PipelineError(f"features.fusion_stages={fusion_stages}: {name} has only "
-                            f"{len(model.feature_info)} feature stages")
+        raise PipelineError(
+            f"features.fusion_stages={fusion_stages}: {name} has only {len(model.feature_info)} feature stages"
+        )
 
 
 def prelogits_width(backbone: nn.Module) -> int:
     """The width of a timm model's pre-logits features (its classifier's input, also once the classifier is reset)."""
-    return int(getattr(backbone, "head_hidden_size", None) or getattr(backbone.get_classifier(), "in_features", None)
-               or backbone.num_features)
+    return int(
+        getattr(backbone, "head_hidden_size", None)
+        or getattr(backbone.get_classifier(), "in_features", None)
+        or backbone.num_features
+    )
 
 
 def source_dims(backbone: nn.Module, fusion_stages: int) -> list[int]:
     """Widths of the sources: the pre-logits features, then the last `fusion_stages` stages' channels."""
     check_fusion(backbone, fusion_stages)
     prelogits = prelogits_width(backbone)
-    stages = [info["num_chs"] for info in backbone.feature_info[len(backbone.feature_info) - fusion_stages:]]
+    stages = [info["num_chs"] for info in backbone.feature_info[len(backbone.feature_info) - fusion_stages :]]
     return [int(prelogits)] + [int(c) for c in stages] if fusion_stages else [int(prelogits)]
 
 
@@ -84,8 +88,14 @@ class FusionHead(nn.Module):
         drop_rate: dropout before the classifier.
     """
 
-    def __init__(self, source_dims: list[int], num_classes: int, mode: FusionMode = "gated", dim: int = 128,
-                 drop_rate: float = 0.0):
+    def __init__(
+        self,
+        source_dims: list[int],
+        num_classes: int,
+        mode: FusionMode = "gated",
+        dim: int = 128,
+        drop_rate: float = 0.0,
+    ):
         super().__init__()
         if mode not in FUSION_MODES:
             raise PipelineError(f"features.fusion_mode: unknown mode '{mode}' (one of: {', '.join(FUSION_MODES)})")
@@ -169,8 +179,9 @@ class FusedClassifier(nn.Module):
         return {f"backbone.{name}" for name in inner}
 
 
-def fused_model(backbone: nn.Module, mode: str, fusion_stages: int, dim: int, num_classes: int,
-                drop_rate: float = 0.0) -> FusedClassifier:
+def fused_model(
+    backbone: nn.Module, mode: str, fusion_stages: int, dim: int, num_classes: int, drop_rate: float = 0.0
+) -> FusedClassifier:
     """A `FusedClassifier` with a fresh head of `mode` over `backbone`'s pre-logits and last `fusion_stages` stages."""
     head = FusionHead(source_dims(backbone, fusion_stages), num_classes, mode, dim, drop_rate)
     return FusedClassifier(backbone, head, fusion_stages)

@@ -31,8 +31,8 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 @dataclass(frozen=True)
 class Evaluated:
     version: int
-    score: float       # val <champion_metric>
-    val_images: str    # digest of the val set the score was measured on
+    score: float  # val <champion_metric>
+    val_images: str  # digest of the val set the score was measured on
 
 
 def choose_aliases(evaluated: list[Evaluated], min_improvement: float) -> tuple[int | None, int | None]:
@@ -92,8 +92,9 @@ def _apply(client, name: str, alias: str, version: int | None) -> None:
             pass
 
 
-def settle_aliases(client, name: str, metric: str, min_improvement: float, rounds: int = 5,
-                   pause_s: float = 0.5) -> dict[str, str | None]:
+def settle_aliases(
+    client, name: str, metric: str, min_improvement: float, rounds: int = 5, pause_s: float = 0.5
+) -> dict[str, str | None]:
     """Set @champion and @challenger from the recorded evaluations, then check again until the registry
     agrees with the rule (a concurrent evaluation may have moved them meanwhile)."""
     for _ in range(rounds):

@@ -29,12 +29,16 @@ def evaluation_predictions(run_id: str, scratch: Path | None = None) -> Path:
     """A local copy of the predictions file logged by evaluate run `run_id` (in `scratch` when given)."""
     import mlflow
 
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDICTIONS_ARTIFACT,
-                                                    dst_path=str(scratch) if scratch else None))
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=PREDICTIONS_ARTIFACT, dst_path=str(scratch) if scratch else None
+        )
+    )
 
 
-def champion_predictions(client, name: str, scratch: Path | None = None, alias: str = CHAMPION
-                         ) -> tuple[Path, str, str] | None:
+def champion_predictions(
+    client, name: str, scratch: Path | None = None, alias: str = CHAMPION
+) -> tuple[Path, str, str] | None:
     """(local predictions file, a name for reports, version) of the version holding `alias`, when it has
     an evaluation; else None."""
     version = version_with_alias(client, name, alias)

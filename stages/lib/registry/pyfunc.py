@@ -87,14 +87,22 @@ def log_image_classifier(model_dir: Path, example_image: np.ndarray, registered_
         entry_point = Path(scratch) / "image_classifier.py"
         entry_point.write_text(MODEL_CODE)
         return mlflow.pyfunc.log_model(
-            name=registered_name, python_model=str(entry_point),
+            name=registered_name,
+            python_model=str(entry_point),
             artifacts={"weights": str(model_dir / "model.pt"), "config": str(model_dir / "config.json")},
             code_paths=[str(_package_copy(Path(scratch)))],
-            signature=infer_signature(example, output), input_example=example,
+            signature=infer_signature(example, output),
+            input_example=example,
             registered_model_name=registered_name,
             metadata={"classes": card.classes, "data_config": card.data_config, "input": "encoded image"},
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}",
-                              f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}", f"numpy=={np.__version__}"])
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"timm=={timm.__version__}",
+                f"pillow=={PIL.__version__}",
+                f"pandas=={pd.__version__}",
+                f"numpy=={np.__version__}",
+            ],
+        )
 
 
 MODEL_DIGEST_TAG = "model.digest"  # on a registered version: the content of its model.pt and config.json

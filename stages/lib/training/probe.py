@@ -48,8 +48,15 @@ KEEP_DATA_VERSIONS = 3
 
 # ------------------------------------------------------------------------------ extraction
 @torch.inference_mode()
-def extract_embeddings(model: nn.Module, images: np.ndarray, mean, std, batch_size: int,
-                       fusion_stages: int = 0, device: torch.device | None = None) -> np.ndarray:
+def extract_embeddings(
+    model: nn.Module,
+    images: np.ndarray,
+    mean,
+    std,
+    batch_size: int,
+    fusion_stages: int = 0,
+    device: torch.device | None = None,
+) -> np.ndarray:
     """Embeddings of uint8 NHWC images: float32 (N, D), in batches, channels_last, bf16 autocast on CUDA."""
     device = device or torch.device("cpu")
     check_fusion(model, fusion_stages)
@@ -58,20 +65,27 @@ def extract_embeddings(model: nn.Module, images: np.ndarray, mean, std, batch_si
     chunks = []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for start in tqdm(range(0, len(images), batch_size), desc="embed", unit="batch", mininterval=2):
-            batch = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
+            batch = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
             batch = normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
             chunks.append(pooled_sources(model, batch, fusion_stages).float().cpu().numpy())
     return np.concatenate(chunks)
 
 
-def embed_splits(model: nn.Module, prepared: Path, config: dict, batch_size: int, fusion_stages: int,
-                 device: torch.device | None = None) -> dict[str, np.ndarray]:
+def embed_splits(
+    model: nn.Module,
+    prepared: Path,
+    config: dict,
+    batch_size: int,
+    fusion_stages: int,
+    device: torch.device | None = None,
+) -> dict[str, np.ndarray]:
     """{split}_x embeddings and {split}_y labels for train, val and test of the prepared cache."""
     arrays = {}
     for split in SPLITS:
         images, arrays[f"{split}_y"] = load_split(prepared, split)
-        arrays[f"{split}_x"] = extract_embeddings(model, images, config["mean"], config["std"], batch_size,
-                                                  fusion_stages, device)
+        arrays[f"{split}_x"] = extract_embeddings(
+            model, images, config["mean"], config["std"], batch_size, fusion_stages, device
+        )
     return arrays
 
 
@@ -81,14 +95,23 @@ def prepared_digest(prepared: Path) -> str:
     return folder_sha256(prepared)
 
 
-def cache_key(name: str, weights: str, image_size: int, fusion_stages: int, data_digest: str,
-              seed: int, precision: str) -> dict:
+def cache_key(
+    name: str, weights: str, image_size: int, fusion_stages: int, data_digest: str, seed: int, precision: str
+) -> dict:
     """Everything a candidate's embeddings depend on. A weights file counts by its content;
     random weights (`none`) by the seed."""
     import timm
 
-    key = {"version": CACHE_VERSION, "model": name, "weights": weights, "image_size": image_size,
-           "fusion_stages": fusion_stages, "data": data_digest, "precision": precision, "timm": timm.__version__}
+    key = {
+        "version": CACHE_VERSION,
+        "model": name,
+        "weights": weights,
+        "image_size": image_size,
+        "fusion_stages": fusion_stages,
+        "data": data_digest,
+        "precision": precision,
+        "timm": timm.__version__,
+    }
     if weights == "none":
         key["seed"] = seed
     elif weights not in BUILTIN_WEIGHTS and Path(weights).is_file():
@@ -140,8 +163,9 @@ def prune_cache(cache: Path, data_digest: str, keep: int = KEEP_DATA_VERSIONS) -
     current = data_folder(cache, data_digest)
     if current.is_dir():
         os.utime(current)
-    folders = sorted((path for path in Path(cache).iterdir() if path.is_dir()), key=lambda p: p.stat().st_mtime,
-                     reverse=True)
+    folders = sorted(
+        (path for path in Path(cache).iterdir() if path.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True
+    )
     removed = [folder for folder in folders[keep:] if folder != current]
     for folder in removed:
         shutil.rmtree(folder, ignore_errors=True)
@@ -162,8 +186,15 @@ def standardiser(train_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scaler.mean_, np.maximum(scaler.scale_, 0.1 * np.median(scaler.scale_))
 
 
-def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-              c_grid: list[float], max_iter: int, seed: int) -> dict:
+def fit_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    c_grid: list[float],
+    max_iter: int,
+    seed: int,
+) -> dict:
     """Logistic regression for each C; keep the best val accuracy (ties: lower val log loss).
 
     Returns {'C', 'weight' (classes x features), 'bias', 'val_accuracy', 'val_log_loss', 'grid'}
@@ -194,16 +225,21 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
         raise ValueError("every class must appear in the training split")
     weight = clf.coef_ / scale
     bias = clf.intercept_ - weight @ mean
-    return {"C": c, "weight": weight.astype(np.float32), "bias": bias.astype(np.float32),
-            "val_accuracy": accuracy, "val_log_loss": loss, "grid": grid}
+    return {
+        "C": c,
+        "weight": weight.astype(np.float32),
+        "bias": bias.astype(np.float32),
+        "val_accuracy": accuracy,
+        "val_log_loss": loss,
+        "grid": grid,
+    }
 
 
 def probe_logits(embeddings: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return embeddings @ weight.T + bias
 
 
-def classifier_probe(features_file: Path, classifier_dim: int, c_grid: list[float], max_iter: int,
-                     seed: int) -> dict:
+def classifier_probe(features_file: Path, classifier_dim: int, c_grid: list[float], max_iter: int, seed: int) -> dict:
     """A probe on the first `classifier_dim` embedding columns of a candidate's embeddings file:
     the pre-logits features, i.e. what the model's own classifier sees (the LP-FT start when the
     baseline probe is on fused features)."""

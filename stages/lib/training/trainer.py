@@ -49,13 +49,13 @@ log = logging.getLogger(__name__)
 class TrainState:
     """Where training stands; saved with every epoch checkpoint."""
 
-    phase: int = 0                  # index of the phase in progress
-    phase_epoch: int = 0            # epochs completed in that phase
-    epoch: int = 0                  # epochs completed overall
-    updates: int = 0                # optimizer updates overall (the EMA warmup counts these)
-    stale_epochs: int = 0           # epochs since this phase's best val loss
+    phase: int = 0  # index of the phase in progress
+    phase_epoch: int = 0  # epochs completed in that phase
+    epoch: int = 0  # epochs completed overall
+    updates: int = 0  # optimizer updates overall (the EMA warmup counts these)
+    stale_epochs: int = 0  # epochs since this phase's best val loss
     phase_best_val_loss: float = math.inf  # early stopping compares within the phase: a new phase
-                                           # may start worse than the last one ended and still improve
+    # may start worse than the last one ended and still improve
     best_val_loss: float = math.inf
     best_epoch: int = 0
     best_weights: dict | None = None
@@ -63,8 +63,15 @@ class TrainState:
 
 
 # ------------------------------------------------------------------------------- data
-def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, dist: Distributed, seed: int,
-                 workers: int = 0, mixup: bool = False) -> tuple[DataLoader, DataLoader]:
+def make_loaders(
+    train_set: Dataset,
+    val_set: Dataset,
+    batch_size: int,
+    dist: Distributed,
+    seed: int,
+    workers: int = 0,
+    mixup: bool = False,
+) -> tuple[DataLoader, DataLoader]:
     """Train and val loaders for this process.
 
     batch_size is global: each of the world_size processes loads batch_size / world_size. Training
@@ -77,12 +84,19 @@ def make_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, dist: Di
     if batch_size % dist.world_size:
         raise PipelineError(f"finetune.batch_size: {batch_size} does not split over {dist.world_size} processes")
     if mixup and per_process % 2:
-        raise PipelineError(f"finetune.batch_size: mixup/cutmix mix pairs, so each process needs an even "
-                            f"batch (got {per_process})")
+        raise PipelineError(
+            f"finetune.batch_size: mixup/cutmix mix pairs, so each process needs an even batch (got {per_process})"
+        )
     sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
     pin = dist.device.type == "cuda"
-    train = DataLoader(train_set, batch_size=per_process, sampler=sampler, num_workers=workers, pin_memory=pin,
-                       drop_last=mixup and len(sampler) >= per_process)
+    train = DataLoader(
+        train_set,
+        batch_size=per_process,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin,
+        drop_last=mixup and len(sampler) >= per_process,
+    )
     shard = Subset(val_set, range(dist.rank, len(val_set), dist.world_size))
     val = DataLoader(shard, batch_size=per_process * 2, num_workers=workers, pin_memory=pin)
     return train, val
@@ -130,18 +144,25 @@ def build_optimizer(model: nn.Module, recipe, lr: float) -> torch.optim.Optimize
     """timm's optimizer factory over the parameters that require grad (layer decay when asked)."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(model, opt=recipe.opt, lr=lr, weight_decay=recipe.weight_decay,
-                               layer_decay=recipe.layer_decay)
+    return create_optimizer_v2(
+        model, opt=recipe.opt, lr=lr, weight_decay=recipe.weight_decay, layer_decay=recipe.layer_decay
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe, epochs: int, lr: float, updates_per_epoch: int):
     """timm's scheduler (`recipe.sched`, warmup from lr/100), stepped per update (`step_update`)."""
     from timm.scheduler import create_scheduler_v2
 
-    scheduler, _ = create_scheduler_v2(optimizer, sched=recipe.sched, num_epochs=epochs,
-                                       warmup_epochs=recipe.warmup_epochs, warmup_lr=lr / 100,
-                                       min_lr=recipe.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=updates_per_epoch)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=recipe.sched,
+        num_epochs=epochs,
+        warmup_epochs=recipe.warmup_epochs,
+        warmup_lr=lr / 100,
+        min_lr=recipe.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
     return scheduler
 
 
@@ -151,8 +172,12 @@ def build_loss(recipe, num_classes: int):
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     if recipe.mixes:
-        mixup = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha,
-                      label_smoothing=recipe.smoothing, num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=recipe.mixup_alpha,
+            cutmix_alpha=recipe.cutmix_alpha,
+            label_smoothing=recipe.smoothing,
+            num_classes=num_classes,
+        )
         return SoftTargetCrossEntropy(), mixup
     if recipe.smoothing > 0:
         return LabelSmoothingCrossEntropy(recipe.smoothing), None
@@ -252,15 +277,19 @@ class Trainer:
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
         total_loss, correct, seen = self.dist.sum([total_loss.item(), correct.item(), seen])
-        return {"train_loss": total_loss / seen, "train_accuracy": correct / seen,
-                **self._lr_per_group(optimizer, [total / max(steps, 1) for total in lr_sums])}
+        return {
+            "train_loss": total_loss / seen,
+            "train_accuracy": correct / seen,
+            **self._lr_per_group(optimizer, [total / max(steps, 1) for total in lr_sums]),
+        }
 
     def _lr_per_group(self, optimizer, group_lrs: list[float]) -> dict[str, float]:
         """Mean lr over the epoch of each block group (0 when frozen): the phases show in the plot."""
         lr_of = {id(p): lr for group, lr in zip(optimizer.param_groups, group_lrs) for p in group["params"]}
         named = dict(self.model.named_parameters())
-        return {column: max(lr_of.get(id(named[name]), 0.0) for name in names)
-                for column, names in self.lr_columns.items()}
+        return {
+            column: max(lr_of.get(id(named[name]), 0.0) for name in names) for column, names in self.lr_columns.items()
+        }
 
     def evaluate(self, loader: DataLoader) -> dict:
         """Plain cross-entropy (no smoothing) and accuracy of the kept weights (the EMA when on)."""
@@ -280,8 +309,9 @@ class Trainer:
 
 
 @torch.inference_mode()
-def logits_of(model: nn.Module, loader: DataLoader, inputs: Inputs,
-              autocast: Callable = nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_of(
+    model: nn.Module, loader: DataLoader, inputs: Inputs, autocast: Callable = nullcontext
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(float logits on the CPU, labels) of a whole loader, model in eval mode."""
     model.eval()
     all_logits, all_labels = [], []
@@ -292,8 +322,9 @@ def logits_of(model: nn.Module, loader: DataLoader, inputs: Inputs,
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def predict_logits(model: nn.Module, loader: DataLoader, mean, std,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(
+    model: nn.Module, loader: DataLoader, mean, std, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of a loader of uint8 images, normalised with mean and std (lists)."""
     return logits_of(model, loader, Inputs(mean, std, device))
 
@@ -309,10 +340,18 @@ class Checkpoint:
     def save(self, state: TrainState, trainer: Trainer, step: PhaseTools) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(".tmp")
-        torch.save({"fingerprint": self.fingerprint, "state": state.__dict__, "model": trainer.model.state_dict(),
-                    "optimizer": step.optimizer.state_dict(), "scheduler": step.scheduler.state_dict(),
-                    "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
-                    "scaler": trainer.scaler.state_dict()}, temporary)
+        torch.save(
+            {
+                "fingerprint": self.fingerprint,
+                "state": state.__dict__,
+                "model": trainer.model.state_dict(),
+                "optimizer": step.optimizer.state_dict(),
+                "scheduler": step.scheduler.state_dict(),
+                "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+                "scaler": trainer.scaler.state_dict(),
+            },
+            temporary,
+        )
         os.replace(temporary, self.path)  # atomic: a crash never leaves half a checkpoint
 
     def load(self) -> dict | None:
@@ -326,9 +365,16 @@ class Checkpoint:
 
 
 # ----------------------------------------------------------------------------- phases
-def run_phases(model: nn.Module, settings, loaders: tuple[DataLoader, DataLoader], data_config: DataConfig,
-               seed: int, checkpoint: Checkpoint, on_epoch: Callable[[dict], None] = lambda row: None,
-               dist: Distributed | None = None) -> TrainState:
+def run_phases(
+    model: nn.Module,
+    settings,
+    loaders: tuple[DataLoader, DataLoader],
+    data_config: DataConfig,
+    seed: int,
+    checkpoint: Checkpoint,
+    on_epoch: Callable[[dict], None] = lambda row: None,
+    dist: Distributed | None = None,
+) -> TrainState:
     """Train the phases of `settings` (the finetune params) in order on `loaders` (train, val); return the
     final state, with the kept weights (`settings.keep`: the best epoch by val loss, or the last) loaded
     into model. Inputs are normalised with `data_config`'s mean and std.
@@ -362,29 +408,48 @@ def run_phases(model: nn.Module, settings, loaders: tuple[DataLoader, DataLoader
             step.optimizer.load_state_dict(resumed["optimizer"])
             step.scheduler.load_state_dict(resumed["scheduler"])
         resumed = None
-        log.info("phase %s: %d trainable tensors in %d optimizer groups, lr %g, %d epochs", phase.name,
-                 len(trainable), len(step.optimizer.param_groups), phase.lr, phase.epochs)
+        log.info(
+            "phase %s: %d trainable tensors in %d optimizer groups, lr %g, %d epochs",
+            phase.name,
+            len(trainable),
+            len(step.optimizer.param_groups),
+            phase.lr,
+            phase.epochs,
+        )
         stopper = EarlyStopping(recipe.patience, state.phase_best_val_loss, state.stale_epochs)
         while state.phase_epoch < phase.epochs and not stopper.should_stop:
             seed_epoch(seed, state.epoch, dist.rank)
             train_loader.sampler.set_epoch(state.epoch)
-            train_metrics = trainer.train_epoch(net, train_loader, step, state,
-                                                f"{phase.name} {state.phase_epoch + 1}/{phase.epochs}")
+            train_metrics = trainer.train_epoch(
+                net, train_loader, step, state, f"{phase.name} {state.phase_epoch + 1}/{phase.epochs}"
+            )
             val_metrics = trainer.evaluate(val_loader)
             state.epoch += 1
             state.phase_epoch += 1
-            row = {"epoch": state.epoch, "phase": phase.name, "phase_index": state.phase,
-                   **{key: train_metrics.pop(key) for key in ("train_loss", "train_accuracy")},
-                   **val_metrics, **train_metrics}
+            row = {
+                "epoch": state.epoch,
+                "phase": phase.name,
+                "phase_index": state.phase,
+                **{key: train_metrics.pop(key) for key in ("train_loss", "train_accuracy")},
+                **val_metrics,
+                **train_metrics,
+            }
             state.history.append(row)
             stopper.update(val_metrics["val_loss"])
             state.phase_best_val_loss, state.stale_epochs = stopper.best, stopper.stale
             last = state.phase == len(settings.phases) - 1 and state.phase_epoch == phase.epochs
-            if (val_metrics["val_loss"] < state.best_val_loss if settings.keep == "best_val_loss" else last):
+            if val_metrics["val_loss"] < state.best_val_loss if settings.keep == "best_val_loss" else last:
                 state.best_val_loss, state.best_epoch = val_metrics["val_loss"], state.epoch  # the weights kept
                 state.best_weights = trainer.kept_weights()
-            log.info("epoch %d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f", state.epoch, phase.name,
-                     row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"])
+            log.info(
+                "epoch %d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f",
+                state.epoch,
+                phase.name,
+                row["train_loss"],
+                row["train_accuracy"],
+                row["val_loss"],
+                row["val_accuracy"],
+            )
             on_epoch(row)
             if dist.is_main:
                 checkpoint.save(state, trainer, step)

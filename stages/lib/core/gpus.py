@@ -1,5 +1,8 @@
 """One GPU per pipeline process under plain `dvc queue start -j N`: a lease by lock file, crash-safe.
 
+The stages that use CUDA (features, finetune) lease through `setup_stage(gpu=True)`; the CPU thread budget
+(threads.py) splits the cores among the same queue workers, so each experiment gets cores / N and one GPU.
+
 DVC's queue runs N experiments at once on one machine and tells none of them which GPU to use, so all
 would pile onto device 0. `lease()`, called at a stage's start before torch touches CUDA, picks a
 free device and sets `CUDA_VISIBLE_DEVICES` to it:
@@ -68,8 +71,9 @@ def _try(device: int, folder: Path) -> bool:
     return True
 
 
-def lease(count: int | None = None, folder: Path | None = None, wait_s: float | None = None,
-          poll_s: float = 1.0) -> int | None:
+def lease(
+    count: int | None = None, folder: Path | None = None, wait_s: float | None = None, poll_s: float = 1.0
+) -> int | None:
     """Lease a free GPU and make it this process's only visible device; return its index, or None when
     there is nothing to choose (one GPU or none, CUDA_VISIBLE_DEVICES already set, or no device became free
     within `wait_s`). Call before torch initialises CUDA. Idempotent within a process."""
