@@ -50,6 +50,7 @@ def test_a_card_written_before_versions_reads_as_version_1(tmp_path):
         (lambda values: values.update(num_classes="three"), "num_classes"),
         (lambda values: values.update(surprise=1), "surprise: Extra inputs are not permitted"),
         (lambda values: values.update(card_version=CARD_VERSION + 1), "is newer than this code reads"),
+        (lambda values: values.update(card_version="two"), "card_version: Input should be a valid integer"),
     ],
 )
 def test_a_bad_card_names_the_file_and_the_key(tmp_path, change, message):

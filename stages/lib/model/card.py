@@ -69,7 +69,8 @@ class _Card(BaseModel):
             raise PipelineError(f"{path}: not found (expected the {cls.FILE} of a model folder)") from None
         except json.JSONDecodeError as error:
             raise PipelineError(f"{path}: not JSON ({error})") from None
-        if isinstance(values, dict) and values.get("card_version", 1) > CARD_VERSION:
+        version = values.get("card_version", 1) if isinstance(values, dict) else 1
+        if isinstance(version, int) and version > CARD_VERSION:
             raise PipelineError(
                 f"{path}: card_version {values['card_version']} is newer than this code reads "
                 f"({CARD_VERSION}); update the project"
