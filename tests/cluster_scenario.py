@@ -21,6 +21,11 @@ Scenarios (in this order; each prints `SCENARIO <name> OK <seconds>` or fails wi
             the best trial by val accuracy, which is the best of the 4 experiments' metrics
   seeds     a seed study (grid over base.seed=1,2); `python -m stages.seeds` (make seeds) summarises its
             2 experiments (the grid's and the search's have other params and are left out)
+  node      2 trials (lrs of no other scenario), the worker node SIGKILLed whole (its `ray start --block`
+            session: raylet, workers) while a trial runs a stage there: Ray retries that trial on the head,
+            the sweep completes; each trial exactly once on origin, in `dvc exp show` and as a FINISHED
+            MLflow parent run, the killed attempt's parent KILLED, both trials reported on the head node;
+            then the worker node is started again for the next scenarios
   failures  a trial with an invalid lr fails with one line while the other finishes (exit 1); the
             tracking server stopped while a trial runs: it fails with one line naming the server
 """
@@ -51,7 +56,7 @@ SWEEP_PARAMS = {
 }
 EXPERIMENT = "transfer-learning"
 OBJECTIVE = "metrics/evaluate.json:finetuned.val.accuracy"
-ALL = ["refusals", "grid", "resume", "optuna", "seeds", "failures"]
+ALL = ["refusals", "grid", "resume", "optuna", "seeds", "node", "failures"]
 
 
 def free_port() -> int:
@@ -231,6 +236,57 @@ def kill_a_trial_worker(s: Setup, sweep_process: subprocess.Popen, name: str, ti
     raise AssertionError(f"trial {name} never ran long enough to be killed; the sweep's output:\n{output}")
 
 
+def session_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kill_node_running_a_trial(s: Setup, sweep_process: subprocess.Popen, names: list[str], timeout_s: float = 400):
+    """SIGKILL the whole worker node (every process of its `ray start --block` session) once one of `names`
+    runs a stage on it (its MLflow parent run exists, its Ray worker is of that session).
+    Returns (the trial's name, the pid of its `dvc exp run`)."""
+    from team.cluster import _session_pids
+
+    node = s.cluster.state()["pids"][1]  # the worker node's `ray start --block`, its session's leader
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and sweep_process.poll() is None:
+        for name in names:
+            if not s.parent_runs(**{"dvc.exp_name": name}):
+                continue
+            for pid, ppid, cmdline in processes():
+                if f"exp run -n {name} " in cmdline and "dvc" in cmdline and session_of(ppid) == node:
+                    for _ in range(10):  # SIGKILL, not SIGTERM: the node gets no chance to tear down
+                        for member in _session_pids(node):
+                            try:
+                                os.kill(member, signal.SIGKILL)
+                            except ProcessLookupError:
+                                pass
+                        if not _session_pids(node):
+                            break
+                        time.sleep(0.2)
+                    try:
+                        os.waitpid(node, 0)  # this process started it (team.cluster's Popen)
+                    except ChildProcessError:
+                        pass  # already reaped
+                    assert not _session_pids(node), _session_pids(node)
+                    log(f"killed the worker node (session {node}) while its Ray worker {ppid} ran {name}'s dvc {pid}")
+                    return name, pid
+        time.sleep(0.5)
+    output = sweep_process.stdout.read() if sweep_process.poll() is not None else "(still running)"
+    raise AssertionError(f"no trial of {names} ran on the worker node long enough; the sweep's output:\n{output}")
+
+
+def restart_worker_node(s: Setup) -> None:
+    """Start the (killed) worker node again, joined to the head, and record its new pid."""
+    state = s.cluster.state()
+    state["pids"][1] = s.cluster._start_node("node1", False, [f"--resources={json.dumps({'node1': 1})}"])
+    s.cluster.state_file.write_text(json.dumps(state, indent=2) + "\n")
+    s.cluster._wait_for_nodes(2)
+    log(f"worker node started again (pid {state['pids'][1]})")
+
+
 def gone(pid: int, timeout_s: float = 30) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -356,6 +412,39 @@ def seeds(s: Setup) -> None:
     assert [line.split()[0] for line in lines[2:4]] == ["1", "2"] and lines[4].startswith("  mean"), summary.stdout
 
 
+def node(s: Setup) -> None:
+    """The worker node dies while a trial runs on it: the trial is retried on the head, the sweep completes."""
+    names = ["node-01", "node-02"]
+    sweep = ["--name", "node", "-S", "finetune.phases.1.lr=7e-4,8e-4", "--objective", OBJECTIVE]
+    process = s.sweep(*sweep, "--cpus", "1", "--max-concurrent", "2", background=True)
+    try:
+        killed, killed_dvc = kill_node_running_a_trial(s, process, names)
+        output, _ = process.communicate(timeout=1200)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        if len(s.cluster.state()["pids"]) > 1 and not s.cluster.alive(s.cluster.state()):
+            restart_worker_node(s)  # the next scenarios have 2 nodes again
+    print(output, flush=True)
+    assert process.returncode == 0, f"sweep exited {process.returncode}"
+    assert gone(killed_dvc), "the dead node's dvc exp run is still running (the watchdog did not end it)"
+    assert "2 of 2 trials finished" in output, output
+    assert {n for n in s.remote_exps() if n.startswith("node-")} == set(names), s.remote_exps()
+    assert sorted(n for n in s.exp_show() if n.startswith("node-")) == names, s.exp_show()
+    for name in names:
+        attempts = s.parent_runs(**{"dvc.exp_name": name})
+        finished = [r for r in attempts if r.info.status == "FINISHED"]
+        assert len(finished) == 1 and finished[0].data.tags.get("sweep.name") == "node", [r.info for r in attempts]
+        if name == killed:
+            assert len(attempts) == 2, f"{name} ran {len(attempts)} time(s): the node's death did not force a retry"
+            dead = [r for r in attempts if r.info.status != "FINISHED"]
+            assert len(dead) == 1 and dead[0].info.status == "KILLED", [r.info for r in attempts]
+    rows = list(csv.DictReader((s.project / "reports/sweeps/node.csv").open()))
+    assert [r["trial"] for r in rows] == names and [r["status"] for r in rows] == ["ok"] * 2, rows
+    assert len({r["node"] for r in rows}) == 1, f"the retry did not run on the head: {[r['node'] for r in rows]}"
+
+
 def failures(s: Setup) -> None:
     """A trial that fails is one line in the report and the others go on; then the tracking server is
     stopped while a trial runs: that trial fails with one line naming the server (run last: no server after)."""
@@ -392,6 +481,7 @@ SCENARIOS = {
     "resume": resume,
     "optuna": optuna,
     "seeds": seeds,
+    "node": node,
     "failures": failures,
 }
 

@@ -22,7 +22,7 @@ import pytest
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ["refusals", "grid", "resume", "optuna", "seeds", "failures"]
+SCENARIOS = ["refusals", "grid", "resume", "optuna", "seeds", "node", "failures"]
 
 
 def namespace_unavailable() -> str | None:
