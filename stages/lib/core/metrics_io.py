@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.lib.core.pipeline import _paths, pipeline_stages
+from stages.lib.core.pipeline import metrics_files
 
 
 def pipeline_metrics() -> dict[str, float]:
     """Every metrics file of dvc.yaml, flattened as `<file stem>.<key>`: the execution's headline numbers."""
     numbers = {}
-    for spec in pipeline_stages().values():
-        for path in map(Path, _paths(spec.get("metrics"))):
-            if path.is_file():
-                numbers |= numeric_leaves(json.loads(path.read_text()), path.stem)
+    for path in map(Path, metrics_files()):
+        if path.is_file():
+            numbers |= numeric_leaves(json.loads(path.read_text()), path.stem)
     return numbers
 
 

@@ -38,6 +38,11 @@ def stage_outputs(stage: str) -> list[str]:
     return _paths(pipeline_stages().get(stage, {}).get("outs"))
 
 
+def metrics_files() -> list[str]:
+    """Every metrics file dvc.yaml declares, in pipeline order."""
+    return [path for spec in pipeline_stages().values() for path in _paths(spec.get("metrics"))]
+
+
 def upstream_stages(stage: str) -> list[str]:
     """The stages whose outs this stage depends on (from dvc.yaml)."""
     stages = pipeline_stages()
