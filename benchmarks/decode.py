@@ -5,7 +5,7 @@
 Writes `--images` generated JPEG photos (500x375, a smooth scene plus noise, each distinct) to a
 temporary folder, then decodes them to `--size` px squares (shorter side resized bicubic,
 centre crop, uint8) with:
-- pipeline: `stages.lib.prepared.decode_into`, what the augment stage runs, with `--workers`
+- pipeline: `stages.lib.data.prepared.decode_into`, what the augment stage runs, with `--workers`
   processes (default: the cores this process may use) writing into the on-disk cache array;
 - pipeline_1_worker: the same with one worker (in this process);
 - plain_pool: a plain `multiprocessing.Pool(workers).imap` over a function that opens, drafts,

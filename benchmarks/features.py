@@ -6,7 +6,7 @@
 
 Both sides start from the same uint8 NHWC array (the prepared cache's format) and end with float32
 NumPy embeddings of the same model weights, batch size and thread count:
-- pipeline: `stages.lib.probe.extract_embeddings` (what the features stage runs);
+- pipeline: `stages.lib.training.probe.extract_embeddings` (what the features stage runs);
 - plain: the loop a timm user writes: `torch.no_grad()`, per batch uint8 -> float NCHW, normalise,
   `forward_features` + `forward_head(pre_logits=True)` (with `--amp` on CUDA: bf16 autocast);
 - plain_channels_last: the same loop with model and input in channels_last, the layout the

@@ -2,7 +2,7 @@
 
     python benchmarks/fusion.py [--project .] [--seeds 42 1 2] [--out benchmarks/results/fusion_probe.csv]
 
-Needs a project whose `features` stage has run (models/baseline/probe.json names the embeddings file
+Needs a project whose `features` stage has run (the baseline's card names the embeddings file
 of the chosen backbone; params.yaml gives `features.fusion_stages` and `features.fusion_head`).
 Per seed (the head's initialisation and batch order; the split is the project's): the logistic probe
 on the pre-logits features only (`logreg_prelogits`, no fusion), the logistic probe on the
@@ -15,7 +15,6 @@ per (head, seed) with val/test accuracy and seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,8 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.lib.core.params import load_params  # noqa: E402
+from stages.lib.model.card import BaselineCard  # noqa: E402
 from stages.lib.training.fusion_training import train_fusion_head  # noqa: E402
-from stages.lib.training.probe import fit_probe, probe_logits  # noqa: E402
+from stages.lib.training.probe import fit_probe  # noqa: E402
 
 
 def main() -> None:
@@ -41,11 +41,11 @@ def main() -> None:
     torch.set_num_threads(1)
     params = load_params(args.project / "params.yaml")
     settings = params.features
-    probe = json.loads((args.project / "models/baseline/probe.json").read_text())
+    probe = BaselineCard.read(args.project / "models/baseline").model_dump()
     with np.load(args.project / probe["features"]) as stored:
         arrays = {name: stored[name] for name in stored.files}
     dims = [probe["classifier_dim"]]
-    sources = probe.get("fusion", {}).get("sources")
+    sources = (probe.get("fusion") or {}).get("sources")
     if sources is None:  # the sources' widths from the backbone
         from stages.lib.model.backbones import create_backbone
         from stages.lib.model.fusion import source_dims
@@ -65,15 +65,12 @@ def main() -> None:
                 settings.max_iter,
                 seed,
             )
-            test = (
-                probe_logits(arrays["test_x"][:, :columns], fitted["weight"], fitted["bias"]).argmax(1)
-                == arrays["test_y"]
-            ).mean()
+            test = (fitted.head.logits(arrays["test_x"][:, :columns]).argmax(1) == arrays["test_y"]).mean()
             rows.append(
                 {
                     "head": name,
                     "seed": seed,
-                    "val_accuracy": fitted["val_accuracy"],
+                    "val_accuracy": fitted.val_accuracy,
                     "test_accuracy": float(test),
                     "seconds": round(time.perf_counter() - started, 2),
                 }
@@ -88,11 +85,11 @@ def main() -> None:
                 {
                     "head": mode,
                     "seed": seed,
-                    "val_accuracy": summary["val_accuracy"],
+                    "val_accuracy": summary.val_accuracy,
                     "test_accuracy": float(test),
-                    "seconds": summary["seconds"],
-                    "best_epoch": summary["best_epoch"],
-                    "parameters": summary["parameters"],
+                    "seconds": summary.seconds,
+                    "best_epoch": summary.best_epoch,
+                    "parameters": summary.parameters,
                 }
             )
         print(rows[-len(args.modes) - 2 :], flush=True)

@@ -5,7 +5,7 @@
 Both sides fit the same embeddings over the default C grid of params.yaml: the demo's own (the features
 stage's `data/features/<--candidate>.npz`, 1,257 training and 270 val rows of 1,752 fused columns, 10 classes,
 after `make demo`), else synthetic ones of the same shape (which converge in fewer iterations):
-- pipeline: `stages.lib.probe.fit_probe` (standardise, one LogisticRegression per C, pick by val), which
+- pipeline: `stages.lib.training.probe.fit_probe` (standardise, one LogisticRegression per C, pick by val), which
   keeps OpenBLAS to one thread;
 - plain: what a scikit-learn user writes: StandardScaler, then LogisticRegression per C with the BLAS
   threads the process has (`--threads`, default: the cores it may use), scored on val;

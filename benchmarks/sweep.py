@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cluster_scenario import Setup  # noqa: E402  (tests/cluster_scenario.py: the shared setup)
 from machine import write_result  # noqa: E402
 
-from stages.lib.threads import live_queue_workers  # noqa: E402
+from stages.lib.core.threads import live_queue_workers  # noqa: E402
 
 RATES = ["7e-4", "3e-4", "2e-4", "1.5e-4"]  # not the tiny recipe's 5e-4: that trial would run no stage
 OVERHEAD_STEPS = ("git ls-remote", "git clone", "git checkout", "git config", "dvc pull", "dvc exp push")

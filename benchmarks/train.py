@@ -60,13 +60,10 @@ def pipeline_epoch(args, folder: Path, device: torch.device):
     from stages.lib.core.params import Finetune, Phase
     from stages.lib.data.prepared import PreparedDataset
     from stages.lib.model.backbones import set_trainable
+    from stages.lib.training.checkpoint import TrainState
     from stages.lib.training.distributed import Distributed
-    from stages.lib.training.trainer import (
-        PhaseTools,
-        Trainer,
-        TrainState,
-        make_loaders,
-    )
+    from stages.lib.training.loaders import make_loaders
+    from stages.lib.training.loop import PhaseTools, Trainer
 
     settings = Finetune(batch_size=args.batch_size, phases=[Phase(name="all", epochs=1, lr=1e-4)])
     recipe = settings.recipe(settings.phases[0])

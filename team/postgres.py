@@ -51,11 +51,6 @@ def find_bindir() -> tuple[Path, str]:
     )
 
 
-def postgres_version(bindir: Path) -> str:
-    result = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
-
-
 class Cluster:
     """One PostgreSQL cluster in `folder` (data/, postgres.log), on 127.0.0.1:`port`.
 

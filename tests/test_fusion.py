@@ -72,7 +72,7 @@ def test_the_fused_model_takes_images_and_its_head_sees_the_cached_embeddings(ba
 def test_the_trainer_sees_the_head_as_the_classifier_and_the_backbone_groups(backbone_factory):
     from stages.lib.core.params import Recipe
     from stages.lib.model.backbones import block_groups, classifier_prefix, set_trainable
-    from stages.lib.training.trainer import build_optimizer
+    from stages.lib.training.loop import build_optimizer
 
     model = fused_model(backbone_factory(), "gated", fusion_stages=3, dim=16, num_classes=4)
     assert classifier_prefix(model) == "head"
@@ -201,7 +201,7 @@ def test_a_fusion_head_trains_on_cached_embeddings_and_reports_its_weights(mode)
     head, summary = train_fusion_head(
         arrays, dims, 3, mode, Settings(dim=8, epochs=40, patience=40, batch_size=8, lr=1e-2), 0.0, seed=0
     )
-    assert summary["val_accuracy"] > 0.9 and 1 <= summary["best_epoch"] <= summary["epochs_run"] <= 40
+    assert summary.val_accuracy > 0.9 and 1 <= summary.best_epoch <= summary.epochs_run <= 40
     again, _ = train_fusion_head(
         arrays, dims, 3, mode, Settings(dim=8, epochs=40, patience=40, batch_size=8, lr=1e-2), 0.0, seed=0
     )
@@ -264,7 +264,7 @@ def test_a_gated_pipeline_trains_exports_and_predicts_through_dvc_repro(tmp_path
     weights = pd.read_csv(project / "plots/fusion_weights.csv")
     assert list(weights["source"]) == ["pre_logits", "stage2", "stage3", "stage4"]
     assert weights["all"].between(0, 1).all() and len(weights.columns) == 2 + 10
-    probe = json.loads((project / "models/baseline/probe.json").read_text())
+    probe = json.loads((project / "models/baseline/config.json").read_text())
     assert probe["fusion"]["mode"] == "gated" and (project / "models/baseline/fusion.pt").is_file()
     config = json.loads((project / "models/finetuned/config.json").read_text())
     assert config["fusion"] == {"mode": "gated", "stages": 3, "dim": 128} and config["classifier"] == "head"

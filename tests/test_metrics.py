@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stages.lib.evaluation.figures import error_gallery, reliability_figure
 from stages.lib.evaluation.metrics import (
     classification_metrics,
-    error_gallery,
     expected_calibration_error,
     per_class_table,
-    reliability_figure,
     top_k_accuracy,
 )
 

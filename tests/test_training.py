@@ -1,5 +1,5 @@
-"""Staged fine-tuning (stages/lib/training/trainer.py) on a tiny timm model and tiny tensors: each practice
-the recipe relies on, determinism and resuming after a crash."""
+"""Staged fine-tuning (stages/lib/training: phases, loop, checkpoint, loaders) on a tiny timm model and tiny
+tensors: each practice the recipe relies on, determinism and resuming after a crash."""
 
 from __future__ import annotations
 
@@ -22,21 +22,11 @@ from stages.lib.core.errors import PipelineError
 from stages.lib.core.params import Finetune, Phase
 from stages.lib.data.preprocessing import DataConfig
 from stages.lib.model.backbones import block_groups, set_trainable
+from stages.lib.training.checkpoint import Checkpoint, TrainState
 from stages.lib.training.distributed import Distributed
-from stages.lib.training.trainer import (
-    Checkpoint,
-    Inputs,
-    PhaseTools,
-    Trainer,
-    TrainState,
-    build_loss,
-    build_optimizer,
-    logits_of,
-    lr_labels,
-    make_loaders,
-    run_phases,
-    seed_epoch,
-)
+from stages.lib.training.loaders import Inputs, make_loaders, seed_epoch
+from stages.lib.training.loop import PhaseTools, Trainer, build_loss, build_optimizer, loader_logits, lr_labels
+from stages.lib.training.phases import keeps_epoch, run_phases
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 DATA = DataConfig(32, "bilinear", tuple(MEAN), tuple(STD))
@@ -215,7 +205,7 @@ def test_ema_and_mixup_train_and_the_ema_is_what_is_validated_and_kept(tmp_path)
     assert not torch.equal(ema_weights["classifier.weight"], trainer.model.state_dict()["classifier.weight"])
     assert torch.equal(trainer.kept_weights()["classifier.weight"], ema_weights["classifier.weight"])
     # validation scores the EMA weights
-    logits, labels = logits_of(trainer.ema.module, val_loader, Inputs(MEAN, STD, torch.device("cpu")))
+    logits, labels = loader_logits(trainer.ema.module, val_loader, Inputs(MEAN, STD, torch.device("cpu")))
     expected = nn.functional.cross_entropy(logits, labels).item()
     assert trainer.evaluate(val_loader)["val_loss"] == pytest.approx(expected, rel=1e-6)
     # and a whole run with both on completes
@@ -233,6 +223,12 @@ def test_lr_per_block_group_shows_the_phases(tmp_path):
     assert head["lr_head"] > 0 and all(head[column] == 0 for column in columns if column != "lr_head")
     assert all(full[column] > 0 for column in columns)
     assert [row["phase_index"] for row in state.history] == [0, 1, 1]
+
+
+def test_the_keep_rule_keeps_a_lower_val_loss_or_the_final_epoch():
+    assert keeps_epoch("best_val_loss", 0.5, 0.6, final=False)
+    assert not keeps_epoch("best_val_loss", 0.6, 0.6, final=True)  # a tie keeps the earlier epoch
+    assert keeps_epoch("last", 9.0, 0.1, final=True) and not keeps_epoch("last", 0.1, 9.0, final=False)
 
 
 @pytest.mark.parametrize("keep", ["best_val_loss", "last"])
@@ -259,8 +255,8 @@ def test_the_kept_weights_are_the_best_epochs_by_val_loss_or_the_last(tmp_path, 
     losses = [row["val_loss"] for row in state.history]
     assert all(math.isfinite(loss) for loss in losses) and len(losses) == 4
     expected = 1 + losses.index(min(losses)) if keep == "best_val_loss" else 4
-    assert state.best_epoch == expected and (keep == "last" or state.best_epoch <= 2)
-    assert all(torch.equal(value, kept[state.best_epoch][name]) for name, value in model.state_dict().items())
+    assert state.kept_epoch == expected and (keep == "last" or state.kept_epoch <= 2)
+    assert all(torch.equal(value, kept[state.kept_epoch][name]) for name, value in model.state_dict().items())
 
 
 def test_early_stopping_counts_within_a_phase(tmp_path):
@@ -332,7 +328,7 @@ def test_a_crashed_run_resumes_from_its_last_epoch_and_ends_as_an_uninterrupted_
     replayed = []
     resumed_model = tiny_model()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="stages.lib.training.trainer"):
+    with caplog.at_level(logging.INFO, logger="stages.lib.training"):
         resumed = train(resumed_model, recipe_with_everything(), tmp_path, on_epoch=replayed.append)
     assert f"resuming after epoch {crash_epoch} " in caplog.text
     trained = [int(line.split()[1]) for line in caplog.messages if line.startswith("epoch ")]
@@ -347,7 +343,9 @@ import json, sys
 from pathlib import Path
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from stages.lib.training import distributed
-from stages.lib.training.trainer import Checkpoint, make_loaders, run_phases
+from stages.lib.training.checkpoint import Checkpoint
+from stages.lib.training.loaders import make_loaders
+from stages.lib.training.phases import run_phases
 from test_training import DATA, recipe_with_everything, tiny_data, tiny_model
 dist = distributed.setup()
 recipe = recipe_with_everything().model_copy(update={"mixup_alpha": 0.0})  # mixup pairs differ per process

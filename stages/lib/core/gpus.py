@@ -105,10 +105,3 @@ def lease(
             log.info("GPU lease: all %d devices are leased by other experiments; waiting for one", count)
             waiting_logged = True
         time.sleep(poll_s)
-
-
-def release() -> None:
-    """Give the leases back before the process ends (it happens by itself at exit)."""
-    for fd in _held.values():
-        os.close(fd)
-    _held.clear()

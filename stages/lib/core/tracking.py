@@ -239,3 +239,18 @@ def stage_run(stage: str, params: Params):
         raise
     _end_parent(parent, experiment_id, "FINISHED")
     log.info("%s: MLflow run %s in %s", stage, run.info.run_id, tracking_uri())
+
+
+def log_epoch(row: dict) -> None:
+    """One epoch's history row as MLflow step metrics, grouped for the UI's charts: `train_loss` is logged as
+    `train/loss`, `val_accuracy` as `val/accuracy`, `lr_head` as `lr/head` (the phase is a tag of the run,
+    its boundaries are in the history)."""
+    import mlflow
+
+    metrics = {}
+    for key, value in row.items():
+        if key in ("epoch", "phase", "phase_index"):
+            continue
+        group, _, name = key.partition("_")
+        metrics[f"{group}/{name}"] = value
+    mlflow.log_metrics(metrics, step=row["epoch"])

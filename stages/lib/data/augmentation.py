@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from stages.lib.core.params import Augment
+
 
 class RandomResizedCropSameSize:
     """RandomResizedCrop back to the input's own size: the cache is already at the model's size.
@@ -37,7 +39,7 @@ class RandomResizedCropSameSize:
         return f"{type(self).__name__}(scale={self.scale}, ratio={self.ratio})"
 
 
-def train_transform(settings) -> v2.Compose:
+def train_transform(settings: Augment) -> v2.Compose:
     """uint8 CHW tensor -> augmented uint8 CHW tensor, from the `augment` params."""
     steps = []
     if settings.crop_scale:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from stages.lib.core.params import Validate
 from stages.lib.data.images import REASONS, reason_code
 
 NOT_DATA = ("hidden or OS file", "symlink loop")  # left out, but not images a user lost: not in the fraction
@@ -38,7 +39,7 @@ class CheckResult:
         return self.__dict__.copy()
 
 
-def _expectations(table: str, settings) -> list[tuple[str, object]]:
+def _expectations(table: str, settings: Validate) -> list[tuple[str, object]]:
     """(check name, expectation) pairs for one table, from the validate params."""
     import great_expectations.expectations as gxe
 
@@ -94,7 +95,7 @@ def manifest_tables(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {"images": usable.reset_index(drop=True), "classes": classes[["label", "images"]], "summary": summary}
 
 
-def run_checks(manifest: pd.DataFrame, settings) -> tuple[list[CheckResult], list[dict]]:
+def run_checks(manifest: pd.DataFrame, settings: Validate) -> tuple[list[CheckResult], list[dict]]:
     """Run every expectation with Great Expectations.
 
     Returns one CheckResult per expectation, and GX's own validation results (one JSON dict per
@@ -122,7 +123,7 @@ def run_checks(manifest: pd.DataFrame, settings) -> tuple[list[CheckResult], lis
     return results, raw
 
 
-def _check_result(table: str, frame: pd.DataFrame, result, settings) -> CheckResult:
+def _check_result(table: str, frame: pd.DataFrame, result, settings: Validate) -> CheckResult:
     """One GX expectation result as a CheckResult naming the offending files (or classes)."""
     config = result.expectation_config
     name = config.meta["check"]

@@ -11,6 +11,7 @@ import logging
 
 import pandas as pd
 
+from stages.lib.core.params import Split
 from stages.lib.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def random_split(groups: pd.DataFrame, val_size: float, test_size: float, seed: 
                       for name, part in zip(SPLITS, (train, val, test))]).set_index("sha256")["split"]
 
 
-def split_manifest(manifest: pd.DataFrame, settings, seed: int) -> dict[str, pd.DataFrame]:
+def split_manifest(manifest: pd.DataFrame, settings: Split, seed: int) -> dict[str, pd.DataFrame]:
     """Usable rows -> {'train','val','test'}: DataFrames of path, label, sha256 sorted by path.
 
     settings: the `split` params (val_size, test_size, max_per_class; the cap applies to the rows

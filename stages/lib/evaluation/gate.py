@@ -23,6 +23,7 @@ from pathlib import Path
 
 from stages.lib.core.errors import PipelineError
 from stages.lib.core.metrics_io import numeric_leaves
+from stages.lib.core.params import Gate
 from stages.lib.evaluation.comparison import Difference, compare, paired, read_predictions
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ def absolute_checks(checks: dict, folder: Path) -> list[Check]:
     return results
 
 
-def statistical_checks(settings, reference: Path, reference_name: str, seed: int) -> tuple[dict[str, Difference], int]:
+def statistical_checks(
+    settings: Gate, reference: Path, reference_name: str, seed: int
+) -> tuple[dict[str, Difference], int]:
     """(accuracy and macro-F1 differences, number of test images) of the current predictions against the reference."""
     current = read_predictions(settings.predictions, "test", "finetuned")
     labels, ref, cur = paired(read_predictions(reference, "test", "finetuned"), current, reference_name)

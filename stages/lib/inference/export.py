@@ -12,8 +12,8 @@ input size; normalisation is inside the graph) and returns logits:
   than float32; whether it is also faster depends on the CPU's int8 kernels.
 - `torchscript`: `torch.jit.trace` (deprecated by PyTorch; not a default), with the same preprocessing JSON
   as an extra file.
-`parity` compares a variant's logits on the test split with PyTorch's; `latency_ms` times it on
-the CPU.
+`export_and_check` writes the requested variants (and preprocessing.json) into a fresh folder and compares
+each one's logits on the test split with PyTorch's (`parity`); `time_variants` times each on the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -32,8 +33,10 @@ import numpy as np
 import torch
 
 from stages.lib.core.arrays import batched
+from stages.lib.core.params import Export
 from stages.lib.core.timing import median_seconds
 from stages.lib.data.pixels import to_float_array
+from stages.lib.inference.classifier import ImageClassifier
 from stages.lib.model.card import FinetunedCard
 
 FILES = {
@@ -297,3 +300,57 @@ def state_dict_mb(model: torch.nn.Module) -> float:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.tell() / 2**20
+
+
+def calibration_sample(train: np.ndarray, count: int) -> np.ndarray:
+    """`count` training images spread evenly over the split: the int8 variant's calibration set."""
+    return train[np.linspace(0, len(train) - 1, min(count, len(train))).astype(int)]
+
+
+def export_and_check(
+    folder: Path,
+    classifier: ImageClassifier,
+    settings: Export,
+    test: tuple[np.ndarray, np.ndarray],
+    train: np.ndarray,
+    threads: int,
+) -> tuple[dict[str, dict[str, float]], dict[str, Path]]:
+    """Write `settings.variants` and preprocessing.json into a fresh folder, then run each variant on the test
+    split (images, labels) with `threads` threads against the PyTorch model. Returns (per variant, and
+    `pytorch` first: accuracy, size and the `parity` figures; per variant: its file)."""
+    model, images, labels = classifier.model, *test
+    metadata = preprocessing(classifier.card)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / "preprocessing.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    reference = logits_of(pytorch_runner(model), images, settings.batch_size)
+    results = {
+        "pytorch": {
+            "accuracy": float((reference.argmax(1) == labels).mean()),
+            "size_mb": round(state_dict_mb(model), 3),
+        }
+    }
+    calibration = calibration_sample(train, settings.calibration_images)
+    files = export_all(settings.variants, model, folder, classifier.size, settings.opset, metadata, calibration)
+    for variant, path in files.items():
+        logits = logits_of(runner(variant, path, threads), images, settings.batch_size)
+        results[variant] = parity(reference, logits, labels) | {"size_mb": round(size_mb(path), 3)}
+    return results, files
+
+
+def time_variants(model: torch.nn.Module, files: dict[str, Path], images: np.ndarray, settings: Export) -> dict:
+    """CPU latency per image of PyTorch and each exported file at `settings.latency_batches`, with
+    `settings.threads` threads: {variant: {latency_ms_b<batch>, latency_runs_b<batch>}}."""
+    torch.set_num_threads(settings.threads)
+    timed = {"pytorch": pytorch_runner(model)} | {
+        variant: runner(variant, path, settings.threads) for variant, path in files.items()
+    }
+    results = {}
+    for variant, run in timed.items():
+        results[variant] = {}
+        for batch in settings.latency_batches:
+            ms, runs = latency_ms(
+                run, images, batch, settings.latency_repeats, settings.latency_seconds, settings.latency_warmup
+            )
+            results[variant] |= {f"latency_ms_b{batch}": round(ms, 4), f"latency_runs_b{batch}": runs}
+    return results

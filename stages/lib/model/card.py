@@ -1,10 +1,12 @@
 """The model card: what a saved model folder holds, as one typed, versioned schema, written and read here.
 
-- `BaselineCard` (models/baseline/probe.json, written by features): the chosen backbone and its weight
+- `BaselineCard` (the baseline's config.json, written by features): the chosen backbone and its weight
   source, the probe's settings and scores, the preprocessing contract and, with `features.fusion_mode`,
-  the fusion head finetune starts from.
-- `FinetunedCard` (models/finetuned/config.json, written by finetune; evaluate, export, predict and the
-  MLflow pyfunc read it): everything needed to rebuild and feed the fine-tuned model.
+  the fusion head finetune starts from. (Folders written before it was renamed hold it as probe.json:
+  it is read from there, with a note.)
+- `FinetunedCard` (the fine-tuned model's config.json, written by finetune with the weights,
+  `save_finetuned`; evaluate, export, predict and the MLflow pyfunc read it): everything needed to rebuild
+  and feed the fine-tuned model.
 - `build_model()`: the one way a network is made from a card's settings (name, classes, fusion).
 
 `card_version` says which schema wrote a file; files written before it existed read as version 1.
@@ -13,9 +15,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
@@ -24,6 +28,7 @@ from stages.lib.data.preprocessing import DataConfig
 from stages.lib.model.backbones import create_backbone
 from stages.lib.model.fusion import fused_model
 
+log = logging.getLogger(__name__)
 CARD_VERSION = 1
 
 
@@ -45,7 +50,8 @@ class BaselineFusion(FusionSpec):
 
 class _Card(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    FILE: ClassVar[str]
+    FILE: ClassVar[str] = "config.json"
+    FORMER_FILE: ClassVar[str | None] = None  # the name older folders hold the card under
 
     @property
     def preprocessing(self) -> DataConfig:
@@ -62,7 +68,11 @@ class _Card(BaseModel):
     def read(cls, source: str | Path):
         """A card from its folder (or its file)."""
         path = Path(source)
-        path = path / cls.FILE if path.is_dir() else path
+        if path.is_dir():
+            former = path / cls.FORMER_FILE if cls.FORMER_FILE else None
+            path = former if former and former.is_file() and not (path / cls.FILE).is_file() else path / cls.FILE
+            if path == former:
+                log.info("%s: a card under its former name (re-run the stage that wrote it to rename it)", path)
         try:
             values = json.loads(path.read_text())
         except FileNotFoundError:
@@ -83,9 +93,9 @@ class _Card(BaseModel):
 
 
 class BaselineCard(_Card):
-    """models/baseline/probe.json: the chosen backbone and the baseline probe."""
+    """The baseline's card: the chosen backbone and its probe (head.pt), the LP-FT start, the fusion head."""
 
-    FILE: ClassVar[str] = "probe.json"
+    FORMER_FILE: ClassVar[str | None] = "probe.json"
     model: str
     weights: str
     classes: list[str]
@@ -100,11 +110,15 @@ class BaselineCard(_Card):
     fusion: BaselineFusion | None = None
     card_version: int = CARD_VERSION
 
+    @property
+    def fusion_spec(self) -> FusionSpec | None:
+        """The fusion head's architecture (what a model built from this baseline needs), or None."""
+        return FusionSpec(**self.fusion.model_dump(include={"mode", "stages", "dim"})) if self.fusion else None
+
 
 class FinetunedCard(_Card):
-    """models/finetuned/config.json: how to rebuild and feed the fine-tuned model."""
+    """The fine-tuned model's card (config.json beside model.pt): how to rebuild and feed the model."""
 
-    FILE: ClassVar[str] = "config.json"
     model: str
     num_classes: int
     classes: list[str]
@@ -118,6 +132,13 @@ class FinetunedCard(_Card):
     def build_model(self) -> nn.Module:
         """The network of this card, without weights (load model.pt into it)."""
         return build_model(self.model, self.num_classes, fusion=self.fusion)
+
+
+def save_finetuned(folder: Path, model: nn.Module, card: FinetunedCard) -> None:
+    """The fine-tuned model's folder: its weights (model.pt, from the CPU, contiguous) and its card."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.cpu().to(memory_format=torch.contiguous_format).state_dict(), folder / "model.pt")
+    card.write(folder)
 
 
 def build_model(

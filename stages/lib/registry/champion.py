@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from stages.lib.core.params import Gate
 from stages.lib.core.store import tracking_uri
 from stages.lib.registry.aliases import CHAMPION
 
@@ -48,7 +49,7 @@ def champion_predictions(
     return evaluation_predictions(run_id, scratch), f"{name}@{alias} (v{version.version})", str(version.version)
 
 
-def gate_reference(against: str, settings, registered_model: str, scratch: Path) -> tuple[Path, str]:
+def gate_reference(against: str, settings: Gate, registered_model: str, scratch: Path) -> tuple[Path, str]:
     """The gate's reference predictions file and its name in the report: `against` when it is a file;
     for `auto`, the champion's (in the tracking store) unless the champion is the model evaluated here,
     else `gate.reference` (`settings`: the gate params)."""

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
@@ -126,3 +127,13 @@ def register_image_classifier(model_dir: Path, example_image: np.ndarray, regist
     version = str(info.registered_model_version)
     client.set_model_version_tag(registered_name, version, MODEL_DIGEST_TAG, digest)
     return version, False
+
+
+def register_finetuned(model_dir: Path, example_image: np.ndarray, registered_name: str) -> str:
+    """Register the fine-tuned model (or reuse its identical version) and tag the active run with the version
+    (`registered.model`, `registered.version`, `registered.reused`)."""
+    version, reused = register_image_classifier(model_dir, example_image, registered_name)
+    mlflow.set_tags(
+        {"registered.model": registered_name, "registered.version": version, "registered.reused": str(reused).lower()}
+    )
+    return version

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from stages.lib.core.params import Features
+from stages.lib.core.params import FusionHead as FusionHeadSettings
 from stages.lib.model.backbones import backbone_params, cpu_latency_ms
 from stages.lib.model.card import FusionSpec, build_model
 from stages.lib.model.fusion import FusionHead
@@ -31,6 +34,35 @@ if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeadTraining:
+    """How a fusion head's training went: its kept (lowest val loss) epoch's scores, and its cost."""
+
+    val_loss: float
+    val_accuracy: float
+    best_epoch: int  # the kept epoch
+    epochs_run: int
+    seconds: float
+    parameters: int  # the head's
+
+
+@dataclass(frozen=True)
+class FusionFit:
+    """`fuse_winner`'s result: the trained head, how its training went, the whole fused model's CPU latency
+    (batch 1, one thread) and backbone parameters, the source widths, and the mean weight per source on val."""
+
+    head: FusionHead
+    training: HeadTraining
+    latency_ms: float
+    params: int
+    sources: list[int]
+    weights: "pd.DataFrame"
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers MLflow records (as `fusion.<name>`)."""
+        return asdict(self.training) | {"latency_ms": self.latency_ms, "params": self.params}
 
 
 def source_names(num_stages: int, fusion_stages: int) -> list[str]:
@@ -51,15 +83,14 @@ def train_fusion_head(
     source_dims: list[int],
     num_classes: int,
     mode: str,
-    settings,
+    settings: FusionHeadSettings,
     drop_rate: float,
     seed: int,
-) -> tuple[FusionHead, dict]:
+) -> tuple[FusionHead, HeadTraining]:
     """A `FusionHead` trained on the cached embeddings `arrays` (train_x/train_y/val_x/val_y).
 
     settings: the `features.fusion_head` params (dim, epochs, lr, weight_decay, batch_size, patience).
-    Returns (the head at its best val-loss epoch, in eval mode; a summary: val_accuracy, val_loss,
-    best_epoch, epochs_run, seconds, parameters).
+    Returns the head at its best val-loss epoch, in eval mode, and how its training went.
     """
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -83,14 +114,14 @@ def train_fusion_head(
             break
     head.load_state_dict(best_state)
     head.eval()
-    summary = {
-        "val_loss": best[0],
-        "val_accuracy": best[1],
-        "best_epoch": best_epoch,
-        "epochs_run": epoch,
-        "seconds": round(time.perf_counter() - started, 2),
-        "parameters": sum(p.numel() for p in head.parameters()),
-    }
+    summary = HeadTraining(
+        val_loss=best[0],
+        val_accuracy=best[1],
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        seconds=round(time.perf_counter() - started, 2),
+        parameters=sum(p.numel() for p in head.parameters()),
+    )
     log.info(
         "fusion head (%s): val %.4f (loss %.4f) at epoch %d of %d, %.1f s",
         mode,
@@ -98,7 +129,7 @@ def train_fusion_head(
         best[0],
         best_epoch,
         epoch,
-        summary["seconds"],
+        summary.seconds,
     )
     return head, summary
 
@@ -150,34 +181,43 @@ def weights_figure(table: "pd.DataFrame", mode: str, path: Path) -> None:
     plt.close(figure)
 
 
-def fuse_winner(winner, classes: list[str], image_size: int, settings, drop_rate: float, seed: int) -> dict:
-    """Train the `features.fusion_mode` head on the chosen candidate's cached embeddings.
-
-    winner: the leaderboard `Entry` (its `features` file holds the embeddings); settings: the `features`
-    params. Returns {'head' (the FusionHead), 'summary' (train_fusion_head's, plus latency_ms of the whole
-    fused model, batch 1, one thread, and params: its backbone without the head), 'weights' (weights_table
-    on val), 'sources' (the source widths)}.
-    """
-    with np.load(winner.features) as stored:
+def fuse_winner(
+    name: str, features: Path, classes: list[str], image_size: int, settings: Features, drop_rate: float, seed: int
+) -> FusionFit:
+    """Train the `features.fusion_mode` head on the embeddings of the chosen backbone `name` (its cached
+    embeddings file: `features`)."""
+    with np.load(features) as stored:
         arrays = {name: stored[name] for name in ("train_x", "train_y", "val_x", "val_y")}
     # shapes and latency only: the backbone's weights do not matter
     model = build_model(
-        winner.name,
+        name,
         len(classes),
         fusion=FusionSpec(mode=settings.fusion_mode, stages=settings.fusion_stages, dim=settings.fusion_head.dim),
     )
     dims = model.head.source_dims
     if sum(dims) != arrays["train_x"].shape[1]:
-        raise ValueError(f"{winner.features}: {arrays['train_x'].shape[1]} columns, the sources need {sum(dims)}")
+        raise ValueError(f"{features}: {arrays['train_x'].shape[1]} columns, the sources need {sum(dims)}")
     head, summary = train_fusion_head(
         arrays, dims, len(classes), settings.fusion_mode, settings.fusion_head, drop_rate, seed
     )
     names = source_names(len(model.backbone.feature_info), settings.fusion_stages)
     model.head.load_state_dict(head.state_dict())
-    summary |= {"latency_ms": cpu_latency_ms(model, image_size), "params": backbone_params(model)}
-    return {
-        "head": head,
-        "summary": summary,
-        "sources": dims,
-        "weights": weights_table(head, arrays["val_x"], arrays["val_y"], classes, names),
-    }
+    return FusionFit(
+        head=head,
+        training=summary,
+        latency_ms=cpu_latency_ms(model, image_size),
+        params=backbone_params(model),
+        sources=dims,
+        weights=weights_table(head, arrays["val_x"], arrays["val_y"], classes, names),
+    )
+
+
+def write_fusion_weights(fused: FusionFit | None, classes: list[str], mode: str, table: Path, figure: Path) -> None:
+    """The fusion head's mean weight per source on val as a CSV (`dvc plots`) and a figure; without a fusion
+    head (fusion_mode none) the table has no rows."""
+    import pandas as pd
+
+    weights = fused.weights if fused else pd.DataFrame(columns=["source", "all"] + list(classes))
+    table.parent.mkdir(parents=True, exist_ok=True)
+    weights.to_csv(table, index=False)
+    weights_figure(weights, mode, figure)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,17 +26,22 @@ import numpy as np
 import torch
 
 from stages.lib.core.errors import PipelineError
+from stages.lib.core.params import Candidate, Features, Select
 from stages.lib.data.prepared import load_meta
 from stages.lib.data.preprocessing import for_backbone
 from stages.lib.model.backbones import WeightsError, backbone_params, cpu_latency_ms, create_backbone, pypi_checkpoint
 from stages.lib.model.fusion import check_fusion, prelogits_width
+from stages.lib.training.fusion_training import FusionFit
 from stages.lib.training.probe import (
+    ProbeFit,
     cache_file,
     cache_key,
     embed_splits,
     file_stem,
     fit_probe,
     load_cached,
+    prepared_digest,
+    prune_cache,
     save_cached,
 )
 
@@ -53,7 +58,7 @@ class SelectionError(PipelineError, ValueError):
 
 @dataclass
 class Entry:
-    """One candidate's row of the leaderboard; `head`, `classifier_dim` and `data_config` stay out of the table."""
+    """One candidate's row of the leaderboard; `probe`, `classifier_dim` and `data_config` stay out of the table."""
 
     name: str
     weights: str
@@ -65,15 +70,16 @@ class Entry:
     latency_ms: float
     features: str
     classifier_dim: int = 0  # the model classifier's input: the first columns of the embeddings
-    head: dict = field(default_factory=dict, repr=False)
+    probe: ProbeFit | None = field(default=None, repr=False)
     data_config: dict = field(default_factory=dict, repr=False)
 
     def row(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("head", "classifier_dim", "data_config")}
+        hidden = ("probe", "classifier_dim", "data_config")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
 
 
 # ------------------------------------------------------------------- probing, measuring
-def check_candidates(candidates, fusion_stages: int = 0) -> None:
+def check_candidates(candidates: list[Candidate], fusion_stages: int = 0) -> None:
     """Fail before any work when a candidate's timm name or weight source is unusable, or it has fewer
     feature stages than `fusion_stages`."""
     import difflib
@@ -99,7 +105,14 @@ def check_candidates(candidates, fusion_stages: int = 0) -> None:
 
 
 def probe_candidate(
-    candidate, prepared: Path, data_digest: str, cache: Path, out: Path, settings, seed: int, device: torch.device
+    candidate: Candidate,
+    prepared: Path,
+    data_digest: str,
+    cache: Path,
+    out: Path,
+    settings: Features,
+    seed: int,
+    device: torch.device,
 ) -> Entry:
     """Probe one of `features.candidates` on the prepared cache (whose digest is `data_digest`).
 
@@ -130,19 +143,37 @@ def probe_candidate(
     entry = Entry(
         name=name,
         weights=weights,
-        val_accuracy=probe["val_accuracy"],
-        val_log_loss=probe["val_log_loss"],
-        C=probe["C"],
+        val_accuracy=probe.val_accuracy,
+        val_log_loss=probe.val_log_loss,
+        C=probe.C,
         params=backbone_params(model),
         embedding_dim=int(arrays["train_x"].shape[1]),
         latency_ms=cpu_latency_ms(model, size, LATENCY_SECONDS),
         features=str(path),
         classifier_dim=prelogits_width(model),
-        head=probe,
+        probe=probe,
         data_config=config,
     )
     log.info("%s: probe val %.4f, %d-d, %.1f ms/img", name, entry.val_accuracy, entry.embedding_dim, entry.latency_ms)
     return entry
+
+
+def probe_candidates(
+    candidates: list[Candidate],
+    prepared: Path,
+    cache: Path,
+    out: Path,
+    settings: Features,
+    seed: int,
+    device: torch.device,
+) -> list[Entry]:
+    """`probe_candidate` for each candidate on the prepared cache; then the embedding cache keeps only the
+    most recently used data versions."""
+    digest = prepared_digest(prepared)
+    entries = [probe_candidate(c, prepared, digest, cache, out, settings, seed, device) for c in candidates]
+    for stale in prune_cache(cache, digest):
+        log.info("removed cached embeddings of an older data version: %s", stale)
+    return entries
 
 
 # ----------------------------------------------------------------------- ranking, choosing
@@ -150,7 +181,7 @@ def rank(entries: list[Entry]) -> list[Entry]:
     return sorted(entries, key=lambda e: (-e.val_accuracy, e.val_log_loss, e.params))
 
 
-def choose(entries: list[Entry], select) -> Entry:
+def choose(entries: list[Entry], select: Select) -> Entry:
     """The candidate the rule in `features.select` picks (see the module docstring)."""
     ranked = rank(entries)
     if select.rule == "fixed":
@@ -167,7 +198,7 @@ def choose(entries: list[Entry], select) -> Entry:
     return ranked[0]
 
 
-def leaderboard(entries: list[Entry], winner: Entry, select) -> "pd.DataFrame":
+def leaderboard(entries: list[Entry], winner: Entry, select: Select) -> "pd.DataFrame":
     """The leaderboard table: one row per candidate in rank order, with the rule and the winner marked."""
     import pandas as pd
 
@@ -180,11 +211,11 @@ def leaderboard(entries: list[Entry], winner: Entry, select) -> "pd.DataFrame":
 
 
 def with_fusion_rows(
-    board: "pd.DataFrame", winner: Entry, prelogits_probe: dict, mode: str, fused: dict
+    board: "pd.DataFrame", winner: Entry, prelogits_probe: ProbeFit, mode: str, fused: FusionFit
 ) -> "pd.DataFrame":
     """The leaderboard with a `head` column (`logreg`: the candidates' probes) and two rows for the
     chosen backbone: `logreg_prelogits` (the probe without fusion: pre-logits features only) and the
-    fusion head of `mode` (`fused`: fuse_winner's summary; its latency is the whole fused model's)."""
+    fusion head of `mode` (its latency is the whole fused model's)."""
     import pandas as pd
 
     extra = [
@@ -195,9 +226,9 @@ def with_fusion_rows(
             "rule": board["rule"].iloc[0],
             "head": "logreg_prelogits",
             "weights": winner.weights,
-            "val_accuracy": prelogits_probe["val_accuracy"],
-            "val_log_loss": prelogits_probe["val_log_loss"],
-            "C": prelogits_probe["C"],
+            "val_accuracy": prelogits_probe.val_accuracy,
+            "val_log_loss": prelogits_probe.val_log_loss,
+            "C": prelogits_probe.C,
             "params": winner.params,
             "embedding_dim": winner.classifier_dim,
             "latency_ms": winner.latency_ms,
@@ -209,16 +240,16 @@ def with_fusion_rows(
             "rule": board["rule"].iloc[0],
             "head": mode,
             "weights": winner.weights,
-            "val_accuracy": fused["val_accuracy"],
-            "val_log_loss": fused["val_loss"],
+            "val_accuracy": fused.training.val_accuracy,
+            "val_log_loss": fused.training.val_loss,
             "C": None,
-            "params": fused["params"],
+            "params": fused.params,
             "embedding_dim": winner.embedding_dim,
-            "latency_ms": fused["latency_ms"],
-            "head_params": fused["parameters"],
+            "latency_ms": fused.latency_ms,
+            "head_params": fused.training.parameters,
         },
     ]
-    classes = len(prelogits_probe["bias"])
+    classes = len(prelogits_probe.head.bias)
     board = board.assign(head="logreg", head_params=(board["embedding_dim"] + 1) * classes)
     extra[0]["head_params"] = (winner.classifier_dim + 1) * classes
     return pd.concat([board, pd.DataFrame(extra)], ignore_index=True)

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from tqdm import tqdm
 from stages.lib.core.digest import file_sha256, folder_sha256, json_sha256
 from stages.lib.data.prepared import load_split
 from stages.lib.model.backbones import Normalize
+from stages.lib.model.baseline import LinearHead
 from stages.lib.model.fusion import check_fusion, pooled_sources
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,18 @@ def prune_cache(cache: Path, data_digest: str, keep: int = KEEP_DATA_VERSIONS) -
 
 
 # ----------------------------------------------------------------------------------- probe
+@dataclass(frozen=True)
+class ProbeFit:
+    """A fitted probe: its regularisation C chosen on val, the head (standardisation folded in), its val
+    scores, and every C tried (`grid`: C, val_accuracy, val_log_loss)."""
+
+    C: float
+    head: LinearHead
+    val_accuracy: float
+    val_log_loss: float
+    grid: list[dict]
+
+
 def standardiser(train_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean, scale) per feature, the scale floored at a tenth of the median feature's.
 
@@ -194,11 +208,9 @@ def fit_probe(
     c_grid: list[float],
     max_iter: int,
     seed: int,
-) -> dict:
-    """Logistic regression for each C; keep the best val accuracy (ties: lower val log loss).
-
-    Returns {'C', 'weight' (classes x features), 'bias', 'val_accuracy', 'val_log_loss', 'grid'}
-    with the standardisation folded into weight and bias.
+) -> ProbeFit:
+    """Logistic regression for each C; keep the best val accuracy (ties: lower val log loss), with the
+    standardisation folded into the head's weight and bias.
 
     The fits and their val scores use one BLAS thread, whatever the stage's thread budget: at this
     size (about a thousand rows, a few thousand columns) more OpenBLAS threads slow the fits down, and
@@ -225,21 +237,12 @@ def fit_probe(
         raise ValueError("every class must appear in the training split")
     weight = clf.coef_ / scale
     bias = clf.intercept_ - weight @ mean
-    return {
-        "C": c,
-        "weight": weight.astype(np.float32),
-        "bias": bias.astype(np.float32),
-        "val_accuracy": accuracy,
-        "val_log_loss": loss,
-        "grid": grid,
-    }
+    return ProbeFit(c, LinearHead(weight.astype(np.float32), bias.astype(np.float32)), accuracy, loss, grid)
 
 
-def probe_logits(embeddings: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    return embeddings @ weight.T + bias
-
-
-def classifier_probe(features_file: Path, classifier_dim: int, c_grid: list[float], max_iter: int, seed: int) -> dict:
+def classifier_probe(
+    features_file: Path, classifier_dim: int, c_grid: list[float], max_iter: int, seed: int
+) -> ProbeFit:
     """A probe on the first `classifier_dim` embedding columns of a candidate's embeddings file:
     the pre-logits features, i.e. what the model's own classifier sees (the LP-FT start when the
     baseline probe is on fused features)."""
