@@ -33,6 +33,7 @@ from stages.lib.core.tracking import stage_run
 from stages.lib.data.images import read_labelled_csv
 from stages.lib.data.prepared import load_split
 from stages.lib.evaluation.comparison import ComparisonError, compare, paired, predictions_frame, read_predictions
+from stages.lib.evaluation.heatmaps import overlays_for
 from stages.lib.evaluation.metrics import (
     classification_metrics,
     confusion_figure,
@@ -41,6 +42,8 @@ from stages.lib.evaluation.metrics import (
     per_class_table,
     reliability_figure,
 )
+from stages.lib.evaluation.selective import risk_coverage_outputs, selective_report
+from stages.lib.inference.abstain_fit import answers_on
 from stages.lib.inference.classifier import ImageClassifier
 from stages.lib.model.card import BaselineCard
 from stages.lib.registry.aliases import own_evaluation, record_evaluation, settle_aliases
@@ -197,12 +200,13 @@ def main() -> None:
         classes = probe.classes
         classifier = ImageClassifier.from_folder(args.finetuned, settings.batch_size)
         baseline = baseline_probabilities(Path(probe.features), args.baseline / "head.pt")
-        data, probabilities, frames = {}, {}, []
+        data, probabilities, frames, answers = {}, {}, [], {}
         for split in SPLITS:
             images, labels = load_split(args.prepared, split)
             paths = read_labelled_csv(args.splits / f"{split}.csv")["path"].tolist()
             data[split] = (images, labels)
-            probabilities[split] = {"baseline": baseline[split], "finetuned": classifier.probabilities(images)}
+            answers[split] = answers_on(classifier, images)  # probabilities, and the abstain rule's decisions
+            probabilities[split] = {"baseline": baseline[split], "finetuned": answers[split].probabilities}
             frames += [
                 predictions_frame(split, model, paths, labels, probs, classes)
                 for model, probs in probabilities[split].items()
@@ -233,6 +237,8 @@ def main() -> None:
                 "val": {"accuracy": val["accuracy"]},
             },
         }
+        selective = selective_report(labels, answers["test"].probabilities, answers["test"].decisions)
+        headline["finetuned"]["test"]["abstain"] = results["finetuned"]["test_abstain"] = selective.headline()
         write_metrics(args.metrics, headline, log_to_mlflow=False)
         mlflow.log_metrics(numeric_leaves(results))
 
@@ -262,6 +268,20 @@ def main() -> None:
                 classes,
                 settings.error_gallery,
                 args.reports / "error_gallery.png",
+            )
+        risk_coverage_outputs(
+            data["val"][1], answers["val"].probabilities, classifier.card.abstain, args.plots, args.reports
+        )
+        if settings.heatmaps:  # Grad-CAM on the worst errors and the least confident correct answers
+            overlays_for(
+                classifier.model,
+                classifier.size,
+                classes,
+                images,
+                labels,
+                answers["test"].probabilities,
+                settings.heatmaps,
+                args.reports,
             )
         mlflow.log_artifacts(str(args.reports), artifact_path="evaluation")
 

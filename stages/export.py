@@ -47,6 +47,8 @@ def main() -> None:
         import torch
 
         # torch, timm and onnx load after the MLflow run opened: an unreachable server fails first, and --help is fast
+        from stages.lib.inference.abstain import write_export_rule
+        from stages.lib.inference.abstain_fit import answers_on, export_agreement
         from stages.lib.inference.classifier import ImageClassifier
         from stages.lib.inference.export import (
             export_all,
@@ -72,6 +74,7 @@ def main() -> None:
         shutil.rmtree(args.out, ignore_errors=True)
         args.out.mkdir(parents=True)
         (args.out / "preprocessing.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        write_export_rule(args.out, args.finetuned, classifier.card)  # abstain.json + reference (docs/unknown.md)
 
         run_pytorch = pytorch_runner(model)
         reference = logits_of(run_pytorch, images, settings.batch_size)
@@ -85,6 +88,10 @@ def main() -> None:
         for variant, path in files.items():
             logits = logits_of(runner(variant, path, cores), images, settings.batch_size)
             results[variant] = parity(reference, logits, labels) | {"size_mb": round(size_mb(path), 3)}
+        for variant, agreement in export_agreement(
+            args.out, files, answers_on(classifier, images).decisions, images
+        ).items():
+            results[variant] |= agreement  # the export folder's abstain rule against PyTorch's, on test
 
         torch.set_num_threads(settings.threads)
         timed = {"pytorch": run_pytorch} | {

@@ -199,6 +199,9 @@ def main() -> None:
             kept_epoch=state.best_epoch,
             fusion=fusion,
         ).write(args.out)
+        from stages.lib.inference.abstain_fit import fit_abstention  # the abstain rule the registered model carries
+
+        mlflow.log_metrics(fit_abstention(args.out, args.prepared, params.evaluate.abstain).metrics())
         write_history(args.history, state.history)
         best = state.history[state.best_epoch - 1]
         write_metrics(
