@@ -4,9 +4,9 @@
 
 One row per file: path, error, abstained, reason, ood_score, then pred_1, prob_1, ... pred_k, prob_k.
 `abstained` is true where the model should not be trusted (reason `unknown input` or `low confidence`:
-docs/unknown.md); `--no-abstain` gives the bare answer; `--explain DIR` writes a Grad-CAM overlay per file.
-A file that cannot be read or decoded gets a row with the reason in `error` and does not stop the others. Exit status
-1 when no file at all could be classified. Not a DVC stage.
+docs/unknown.md); `--no-abstain` gives the bare answer; `--explain DIR` writes a Grad-CAM overlay per
+file. A file that cannot be read or decoded gets a row with the reason in `error` and does not stop the
+others. Exit status 1 when no file at all could be classified. Not a DVC stage.
 """
 
 from __future__ import annotations

@@ -68,6 +68,19 @@ def test_ood_score_is_the_mahalanobis_distance_to_the_nearest_class_mean():
     assert reference.scores(means).max() < 1e-3  # a class mean is in the set
 
 
+def test_the_card_carries_the_rule_and_older_cards_read_as_before(tmp_path):
+    values = {
+        "model": "tf_efficientnet_lite0",
+        "num_classes": 2,
+        "classes": ["a", "b"],
+        "data_config": {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    assert FinetunedCard.read(tmp_path).abstain is None  # a model from before the rule: it answers everything
+    FinetunedCard.model_validate(values | {"abstain": spec().model_dump()}).write(tmp_path)
+    assert FinetunedCard.read(tmp_path).abstain == spec()
+
+
 def test_confidence_threshold_is_the_widest_that_reaches_the_target():
     confidence = np.array([0.99, 0.95, 0.9, 0.8, 0.7, 0.6])
     correct = np.array([True, True, True, False, True, False])
@@ -164,7 +177,7 @@ def test_the_registered_model_carries_the_rule_and_evaluate_reports_it(tiny_pipe
     assert card.abstain is not None and (tiny_pipeline / "models/finetuned" / card.abstain.reference).is_file()
     assert 0.0 <= card.abstain.confidence_threshold <= 1.0 and card.abstain.keep_in_set == 0.99
     headline = json.loads((tiny_pipeline / "metrics/evaluate.json").read_text())["finetuned"]["test"]["abstain"]
-    assert set(headline) == {"coverage", "accepted_accuracy", "ood_rate", "low_confidence_rate"}
+    assert set(headline) == {"coverage", "accepted_accuracy", "ood_rate"}
     curve = pd.read_csv(tiny_pipeline / "plots/evaluate/risk_coverage.csv")
     assert list(curve.columns) == ["coverage", "risk", "threshold"] and curve["coverage"].iloc[-1] == 1.0
     assert curve["threshold"].is_monotonic_decreasing

@@ -191,7 +191,7 @@ def test_params_typo_fails_before_any_work(tiny_pipeline, tmp_path):
 
 
 def test_the_plots_page_is_self_contained_with_only_the_declared_charts(tiny_pipeline, tmp_path):
-    """`dvc plots show` renders without a network (vega inlined, no CDN script) and draws exactly the six
+    """`dvc plots show` renders without a network (vega inlined, no CDN script) and draws exactly the seven
     charts of dvc.yaml's top-level `plots` (no default line charts of plot files declared twice)."""
     import re
 
@@ -199,4 +199,4 @@ def test_the_plots_page_is_self_contained_with_only_the_declared_charts(tiny_pip
     page = (tmp_path / "plots/index.html").read_text()
     assert not re.findall(r"<script[^>]+src=", page) and "window.vegaEmbed" in page
     declared = yaml.safe_load((tiny_pipeline / "dvc.yaml").read_text())["plots"]
-    assert page.count("vegaEmbed('#") == len(declared) == 6
+    assert page.count("vegaEmbed('#") == len(declared) == 7

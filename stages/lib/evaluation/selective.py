@@ -29,7 +29,11 @@ class SelectiveReport:
     images: int
 
     def headline(self) -> dict[str, float]:
-        return {key: round(value, 6) for key, value in asdict(self).items() if key != "images"}
+        """What metrics/evaluate.json shows (the rest is in reports/evaluate/metrics.json and MLflow)."""
+        return {key: round(getattr(self, key), 6) for key in ("coverage", "accepted_accuracy", "ood_rate")}
+
+    def details(self) -> dict[str, float]:
+        return {key: round(value, 6) for key, value in asdict(self).items()}
 
 
 def selective_report(labels: np.ndarray, probabilities: np.ndarray, decisions: Decisions) -> SelectiveReport:

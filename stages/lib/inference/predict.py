@@ -75,7 +75,7 @@ def load_classifier(model: str) -> ImageClassifier:
     if not is_mlflow_model(model):
         return ImageClassifier.from_folder(model)
     inner = _load_pyfunc(model).unwrap_python_model()
-    if not isinstance(getattr(inner, "classifier", None), ImageClassifier):
+    if not hasattr(getattr(inner, "classifier", None), "outputs"):  # the model's own copy of ImageClassifier
         raise PipelineError(f"{model}: not an image classifier logged by this pipeline")
     return inner.classifier
 
