@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import BIN, mlflow_runs, run
+from conftest import BIN, REPO, mlflow_runs, run
 
 from stages.demo_data import SHAPES
 from stages.lib.data.pixels import to_float_array
@@ -163,7 +163,18 @@ def foreign(tmp_path_factory):
     """Images of two other kinds for a digits model: printed letters in the digits' style, and colour shapes."""
     folder = tmp_path_factory.mktemp("foreign")
     for kind in ("letters", "shapes"):
-        run(folder, sys.executable, "-m", "stages.demo_data", "--kind", kind, "--out", kind, "--per-class", "3")
+        run(
+            REPO,
+            sys.executable,
+            "-m",
+            "stages.demo_data",
+            "--kind",
+            kind,
+            "--out",
+            str(folder / kind),
+            "--per-class",
+            "3",
+        )
     return folder
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, pipeline_env, run
+from conftest import BIN, REPO, pipeline_env, run
 from PIL import Image
 
 from stages.lib.core.errors import PipelineError
@@ -119,7 +119,11 @@ def test_registered_version_is_an_image_pyfunc(tiny_pipeline):
     mlflow.set_tracking_uri(f"sqlite:///{tiny_pipeline / 'mlflow.db'}")
     info = mlflow.models.get_model_info(f"models:/{MODEL_NAME}@champion")
     assert [(column.name, column.type.name) for column in info.signature.inputs] == [("image", "binary")]
-    assert {column.name for column in info.signature.outputs} == {"label", "probability", "probabilities", "error"}
+    assert {column.name for column in info.signature.outputs} == {
+        *("label", "probability", "probabilities", "error"),
+        *("ood_score", "abstained", "reason"),  # the abstain rule (docs/unknown.md)
+    }
+    assert [param.name for param in info.signature.params] == ["abstain"]
     classes = json.loads((tiny_pipeline / "models/finetuned/config.json").read_text())["classes"]
     assert info.metadata["classes"] == classes
     # the evaluation is visible on the version and on the logged model
@@ -344,12 +348,14 @@ def test_serving_predict_and_onnx_agree_on_abstained(tiny_pipeline, server, tmp_
     from stages.lib.inference.abstain import read_export_rule
 
     for kind in ("letters", "shapes"):
-        run(tmp_path, sys.executable, "-m", "stages.demo_data", "--kind", kind, "--out", kind, "--per-class", "1")
+        out = str(tmp_path / kind)
+        run(REPO, sys.executable, "-m", "stages.demo_data", "--kind", kind, "--out", out, "--per-class", "1")
     digits = [tiny_pipeline / path for path in read_labelled_csv(tiny_pipeline / "data/splits/test.csv")["path"]]
     files = digits + sorted(tmp_path.glob("letters/*/*.png"))[:10] + sorted(tmp_path.glob("shapes/*/*.png"))
     arguments = [str(BIN / "python"), "-m", "stages.predict", *map(str, files), "--out", "-", "--top-k", "1"]
     table = pd.read_csv(io.StringIO(run(tiny_pipeline, *arguments).stdout), keep_default_na=False)
-    assert table["abstained"].any() and not table["abstained"].all()  # both kinds of answer occur
+    unknown = table["reason"] == "unknown input"
+    assert unknown.any() and not unknown.all()  # the foreign images, and not the digits
 
     status, answer = post(server, [path.read_bytes() for path in files])
     assert status == 200
