@@ -2,9 +2,13 @@
 
     python -m stages.demo_data --out data/images [--per-class N] [--classes K]
     python -m stages.demo_data --kind shapes --out data/images [--per-class N] [--seed S]
+    python -m stages.demo_data --kind letters --out foreign/letters [--per-class N] [--seed S]
 
 digits (the default): scikit-learn's 1,797 real 8x8 handwritten scans in 10 classes; each image
 becomes `<out>/<digit>/<index>.png` (8-bit grayscale).
+letters: printed capital letters A-Z in matplotlib's bundled fonts, drawn in the digits' own style
+(white on black, 8x8, 17 grey levels, the brightest at full scale), with random size, offset and slant;
+seeded. For showing a digits model images of another kind (docs/unknown.md): `<out>/<letter>/<index>.png`.
 shapes: a second, unlike set, 10 classes of geometric shapes (150 each by default) rendered in
 colour at 64x64 with random position, size, rotation and colours on a noisy background with
 distractor strokes; seeded, so the same seed writes the same files. Each image becomes
@@ -164,24 +168,74 @@ def write_shapes(out: Path, per_class: int | None = None, seed: int = 0) -> int:
     return written
 
 
+LETTER_FONTS = (
+    "DejaVuSans",
+    "DejaVuSans-Bold",
+    "DejaVuSansMono",
+    "DejaVuSerif",
+    "DejaVuSerif-Bold",
+    "STIXGeneral",
+    "cmr10",
+    "cmss10",
+)
+
+
+def render_letter(letter: str, font_file: Path, rng: np.random.Generator, size: int = 8) -> Image.Image:
+    """One letter, white on black, drawn large and reduced to size x size in the digits' 17 grey levels."""
+    from PIL import ImageFont
+
+    big = size * 8
+    font = ImageFont.truetype(str(font_file), int(big * rng.uniform(0.7, 0.95)))
+    canvas = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((0, 0), letter, font=font)
+    x = (big - (right - left)) / 2 - left + rng.uniform(-0.08, 0.08) * big
+    y = (big - (bottom - top)) / 2 - top + rng.uniform(-0.08, 0.08) * big
+    draw.text((x, y), letter, fill=255, font=font)
+    canvas = canvas.rotate(float(rng.uniform(-12, 12)), resample=Image.Resampling.BILINEAR)
+    small = np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.float64)
+    levels = np.round(small / max(small.max(), 1.0) * 16.0)  # the brightest pixel at full scale, as in the digits
+    return Image.fromarray(np.round(levels * 255.0 / 16.0).astype(np.uint8), mode="L")
+
+
+def write_letters(out: Path, per_class: int | None = None, seed: int = 0) -> int:
+    """Write per_class (default 60) rendered images of each capital letter under out/<letter>/, cycling
+    through LETTER_FONTS; seed fixes every random choice. Return the number written."""
+    import matplotlib
+
+    fonts = [Path(matplotlib.get_data_path()) / "fonts" / "ttf" / f"{name}.ttf" for name in LETTER_FONTS]
+    per_class = 60 if per_class is None else per_class
+    written = 0
+    for label in range(26):
+        letter, rng = chr(ord("A") + label), np.random.default_rng([seed, label])
+        folder = out / letter
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            render_letter(letter, fonts[index % len(fonts)], rng).save(folder / f"{index:04d}.png")
+            written += 1
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data/images"))
-    parser.add_argument("--kind", choices=("digits", "shapes"), default="digits", help="which image set")
+    parser.add_argument("--kind", choices=("digits", "shapes", "letters"), default="digits", help="which image set")
     parser.add_argument(
         "--per-class",
         type=int,
         default=None,
-        help="digits: write at most N images per class; shapes: N per class (default 150)",
+        help="digits: write at most N images per class; shapes: N per class (default 150); letters: (default 60)",
     )
     parser.add_argument("--classes", type=int, default=None, help="digits: write only the digits 0 .. K-1")
-    parser.add_argument("--seed", type=int, default=0, help="shapes: the seed of every random choice")
+    parser.add_argument("--seed", type=int, default=0, help="shapes, letters: the seed of every random choice")
     args = parser.parse_args()
     if args.out.exists() and any(args.out.iterdir()):
         print(f"{args.out} already holds images; leaving it as it is")
         return
     if args.kind == "shapes":
         written = write_shapes(args.out, args.per_class, args.seed)
+    elif args.kind == "letters":
+        written = write_letters(args.out, args.per_class, args.seed)
     else:
         written = write_digits(args.out, args.per_class, args.classes)
     print(f"wrote {written} images to {args.out}")

@@ -48,6 +48,8 @@ def main() -> None:
         import torch
 
         # torch, timm and onnx load after the MLflow run opened: an unreachable server fails first, and --help is fast
+        from stages.lib.inference.abstain import write_export_rule
+        from stages.lib.inference.abstain_fit import answers_on, export_agreement
         from stages.lib.inference.classifier import ImageClassifier
         from stages.lib.inference.export import export_and_check, time_variants
 
@@ -56,6 +58,10 @@ def main() -> None:
         classifier = ImageClassifier.from_folder(args.finetuned)
         test, (train, _) = load_split(args.prepared, "test"), load_split(args.prepared, "train")
         results, files = export_and_check(args.out, classifier, settings, test, train, cores)
+        write_export_rule(args.out, args.finetuned, classifier.card)  # abstain.json + reference (docs/unknown.md)
+        decisions = answers_on(classifier, test[0]).decisions
+        for variant, agreement in export_agreement(args.out, files, decisions, test[0]).items():
+            results[variant] |= agreement  # the export folder's abstain rule against PyTorch's, on test
         for variant, timings in time_variants(classifier.model, files, test[0], settings).items():
             results[variant] |= timings
             log.info("%s: %s", variant, ", ".join(f"{k} {v:.4g}" for k, v in results[variant].items()))

@@ -37,6 +37,7 @@ from stages.lib.data.augmentation import train_transform
 from stages.lib.data.prepared import PreparedDataset, load_meta, load_split, training_dataset
 from stages.lib.data.preprocessing import for_backbone
 from stages.lib.evaluation.figures import learning_curves
+from stages.lib.inference.abstain_fit import fit_abstention
 from stages.lib.model.card import BaselineCard, build_model, save_finetuned
 from stages.lib.training import distributed
 from stages.lib.training.calibration import calibrate
@@ -103,9 +104,11 @@ def main() -> None:
             model, full_val_loader(args.prepared, settings.batch_size), data_config, settings.temperature_bounds
         )
         save_finetuned(args.out, model, finetuned_card(baseline, classes, data_config, model, calibration, state))
+        abstention = fit_abstention(args.out, args.prepared, params.evaluate.abstain)  # the rule the model carries
         write_history(args.history, state.history)
         write_metrics(args.metrics, headline(state, calibration))
         log_outcome(state, calibration, seconds, dist)
+        mlflow.log_metrics(abstention.metrics())
         learning_curves(state.history, args.out / "learning_curves.png")
         mlflow.log_artifact(str(args.out / "learning_curves.png"))
 

@@ -45,4 +45,3 @@ def test_every_cited_path_and_module_exists(path):
     missing = sorted(p for p in paths if not (REPO / p).exists() and not (path.parent / p).exists())
     modules = sorted(m for m in set(MODULE.findall(text)) if not module_exists(m))
     assert not missing and not modules, f"stale pointers: {missing + modules}"
-

@@ -141,6 +141,24 @@ def test_onnx_files_record_the_preprocessing_and_take_any_batch(exported):
         assert session.run(["logits"], {"image": as_input(images[:batch])})[0].shape == (batch, 2)
 
 
+def test_onnx_variants_output_the_embedding_the_abstain_rule_reads(exported):
+    """fp32 and fp16 give PyTorch's embedding; int8 only its shape (its convolutions distort the embedding far
+    more than the logits: the export stage measures how far its abstentions follow PyTorch's)."""
+    import onnxruntime
+
+    from stages.lib.model.abstention import with_embedding
+
+    model, images, _, files, _ = exported
+    with torch.inference_mode():
+        expected = with_embedding(model)(torch.from_numpy(as_input(images)))[1].numpy()
+    for variant in ("onnx", "onnx_fp16", "onnx_int8"):
+        session = onnxruntime.InferenceSession(str(files[variant]), providers=["CPUExecutionProvider"])
+        embedding = session.run(["embedding"], {"image": as_input(images)})[0]
+        assert embedding.shape == expected.shape
+        relative = np.linalg.norm(embedding - expected) / np.linalg.norm(expected)
+        assert relative <= {"onnx": 1e-4, "onnx_fp16": 0.02, "onnx_int8": np.inf}[variant], variant
+
+
 def test_torchscript_carries_the_preprocessing(exported):
     extra = {"preprocessing.json": ""}
     torch.jit.load(str(exported[3]["torchscript"]), _extra_files=extra)
@@ -183,6 +201,8 @@ def test_export_stage_outputs(tiny_pipeline):
         assert metrics[f"{variant}.latency_ms_b1"] > 0 and metrics[f"{variant}.size_mb"] > 0
         assert 1 <= metrics[f"{variant}.latency_runs_b32"] <= 10
     assert metrics["onnx.max_abs_logit_diff"] < 1e-2
+    assert metrics["onnx.abstain_agreement"] == 1.0  # the export folder's abstain rule (abstain.json) on test
+    assert (tiny_pipeline / "models/export/abstain.json").is_file()
 
 
 def test_latency_timing_is_bounded_in_runs_and_time():

@@ -37,7 +37,17 @@ def test_folder_to_csv_with_top_k_and_error_rows(tiny_pipeline, inbox, tmp_path)
     )
     assert code == 0, stderr
     table = pd.read_csv(out, keep_default_na=False, dtype={"pred_1": str, "pred_2": str})
-    assert list(table.columns) == ["path", "error", "pred_1", "prob_1", "pred_2", "prob_2"]
+    assert list(table.columns) == [
+        "path",
+        "error",
+        "abstained",
+        "reason",
+        "ood_score",
+        "pred_1",
+        "prob_1",
+        "pred_2",
+        "prob_2",
+    ]
     rows = table.set_index(table["path"].map(lambda path: path.rsplit("/", 1)[-1]))
     assert list(rows.index) == ["broken.png", "first.png", "last.png", "notes.txt", "missing.png"]
     assert rows.loc["broken.png", "error"].startswith("corrupt image")

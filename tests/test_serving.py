@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, pipeline_env, run
+from conftest import BIN, REPO, pipeline_env, run
 from PIL import Image
 
 from stages.lib.core.errors import PipelineError
@@ -93,7 +93,7 @@ def test_bad_images_get_an_error_row_and_do_not_stop_the_batch(model_folder):
     classifier = ImageClassifier.from_folder(model_folder)
     image = png_bytes(np.full((50, 50, 3), 200, dtype=np.uint8))
     rows = classifier.predict([image, b"not an image", base64.b64encode(image).decode(), 42])
-    assert list(rows.columns) == ["label", "probability", "probabilities", "error"]
+    assert list(rows.columns) == ["label", "probability", "probabilities", "error", "ood_score", "abstained", "reason"]
     assert list(rows["error"]) == [
         "",
         "not an image (unrecognised format)",
@@ -119,7 +119,11 @@ def test_registered_version_is_an_image_pyfunc(tiny_pipeline):
     mlflow.set_tracking_uri(f"sqlite:///{tiny_pipeline / 'mlflow.db'}")
     info = mlflow.models.get_model_info(f"models:/{MODEL_NAME}@champion")
     assert [(column.name, column.type.name) for column in info.signature.inputs] == [("image", "binary")]
-    assert {column.name for column in info.signature.outputs} == {"label", "probability", "probabilities", "error"}
+    assert {column.name for column in info.signature.outputs} == {
+        *("label", "probability", "probabilities", "error"),
+        *("ood_score", "abstained", "reason"),  # the abstain rule (docs/unknown.md)
+    }
+    assert [param.name for param in info.signature.params] == ["abstain"]
     classes = json.loads((tiny_pipeline / "models/finetuned/config.json").read_text())["classes"]
     assert info.metadata["classes"] == classes
     # the evaluation is visible on the version and on the logged model
@@ -330,3 +334,47 @@ def test_every_consumer_agrees_with_evaluate_on_encoded_files(tiny_pipeline, ser
     batch = np.stack([decode(tiny_pipeline / path, size, interpolation) for path in paths])
     logits = session.run(None, {session.get_inputs()[0].name: batch.transpose(0, 3, 1, 2).astype(np.float32) / 255})[0]
     assert [classes[i] for i in logits.argmax(1)] == expected
+
+
+def test_serving_predict_and_onnx_agree_on_abstained(tiny_pipeline, server, tmp_path):
+    """Test digits and images of other kinds (letters, shapes) through predict, the REST server and the ONNX
+    export folder's documented post-processing (`abstain.json`): the same `abstained` and `reason` for each;
+    `--no-abstain` and the REST param `abstain: false` give the bare answer."""
+    import onnxruntime
+    import pandas as pd
+
+    from stages.lib.core.arrays import softmax
+    from stages.lib.data.images import read_labelled_csv
+    from stages.lib.inference.abstain import read_export_rule
+
+    for kind in ("letters", "shapes"):
+        out = str(tmp_path / kind)
+        run(REPO, sys.executable, "-m", "stages.demo_data", "--kind", kind, "--out", out, "--per-class", "1")
+    digits = [tiny_pipeline / path for path in read_labelled_csv(tiny_pipeline / "data/splits/test.csv")["path"]]
+    files = digits + sorted(tmp_path.glob("letters/*/*.png"))[:10] + sorted(tmp_path.glob("shapes/*/*.png"))
+    arguments = [str(BIN / "python"), "-m", "stages.predict", *map(str, files), "--out", "-", "--top-k", "1"]
+    table = pd.read_csv(io.StringIO(run(tiny_pipeline, *arguments).stdout), keep_default_na=False)
+    unknown = table["reason"] == "unknown input"
+    assert unknown.any() and not unknown.all()  # the foreign images, and not the digits
+
+    status, answer = post(server, [path.read_bytes() for path in files])
+    assert status == 200
+    served = pd.DataFrame(answer["predictions"])
+    assert served["abstained"].tolist() == table["abstained"].tolist()
+    assert served["reason"].tolist() == table["reason"].tolist()
+
+    export = tiny_pipeline / "models/export"
+    meta = json.loads((export / "preprocessing.json").read_text())
+    batch = np.stack([decode(path, meta["image_size"], meta["interpolation"]) for path in files])
+    session = onnxruntime.InferenceSession(str(export / "model.onnx"))
+    logits, embedding = session.run(["logits", "embedding"], {"image": batch.transpose(0, 3, 1, 2) / np.float32(255)})
+    decisions = read_export_rule(export).decide(softmax(logits), embedding)
+    assert decisions.abstained.tolist() == table["abstained"].tolist() and decisions.reason == table["reason"].tolist()
+
+    bare = pd.read_csv(io.StringIO(run(tiny_pipeline, *arguments, "--no-abstain").stdout), keep_default_na=False)
+    assert not bare["abstained"].any() and bare["pred_1"].tolist() == table["pred_1"].tolist()
+    data = [[base64.b64encode(path.read_bytes()).decode()] for path in files]
+    status, answer = post(
+        server, body={"dataframe_split": {"columns": ["image"], "data": data}, "params": {"abstain": False}}
+    )
+    assert status == 200 and not any(row["abstained"] for row in answer["predictions"])

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.lib.core.errors import PipelineError
 from stages.lib.core.sections import (
+    Abstain,
     Augment,
     Candidate,
     Evaluate,
@@ -36,7 +37,7 @@ from stages.lib.core.sections import (
 )
 
 __all__ = [  # the section models, for `from stages.lib.core.params import ...`
-    "Augment", "Candidate", "Evaluate", "Export", "Features", "Finetune", "FusionHead", "Gate", "GateCheck",
+    "Abstain", "Augment", "Candidate", "Evaluate", "Export", "Features", "Finetune", "FusionHead", "Gate", "GateCheck",
     "Margin", "Model", "Phase", "Recipe", "Select", "Split", "Validate",
 ]  # fmt: skip
 

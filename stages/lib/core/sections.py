@@ -247,12 +247,22 @@ class Finetune(Recipe):
         return Recipe(**(self.model_dump(include=set(Recipe.model_fields)) | own))
 
 
+class Abstain(Section):
+    """The abstain rule, chosen on val by finetune (the registered model carries it); evaluate reports it on test."""
+
+    keep_in_set: float = Field(0.99, gt=0.0, le=1.0)  # the OOD threshold keeps this share of the in-set val images
+    target_accuracy: float = Field(0.99, gt=0.0, le=1.0)  # the confidence threshold: accepted val images reach it
+    reference_images: int = Field(5000, ge=2)  # training images whose statistics are the OOD reference
+
+
 class Evaluate(Section):
     batch_size: int = Field(256, ge=1)
     top_k: int = Field(3, ge=1)
     champion_metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "top_k_accuracy"] = "accuracy"  # on val
     min_improvement: float = Field(0.0, ge=0.0)  # a challenger must beat the champion's val score by more
     error_gallery: int = Field(16, ge=0, le=100)
+    heatmaps: int = Field(8, ge=0, le=64)  # Grad-CAM overlays of the worst errors and of the least confident correct
+    abstain: Abstain = Field(default_factory=Abstain)
 
 
 ExportVariant = Literal["onnx", "onnx_fp16", "onnx_int8", "torchscript"]

@@ -1,10 +1,13 @@
 """evaluate's report: both models scored on val and test, the metrics, and the files a reviewer reads.
 
 - `score_splits`: per split, the images, labels, paths and each model's probabilities (the linear-probe
-  baseline from its cached embeddings and head, the fine-tuned model from a callable).
-- `evaluate_models`: the test metrics of both models, the fine-tuned model's val metrics, calibration.
+  baseline from its cached embeddings and head, the fine-tuned model's answers from a callable: its
+  probabilities and the abstain rule's decisions).
+- `evaluate_models`: the test metrics of both models, the fine-tuned model's val metrics, calibration, and the
+  abstain rule on test (selective prediction: coverage, accuracy on the accepted, the OOD rate), once.
 - `write_reports`: predictions.csv (every val and test image, both models: what `make gate` compares),
-  metrics.json, per_class.csv, confusion matrices, reliability diagram, error gallery, and the DVC plot files.
+  metrics.json, per_class.csv, confusion matrices, reliability diagram, error gallery, the risk-coverage
+  curve on val, and the DVC plot files.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from stages.lib.data.prepared import load_split
 from stages.lib.evaluation.comparison import predictions_frame
 from stages.lib.evaluation.figures import confusion_figure, error_gallery, reliability_figure
 from stages.lib.evaluation.metrics import classification_metrics, expected_calibration_error, per_class_table
+from stages.lib.evaluation.selective import SelectiveReport, risk_coverage_outputs, selective_report
+from stages.lib.model.abstention import AbstainSpec, Decisions
 from stages.lib.model.baseline import load_linear_head
 
 SPLITS = ("val", "test")
@@ -31,12 +36,14 @@ PREDICTIONS = "predictions.csv"  # in the reports folder, also the MLflow artifa
 
 @dataclass
 class SplitScores:
-    """One split: its images (uint8 NHWC), labels, image paths, and each model's probabilities."""
+    """One split: its images (uint8 NHWC), labels, image paths, each model's probabilities, and the fine-tuned
+    model's abstain decisions."""
 
     images: np.ndarray
     labels: np.ndarray
     paths: list[str]
     probabilities: dict[str, np.ndarray]  # model ("baseline", "finetuned") -> (N, classes)
+    decisions: Decisions
 
 
 @dataclass
@@ -47,13 +54,18 @@ class Evaluation:
     test: dict[str, dict[str, float]]
     val: dict[str, float]
     calibration: dict[str, tuple[float, list[dict]]]
+    selective: SelectiveReport  # the abstain rule on test
 
     def results(self) -> dict:
         """Every metric (reports/evaluate/metrics.json and the MLflow run)."""
         uncalibrated = {"ece_uncalibrated": self.calibration["fine-tuned, uncalibrated"][0]}
         return {
             "baseline": {"test": self.test["baseline"]},
-            "finetuned": {"test": self.test["finetuned"] | uncalibrated, "val": self.val},
+            "finetuned": {
+                "test": self.test["finetuned"] | uncalibrated,
+                "val": self.val,
+                "test_abstain": self.selective.details(),
+            },
         }
 
     def headline(self) -> dict:
@@ -61,7 +73,8 @@ class Evaluation:
         return {
             "baseline": {"test": {k: self.test["baseline"][k] for k in ("accuracy", "macro_f1")}},
             "finetuned": {
-                "test": {k: self.test["finetuned"][k] for k in ("accuracy", "macro_f1", "top_k_accuracy", "ece")},
+                "test": {k: self.test["finetuned"][k] for k in ("accuracy", "macro_f1", "top_k_accuracy", "ece")}
+                | {"abstain": self.selective.headline()},  # coverage, accepted accuracy, OOD rate
                 "val": {"accuracy": self.val["accuracy"]},
             },
         }
@@ -75,15 +88,17 @@ def baseline_probabilities(features_file: Path, head_file: Path) -> dict[str, np
 
 
 def score_splits(
-    prepared: Path, splits: Path, baseline: dict[str, np.ndarray], finetuned: Callable[[np.ndarray], np.ndarray]
+    prepared: Path, splits: Path, baseline: dict[str, np.ndarray], finetuned: Callable
 ) -> dict[str, SplitScores]:
-    """Val and test of the prepared cache (paths from the split CSVs), each scored by both models."""
+    """Val and test of the prepared cache (paths from the split CSVs), each scored by both models; `finetuned`
+    maps images to the fine-tuned model's answers (`.probabilities`, `.decisions`)."""
     scores = {}
     for split in SPLITS:
         images, labels = load_split(prepared, split)
         paths = read_labelled_csv(splits / f"{split}.csv")["path"].tolist()
-        probabilities = {"baseline": baseline[split], "finetuned": finetuned(images)}
-        scores[split] = SplitScores(images, labels, paths, probabilities)
+        answers = finetuned(images)
+        probabilities = {"baseline": baseline[split], "finetuned": answers.probabilities}
+        scores[split] = SplitScores(images, labels, paths, probabilities, answers.decisions)
     return scores
 
 
@@ -99,6 +114,7 @@ def evaluate_models(scores: dict[str, SplitScores], uncalibrated_test: np.ndarra
             "fine-tuned, uncalibrated": expected_calibration_error(uncalibrated_test, test.labels),
             "linear probe": expected_calibration_error(test.probabilities["baseline"], test.labels),
         },
+        selective=selective_report(test.labels, test.probabilities["finetuned"], test.decisions),
     )
 
 
@@ -109,8 +125,10 @@ def write_reports(
     evaluation: Evaluation,
     classes: list[str],
     gallery: int,
+    abstain: AbstainSpec | None,
 ) -> pd.DataFrame:
-    """The report files (see the module docstring) and the DVC plot files; returns the predictions table."""
+    """The report files (see the module docstring) and the DVC plot files; returns the predictions table.
+    abstain: the model's rule, whose confidence threshold the risk-coverage figure marks."""
     folder.mkdir(parents=True, exist_ok=True)
     predictions = pd.concat(
         [
@@ -133,6 +151,8 @@ def write_reports(
     if gallery:
         probs = test.probabilities["finetuned"]
         error_gallery(test.images, test.labels, probs, classes, gallery, folder / "error_gallery.png")
+    val = scores["val"]
+    risk_coverage_outputs(val.labels, val.probabilities["finetuned"], abstain, plots, folder)
     return predictions
 
 

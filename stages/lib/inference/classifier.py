@@ -7,8 +7,9 @@ export, `stages.predict` and the MLflow pyfunc (stages/lib/registry/pyfunc.py) u
 - `ImageClassifier`: the one model loader. A model folder (model.pt + config.json, the model card
   finetune writes: `card.FinetunedCard`) -> `probabilities(uint8 images)` for evaluate and export, and
   `predict(list of bytes)`: a DataFrame with one row per image: `label`, `probability` (of that label),
-  `probabilities` (every class, in `classes` order) and `error` (empty when the image was read; otherwise
-  the reason, and the other columns are null). A bad image never fails the batch.
+  `probabilities` (every class, in `classes` order), `error` (empty when the image was read; otherwise
+  the reason, and the other columns are null), and the abstain rule's `ood_score`, `abstained` and `reason`
+  (inference/abstain.py). A bad image never fails the batch.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from stages.lib.core.arrays import batched, softmax
 from stages.lib.core.errors import PipelineError
 from stages.lib.data.pixels import to_float_batch
 from stages.lib.data.preprocessing import DataConfig
+from stages.lib.inference.abstain import Abstainer, answer_columns
+from stages.lib.model.abstention import with_embedding
 from stages.lib.model.backbones import NormalizedClassifier
 from stages.lib.model.card import FinetunedCard
 
-OUTPUT_COLUMNS = ["label", "probability", "probabilities", "error"]
+OUTPUT_COLUMNS = ["label", "probability", "probabilities", "error", "ood_score", "abstained", "reason"]
 
 
 class ImageDecodeError(PipelineError, ValueError):
@@ -80,6 +83,7 @@ class ImageClassifier:
         network = self.card.build_model()
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.model = NormalizedClassifier(network, self.data_config.mean, self.data_config.std, self.temperature).eval()
+        self.embedder, self.abstainer = with_embedding(self.model), Abstainer.of_folder(Path(config).parent, self.card)
 
     @classmethod
     def from_folder(cls, folder: str | Path, batch_size: int = 64) -> "ImageClassifier":
@@ -101,13 +105,27 @@ class ImageClassifier:
                 empty=np.empty((0, len(self.classes)), dtype=np.float32),
             )
 
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, size, size, 3) -> (calibrated logits (N, classes), embeddings (N, D): the classifier's input)."""
+        import torch
+
+        with torch.inference_mode():
+            parts = [
+                self.embedder(to_float_batch(images[i : i + self.batch_size]))
+                for i in range(0, len(images), self.batch_size)
+            ]
+        if not parts:
+            return np.empty((0, len(self.classes)), np.float32), np.empty((0, 0), np.float32)
+        return tuple(np.concatenate([part[j].float().numpy() for part in parts]) for j in (0, 1))
+
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, size, size, 3) -> calibrated class probabilities (N, classes)."""
         return softmax(self.logits(images))
 
-    def predict(self, values) -> pd.DataFrame:
-        """Encoded images (bytes, or base64 text) -> one row each: label, probability, probabilities, error."""
-        rows = [{"label": None, "probability": None, "probabilities": None, "error": ""} for _ in values]
+    def predict(self, values, abstain: bool = True) -> pd.DataFrame:
+        """Encoded images (bytes, or base64 text) -> one row each: label, probability, probabilities, error,
+        ood_score, abstained, reason (abstain=False, or a card without a rule: never abstained)."""
+        rows = [dict.fromkeys(OUTPUT_COLUMNS) | {"error": ""} for _ in values]
         decoded, positions = [], []
         for position, value in enumerate(values):
             try:
@@ -116,10 +134,14 @@ class ImageClassifier:
             except ImageDecodeError as error:
                 rows[position]["error"] = str(error)
         if decoded:
-            for position, probs in zip(positions, self.probabilities(np.stack(decoded))):
+            logits, embeddings = self.outputs(np.stack(decoded))
+            probabilities = softmax(logits)
+            answers = answer_columns(self.abstainer if abstain else None, probabilities, embeddings)
+            for position, probs, answer in zip(positions, probabilities, answers):
                 best = int(probs.argmax())
                 rows[position].update(
                     label=self.classes[best], probability=float(probs[best]), probabilities=[float(p) for p in probs]
                 )
+                rows[position].update(answer)
         # object columns keep None as None, so a failed row is null in JSON, never NaN
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)

@@ -4,7 +4,8 @@ Every variant takes what `NormalizedClassifier` takes (float32 RGB in [0, 1], NC
 input size; normalisation is inside the graph) and returns logits:
 - `onnx`: the legacy TorchScript-based exporter (`dynamo=False`: the dynamo exporter needs
   onnxscript), dynamic batch axis; the preprocessing (size, interpolation, mean, std, classes)
-  is recorded in the model's metadata_props.
+  is recorded in the model's metadata_props; a second output `embedding` feeds the abstain rule
+  that ships beside it (`abstain.json`, inference/abstain.py).
 - `onnx_fp16`: weights and compute in float16, float32 inputs/outputs
   (onnxruntime.transformers.float16).
 - `onnx_int8`: static int8 quantization of the convolutions (onnxruntime.quantization.quantize_static,
@@ -37,6 +38,7 @@ from stages.lib.core.params import Export
 from stages.lib.core.timing import median_seconds
 from stages.lib.data.pixels import to_float_array
 from stages.lib.inference.classifier import ImageClassifier
+from stages.lib.model.abstention import with_embedding
 from stages.lib.model.card import FinetunedCard
 
 FILES = {
@@ -97,21 +99,21 @@ def _quiet():
 
 
 def export_onnx(model: torch.nn.Module, path: Path, size: int, opset: int, metadata: dict) -> None:
-    """ONNX with a dynamic batch axis, input `image`, output `logits`, `metadata` recorded
-    (`as_metadata`), checked."""
+    """ONNX with a dynamic batch axis, input `image`, outputs `logits` and `embedding` (what the classifier
+    receives: the abstain rule's input, inference/abstain.py), `metadata` recorded (`as_metadata`), checked."""
     import onnx
 
     example = torch.rand(2, 3, size, size)
     with _quiet(), torch.inference_mode():
         torch.onnx.export(
-            model.eval(),
+            with_embedding(model).eval(),
             (example,),
             str(path),
             dynamo=False,
             opset_version=opset,
             input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=["logits", "embedding"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "embedding": {0: "batch"}},
         )
     exported = onnx.load(str(path))
     onnx.helper.set_model_props(exported, as_metadata(metadata))

@@ -25,6 +25,7 @@ from torch import nn
 
 from stages.lib.core.errors import PipelineError
 from stages.lib.data.preprocessing import DataConfig
+from stages.lib.model.abstention import AbstainSpec
 from stages.lib.model.backbones import create_backbone
 from stages.lib.model.fusion import fused_model
 
@@ -127,6 +128,7 @@ class FinetunedCard(_Card):
     classifier: str = "classifier"
     kept_epoch: int | None = None
     fusion: FusionSpec | None = None
+    abstain: AbstainSpec | None = None  # the abstain rule (model/abstention.py); cards without it answer everything
     card_version: int = CARD_VERSION
 
     def build_model(self) -> nn.Module:

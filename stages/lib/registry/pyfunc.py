@@ -27,6 +27,7 @@ from PIL import Image
 
 from stages.lib.core.digest import file_sha256, json_sha256
 from stages.lib.core.errors import PipelineError
+from stages.lib.inference.abstain import abstain_artifacts
 from stages.lib.inference.classifier import ImageClassifier
 
 PACKAGE = Path(__file__).resolve().parents[2]  # the `stages` package (stages/lib/registry/..), shipped with the model
@@ -39,13 +40,14 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self.classifier = ImageClassifier(Path(context.artifacts["weights"]), Path(context.artifacts["config"]))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """`params` {"abstain": false}: the bare answer (never abstained)."""
         if isinstance(model_input, pd.DataFrame):
             if "image" not in model_input.columns:
                 raise PipelineError(f"expected a column 'image' of encoded images, got {list(model_input.columns)}")
             values = model_input["image"].tolist()
         else:
             values = list(model_input)
-        return self.classifier.predict(values)
+        return self.classifier.predict(values, abstain=bool((params or {}).get("abstain", True)))
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -90,9 +92,10 @@ def log_image_classifier(model_dir: Path, example_image: np.ndarray, registered_
         return mlflow.pyfunc.log_model(
             name=registered_name,
             python_model=str(entry_point),
-            artifacts={"weights": str(model_dir / "model.pt"), "config": str(model_dir / "config.json")},
+            artifacts={"weights": str(model_dir / "model.pt"), "config": str(model_dir / "config.json")}
+            | abstain_artifacts(model_dir, card),  # the rule's reference, beside config.json (inference/abstain.py)
             code_paths=[str(_package_copy(Path(scratch)))],
-            signature=infer_signature(example, output),
+            signature=infer_signature(example, output, params={"abstain": True}),
             input_example=example,
             registered_model_name=registered_name,
             metadata={"classes": card.classes, "data_config": card.data_config, "input": "encoded image"},
@@ -112,6 +115,7 @@ MODEL_DIGEST_TAG = "model.digest"  # on a registered version: the content of its
 def model_digest(model_dir: Path) -> str:
     """The content of a model folder's weights and card."""
     return json_sha256({name: file_sha256(Path(model_dir) / name) for name in ("model.pt", "config.json")})
+    # the rule's reference file is named with its sha256 in config.json, so the card's digest covers it
 
 
 def register_image_classifier(model_dir: Path, example_image: np.ndarray, registered_name: str) -> tuple[str, bool]:
