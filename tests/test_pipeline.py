@@ -10,7 +10,8 @@ import pytest
 import yaml
 from conftest import dvc, mlflow_runs
 
-STAGES = ["validate", "split", "augment", "features", "finetune", "evaluate", "export"]
+SPLITS = ("train", "val", "test")
+STAGES = ["validate", "split", "augment", "features", "audit", "finetune", "evaluate", "export"]
 OUTS = [
     "data/manifest.csv",
     "reports/validation/validation.md",
@@ -39,6 +40,14 @@ OUTS = [
     "plots/evaluate/reliability.csv",
     "reports/evaluate/confusion_finetuned.png",
     "reports/evaluate/predictions.csv",
+    "reports/audit/label_issues.csv",
+    "reports/audit/near_duplicates.csv",
+    "reports/audit/outliers.csv",
+    "reports/audit/suggested_corrections.csv",
+    "reports/audit/label_issues.png",
+    "reports/audit/near_duplicates.png",
+    "reports/audit/outliers.png",
+    "metrics/audit.json",
 ]
 
 
@@ -105,6 +114,7 @@ def test_one_tagged_mlflow_run_per_stage_grouped_under_a_parent(tiny_pipeline):
     assert by_stage.loc["split", "tags.upstream.validate"] == by_stage.loc["validate", "run_id"]
     assert by_stage.loc["finetune", "tags.upstream.features"] == by_stage.loc["features", "run_id"]
     assert by_stage.loc["evaluate", "tags.upstream.finetune"] == by_stage.loc["finetune", "run_id"]
+    assert by_stage.loc["audit", "tags.upstream.features"] == by_stage.loc["features", "run_id"]
     # params sections are logged
     assert by_stage.loc["finetune", "params.finetune.phases.0.name"] == "head"
     # the parent shows the execution: every params section, the headline metrics, the run behind each stage
@@ -141,6 +151,16 @@ def test_finetune_change_reruns_only_finetune_and_downstream(tiny_pipeline, tmp_
     params["finetune"]["phases"][1]["lr"] = 2.0e-4
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(dvc(project, "repro").stdout) == ["finetune", "evaluate", "export"]
+
+
+def test_audit_change_reruns_only_the_audit(tiny_pipeline, tmp_path):
+    project = copy_project(tiny_pipeline, tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["audit"]["folds"] = 3
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(dvc(project, "repro").stdout) == ["audit"]
+    audit = json.loads((project / "metrics/audit.json").read_text())
+    assert audit["images"] == sum(json.loads((project / "metrics/split.json").read_text())[s] for s in SPLITS)
 
 
 def test_exp_run_in_a_temporary_copy_logs_to_the_root_store(tiny_pipeline, tmp_path):

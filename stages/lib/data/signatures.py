@@ -28,7 +28,7 @@ from PIL import Image
 SIDE = 32  # pixels of the thumbnail: 1 KB per image, held in memory by validate
 MAX_CROP = 0.12  # fraction of a side that an aligned crop may remove
 CROP_STEPS = 4  # crop fractions tried per axis: 0, 0.04, 0.08, 0.12
-SIEVE = 0.15  # a pair whose unaligned correlation is this far below min_similarity is not aligned
+SIEVE = 0.3  # a pair whose moment-normalised views correlate this far below min_similarity is not aligned
 REFINE_WITHIN = 0.02  # a grid score this close to the similarity needed is refined (see Verifier)
 CANONICAL_SIDE = 8  # pixels of the moment-normalised view that proposes pairs
 CANONICAL_SPREAD = 0.22  # the contrast's standard deviation, as a fraction of that view's side
