@@ -5,7 +5,8 @@ features stage cached (models/baseline names them): nothing is decoded again. Ev
 gets class probabilities from a k-fold probe that never saw it (`audit.folds`), then cleanlab's Datalab
 looks for label issues, outliers, near copies and class imbalance. Writes --out/: label_issues.csv,
 near_duplicates.csv, outliers.csv, leaks.csv, suggested_corrections.csv (data/corrections.csv's format: copy
-the rows you agree with) and a gallery PNG per finding; headline counts to --metrics. The audit informs:
+the rows you agree with) and a gallery PNG per finding; to --metrics the label issues and the near-copy groups
+that span train and test (every count is in the stage's MLflow run). The audit informs:
 it changes no split and trains nothing the model uses. A check listed in `audit.fail_on` that fails stops
 the stage after the reports are written (see docs/audit.md).
 """
@@ -20,7 +21,7 @@ from stages.lib.audit.findings import failed_checks, findings, headline, suggest
 from stages.lib.audit.gallery import captions, gallery
 from stages.lib.audit.probes import load_audit_set, out_of_sample_probabilities
 from stages.lib.core.errors import PipelineError
-from stages.lib.core.metrics_io import write_metrics
+from stages.lib.core.metrics_io import flatten, write_metrics
 from stages.lib.core.params import load_params
 from stages.lib.core.stage import setup_stage
 from stages.lib.core.tracking import stage_run
@@ -51,7 +52,7 @@ def main() -> None:
 
         data = load_audit_set(args.splits, args.baseline, args.manifest)
         probabilities = out_of_sample_probabilities(
-            data, settings.folds, settings.C, settings.max_iter, params.base.seed
+            data, settings.folds, settings.C, settings.max_iter, params.base.seed, settings.components
         )
         found = findings(data, probabilities, settings.near_duplicate_threshold)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,9 @@ def main() -> None:
         for name, items in captions(found, settings.gallery).items():
             gallery(items, data.table, args.prepared, TITLES[name], args.out / f"{name}.png")
         counts = headline(found, len(data.table), settings.outlier_score)
-        write_metrics(args.metrics, counts)
+        # two headline numbers for `dvc exp show`; every count goes to MLflow
+        write_metrics(args.metrics, {"label_issues": counts["label_issues"], "leaks": counts["leaks"]["train_test"]})
+        mlflow.log_metrics({f"audit.{name}": value for name, value in flatten(counts).items()})
         mlflow.log_artifacts(str(args.out), artifact_path="audit")
         mlflow.set_tag("audit.backbone", data.backbone)
 

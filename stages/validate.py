@@ -67,18 +67,13 @@ def main() -> None:
         (args.reports / "validation.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (args.reports / "gx_results.json").write_text(json.dumps(gx_results, indent=2, default=str) + "\n")
         (args.reports / "validation.md").write_text(markdown_report(summary, checks, manifest))
-        write_metrics(
-            args.metrics,
-            {
-                "images": {"usable": summary["ok"], "excluded": summary["excluded"]},
-                "near_copy_groups": summary["near_copy_groups"],
-            },
-        )
+        write_metrics(args.metrics, {"images": {"usable": summary["ok"], "excluded": summary["excluded"]}})
         mlflow.log_metrics(
             {
                 "images.files": summary["files"],
                 "images.excluded_fraction": summary["excluded_fraction"],
                 "classes": summary["classes"],
+                "near_copy_groups": summary["near_copy_groups"],
             }
         )
         mlflow.log_artifacts(str(args.reports), artifact_path="validation")

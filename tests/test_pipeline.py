@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import dvc, mlflow_runs
@@ -160,7 +161,9 @@ def test_audit_change_reruns_only_the_audit(tiny_pipeline, tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(dvc(project, "repro").stdout) == ["audit"]
     audit = json.loads((project / "metrics/audit.json").read_text())
-    assert audit["images"] == sum(json.loads((project / "metrics/split.json").read_text())[s] for s in SPLITS)
+    assert set(audit) == {"label_issues", "leaks"} and audit["leaks"] == 0  # the split keeps near copies together
+    images = sum(json.loads((project / "metrics/split.json").read_text())[name] for name in SPLITS)
+    assert len(pd.read_csv(project / "reports/audit/outliers.csv")) == images  # every image scored
 
 
 def test_exp_run_in_a_temporary_copy_logs_to_the_root_store(tiny_pipeline, tmp_path):

@@ -84,6 +84,7 @@ class Audit(Section):
     folds: int = Field(5, ge=2, le=20)  # k of the k-fold probes (fewer when a class has fewer groups)
     C: float = Field(0.1, gt=0.0)  # the probes' logistic-regression inverse regularisation
     max_iter: int = Field(2000, ge=10)
+    components: int | None = Field(128, ge=2)  # the probes see this many principal components; None: all
     near_duplicate_threshold: float = Field(0.13, gt=0.0)  # cleanlab: embedding distance below which two are copies
     gallery: int = Field(36, ge=1, le=200)  # images per gallery PNG, worst first
     max_label_issue_fraction: float = Field(0.05, ge=0.0, le=1.0)  # check label_issues: at most this share flagged
