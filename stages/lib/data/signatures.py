@@ -27,9 +27,9 @@ from PIL import Image
 
 SIDE = 32  # pixels of the thumbnail: 1 KB per image, held in memory by validate
 MAX_CROP = 0.12  # fraction of a side that an aligned crop may remove
-CROP_STEPS = 4  # crop fractions tried per axis: 0, 0.04, 0.08, 0.12
-SIEVE = 0.3  # a pair whose moment-normalised views correlate this far below min_similarity is not aligned
-REFINE_WITHIN = 0.02  # a grid score this close to the similarity needed is refined (see Verifier)
+CROP_STEPS = 4  # crop fractions tried per axis on the grid: 0, 0.04, 0.08, 0.12 (refinement does the rest)
+SIEVE = 0.1  # a pair whose 16x16 moment-normalised views correlate this far below min_similarity is not aligned
+REFINE_WITHIN = 0.04  # a grid score this close to the similarity needed is refined (see Verifier)
 CANONICAL_SIDE = 8  # pixels of the moment-normalised view that proposes pairs
 CANONICAL_SPREAD = 0.22  # the contrast's standard deviation, as a fraction of that view's side
 BORDER = 2  # pixels of the thumbnail left out of the correlation (what crops move in and out)
@@ -227,7 +227,8 @@ def near_copy_groups(thumbs: np.ndarray, settings, sides: np.ndarray | None = No
         pairs = nearest_pairs(views, settings.neighbours)
     else:
         pairs = candidate_pairs(hash_bits(thumbs, settings.method), settings.hash_distance, settings.neighbours)
-    sieve = [float(views[i] @ views[j]) for i, j in pairs]  # the moment-normalised views: a cheap first sieve
+    finer = canonical(thumbs, 2 * CANONICAL_SIDE)  # a finer moment-normalised view: a cheap first sieve
+    sieve = [float(finer[i] @ finer[j]) for i, j in pairs]
     pairs = [(i, j) for (i, j), score in zip(pairs, sieve) if score >= max(need[i], need[j]) - SIEVE]
     verified = sorted(((verifier.similarity(i, j), i, j) for i, j in pairs), key=lambda edge: (-edge[0], edge[1]))
     group_of, members = list(range(len(thumbs))), {i: [i] for i in range(len(thumbs))}
