@@ -105,7 +105,10 @@ def letters_rows(fonts: int, params) -> list[dict]:
     )
     sizes = manifest[manifest["group"] != ""].groupby("group").size()
     usable = sum(len(frame) for frame in splits.values())
-    wrong = set(truth.loc[truth["kind"] == "wrong", "path"]) & set(where)
+    status = manifest.set_index("path")["reason"]
+    wrong_all = set(truth.loc[truth["kind"] == "wrong", "path"])
+    conflicts = {path for path, reason in status.items() if reason.startswith("label conflict")}
+    wrong = wrong_all & set(where)
     flagged = set(found.label_issues["path"])
     strays = set(truth.loc[truth["kind"] == "stray", "path"])
     top25 = set(found.outliers["path"].head(25))

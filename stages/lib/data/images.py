@@ -43,7 +43,7 @@ REASONS = {
     "too small": "shorter side below validate.min_side",
     "unsupported mode": "a pixel format that cannot be turned into RGB",
     "duplicate": "the same content (sha256) as an earlier file of the same class; kept once",
-    "label conflict": "the same content, or a near copy (see `group`), under two or more classes; every copy is left out",
+    "label conflict": "the same content, or a verified near copy (see `group`), under two or more classes; left out",
     "corrected": "left out by a row of data/corrections.csv (its note follows)",
     "no label": "a manifest row without a label",
     "bad split": "a manifest split value other than train, val or test",

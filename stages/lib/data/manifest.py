@@ -144,20 +144,26 @@ def mark_duplicates(rows: list[ManifestRow]) -> None:
 def mark_near_copies(rows: list[ManifestRow], settings) -> None:
     """Group the usable rows' near copies (`signatures.near_copy_groups`; `settings`: the
     `validate.near_duplicates` params): every member gets the group's id, the sha256 of its first member.
-    A group that spans two or more classes is a label conflict, like the same bytes under two classes:
-    every member is left out."""
+    Two images verified as near copies of each other under different classes are a label conflict, like
+    the same bytes under two classes: both are left out (the rest of their group is kept, grouped)."""
     usable = [row for row in rows if row.status == "ok" and row.signature]
     sides = [min(row.width, row.height) for row in usable]
     groups = near_copy_groups(as_array([row.signature for row in usable]), settings, sides)
     for group in groups:
         members = [usable[index] for index in group.members]
-        labels = sorted({row.label for row in members})
         for row in members:
             row.group = members[0].sha256[:16]
-            if len(labels) > 1:
-                others = ", ".join(other.path for other in members if other is not row)
-                row.exclude(f"label conflict: near copy in classes {', '.join(labels)} (also {others}; "
-                            f"similarity {group.similarity})")
+        conflicting: dict[int, set[int]] = {}
+        for i, j in group.links:
+            if usable[i].label != usable[j].label:
+                conflicting.setdefault(i, set()).add(j)
+                conflicting.setdefault(j, set()).add(i)
+        for index, others in conflicting.items():
+            row = usable[index]
+            labels = sorted({row.label} | {usable[other].label for other in others})
+            also = ", ".join(usable[other].path for other in sorted(others))
+            row.exclude(f"label conflict: near copy in classes {', '.join(labels)} (also {also}; "
+                        f"similarity at least {group.similarity})")
     if groups:
         log.info("%d near-copy groups (%d images)", len(groups), sum(len(group.members) for group in groups))
 

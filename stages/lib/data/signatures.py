@@ -28,7 +28,7 @@ from PIL import Image
 SIDE = 32  # pixels of the thumbnail: 1 KB per image, held in memory by validate
 MAX_CROP = 0.12  # fraction of a side that an aligned crop may remove
 CROP_STEPS = 4  # crop fractions tried per axis on the grid: 0, 0.04, 0.08, 0.12 (refinement does the rest)
-SIEVE = 0.1  # a pair whose 16x16 moment-normalised views correlate this far below min_similarity is not aligned
+SIEVE = 0.1  # a pair whose views (see near_copy_groups) correlate this far below min_similarity is not aligned
 REFINE_WITHIN = 0.04  # a grid score this close to the similarity needed is refined (see Verifier)
 CANONICAL_SIDE = 8  # pixels of the moment-normalised view that proposes pairs
 CANONICAL_SPREAD = 0.22  # the contrast's standard deviation, as a fraction of that view's side
@@ -205,6 +205,7 @@ class Verifier:
 class NearCopyGroup:
     members: list[int]  # indexes into the thumbnails, ascending
     similarity: float  # the lowest similarity of the verified pairs that linked the members
+    links: list[tuple[int, int]]  # those pairs (indexes into the thumbnails)
 
 
 def required_similarity(min_similarity: float, sides: np.ndarray) -> np.ndarray:
@@ -227,12 +228,14 @@ def near_copy_groups(thumbs: np.ndarray, settings, sides: np.ndarray | None = No
         pairs = nearest_pairs(views, settings.neighbours)
     else:
         pairs = candidate_pairs(hash_bits(thumbs, settings.method), settings.hash_distance, settings.neighbours)
-    finer = canonical(thumbs, 2 * CANONICAL_SIDE)  # a finer moment-normalised view: a cheap first sieve
-    sieve = [float(finer[i] @ finer[j]) for i, j in pairs]
+    # a cheap first sieve: the better of a finer moment-normalised view and the plain thumbnails
+    finer = canonical(thumbs, 2 * CANONICAL_SIDE)
+    sieve = [max(float(finer[i] @ finer[j]), float(verifier.full[i] @ verifier.full[j])) for i, j in pairs]
     pairs = [(i, j) for (i, j), score in zip(pairs, sieve) if score >= max(need[i], need[j]) - SIEVE]
     verified = sorted(((verifier.similarity(i, j), i, j) for i, j in pairs), key=lambda edge: (-edge[0], edge[1]))
     group_of, members = list(range(len(thumbs))), {i: [i] for i in range(len(thumbs))}
     lowest: dict[int, float] = {}
+    links: dict[int, list[tuple[int, int]]] = {}
     for score, i, j in verified:
         a, b = group_of[i], group_of[j]
         if score < max(need[i], need[j]) or a == b or len(members[a]) + len(members[b]) > settings.max_group_size:
@@ -242,5 +245,6 @@ def near_copy_groups(thumbs: np.ndarray, settings, sides: np.ndarray | None = No
             group_of[index] = keep
         members[keep] += members.pop(gone)
         lowest[keep] = min([score] + [lowest.pop(g) for g in (a, b) if g in lowest])
-    return sorted((NearCopyGroup(sorted(m), round(lowest[g], 4)) for g, m in members.items() if len(m) > 1),
-                  key=lambda group: group.members)
+        links[keep] = links.pop(a, []) + links.pop(b, []) + [(i, j)]
+    return sorted((NearCopyGroup(sorted(m), round(lowest[g], 4), sorted(links[g])) for g, m in members.items()
+                   if len(m) > 1), key=lambda group: group.members)
