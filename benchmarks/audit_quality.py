@@ -121,7 +121,15 @@ def letters_rows(fonts: int, params) -> list[dict]:
         row("letters", "test share", len(splits["test"]) / usable, "0.15 +- 0.03", images),
         row(
             "letters",
-            "wrong labels among the flagged (recall)",
+            "wrong labels left out by validate (conflicts)",
+            len(wrong_all & conflicts) / len(wrong_all),
+            "",
+            images,
+        ),
+        row("letters", "right labels left out with them", len(conflicts - wrong_all), "", images),
+        row(
+            "letters",
+            "wrong labels kept, flagged by the audit (recall)",
             len(flagged & wrong) / max(len(wrong), 1),
             ">= 0.85",
             images,
