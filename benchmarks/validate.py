@@ -16,6 +16,13 @@ Expectations checks' time on the manifest, and
 the peak memory (process max RSS, and Python's tracemalloc peak in a separate run) at each size:
 flat peak memory across sizes means the files are streamed, not held. Writes
 benchmarks/results/validate.json.
+
+    python benchmarks/validate.py --signatures 10000 [--repeats 2] [--workers N]
+
+The cost of the near-copy signatures instead: photo-like JPEGs (smooth random scenes with shapes and
+noise, 320x240), validate's `build_manifest` with `validate.near_duplicates` at its defaults against the
+same call with signatures off (`method: none`, today's validate), alternately in fresh processes, N
+workers. Prints the ratio (goal <= 1.2) and appends a row to benchmarks/measured/validate_signatures.csv.
 """
 
 from __future__ import annotations
@@ -52,6 +59,76 @@ def build_folder(folder: Path, count: int, classes: int = 10, side: int = SIDE) 
         (folder / label).mkdir(parents=True, exist_ok=True)
         pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / label / f"{index:06d}.png")
+
+
+def build_photos(folder: Path, count: int, classes: int = 10) -> None:
+    """count distinct photo-like 320x240 JPEGs under folder/<class>/: a smooth random scene (low-frequency
+    noise), a few filled shapes, pixel noise."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        label = f"class_{index % classes}"
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        coarse = rng.uniform(0, 255, size=(6, 8, 3)).astype(np.uint8)
+        scene = Image.fromarray(coarse).resize((320, 240), Image.Resampling.BICUBIC)
+        draw = ImageDraw.Draw(scene)
+        for _ in range(int(rng.integers(2, 6))):
+            x, y = rng.integers(0, 320), rng.integers(0, 240)
+            w, h = rng.integers(20, 120, size=2)
+            colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x, y, x + w, y + h), fill=colour)
+        pixels = np.asarray(scene, dtype=np.float32) + rng.normal(0, 8, size=(240, 320, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / label / f"{index:06d}.jpg", quality=90)
+
+
+def signatures(folder: Path, workers: int, method: str) -> int:
+    """validate's inspection, with the near-copy signatures and groups (method at its default) or without."""
+    from stages.lib.core.params import NearDuplicates
+    from stages.lib.data.manifest import build_manifest, scan_image_folder
+
+    settings = NearDuplicates() if method == "default" else NearDuplicates(method="none")
+    manifest = build_manifest(scan_image_folder(folder), 8, 40_000_000, workers=workers, near_duplicates=settings)
+    return len(manifest)
+
+
+def signature_cost(count: int, repeats: int, workers: int) -> None:
+    import csv
+    import datetime
+
+    with tempfile.TemporaryDirectory(prefix="bench-signatures-") as temporary:
+        folder = Path(temporary) / "photos"
+        build_photos(folder, count)
+        plain_loop(folder)  # warm the page cache
+        runs = {"without": [], "with": []}
+        for _ in range(repeats):
+            for kind in runs:  # interleaved: contention hits both sides alike
+                runs[kind].append(measure(f"signatures_{kind}", folder, workers=workers)["seconds"])
+    without, with_ = min(runs["without"]), min(runs["with"])
+    load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(
+        f"validate of {count} photo-like JPEGs, {workers} workers: {without:.2f} s without signatures, "
+        f"{with_:.2f} s with: ratio {with_ / without:.3f} (goal <= 1.2); load {load}"
+    )
+    row = {
+        "images": count,
+        "workers": workers,
+        "without_s": round(without, 2),
+        "with_s": round(with_, 2),
+        "ratio": round(with_ / without, 3),
+        "goal": "<= 1.2",
+        "goal_met": "yes" if with_ / without <= 1.2 else "no",
+        "load_1_5_15_min": load,
+        "date": datetime.date.today().isoformat(),
+    }
+    measured = ROOT / "benchmarks" / "measured" / "validate_signatures.csv"
+    new = not measured.exists()
+    with measured.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def plain_one(path: Path) -> str:
@@ -106,6 +183,10 @@ def worker(kind: str, folder: Path, trace: bool, workers: int) -> dict:
 
     if kind == "checks":
         return {"seconds": checks_seconds(folder)}
+    if kind.startswith("signatures_"):
+        started = time.perf_counter()
+        files = signatures(folder, workers, "default" if kind == "signatures_with" else "none")
+        return {"files": files, "seconds": time.perf_counter() - started}
     run = {
         "pipeline": pipeline,
         "plain": plain_loop,
@@ -144,8 +225,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per side; the fastest counts")
     parser.add_argument("--workers", type=int, default=None, help="default: the cores this process may use")
     parser.add_argument(
-        "--worker", choices=["pipeline", "plain", "pipeline_workers", "plain_pool", "checks"], help=argparse.SUPPRESS
+        "--worker",
+        choices=[
+            "pipeline",
+            "plain",
+            "pipeline_workers",
+            "plain_pool",
+            "checks",
+            "signatures_with",
+            "signatures_without",
+        ],
+        help=argparse.SUPPRESS,
     )
+    parser.add_argument("--signatures", type=int, help="measure the near-copy signatures' cost on this many photos")
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -155,6 +247,9 @@ def main() -> None:
     from stages.lib.core.parallel import available_cores
 
     workers = args.workers or available_cores()
+    if args.signatures:
+        signature_cost(args.signatures, args.repeats, workers)
+        return
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-validate-") as temporary:

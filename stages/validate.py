@@ -1,11 +1,13 @@
 """validate: inspect every file of the data set and check the set with Great Expectations.
 
 Reads the image folder `data.images_dir/<class>/...`, or the CSV manifest `data.manifest`
-(path,label[,split]). Writes data/manifest.csv (every file: hash, size, mode, format, status
-ok/excluded, reason, note), reports/validation/{validation.json,validation.md,gx_results.json}
-and metrics/validation.json. Unusable files are reported by name with a reason and left out;
-the user's files are never modified. The stage fails, after writing the report, when a check
-listed in `validate.fail_on` fails or fewer than two classes are usable.
+(path,label[,split]), applies the user's --corrections (exclude or relabel, recorded in the manifest)
+and groups near copies by a perceptual signature (params `validate.near_duplicates`). Writes
+data/manifest.csv (every file: hash, size, mode, format, status ok/excluded, reason, note, near-copy
+group), reports/validation/{validation.json,validation.md,gx_results.json} and metrics/validation.json.
+Unusable files are reported by name with a reason and left out; the user's files are never modified.
+The stage fails, after writing the report, when a check listed in `validate.fail_on` fails or fewer than
+two classes are usable.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from stages.lib.core.parallel import worker_count
 from stages.lib.core.params import load_params
 from stages.lib.core.stage import setup_stage
 from stages.lib.core.tracking import stage_run
-from stages.lib.data.checks import blocking_problems, markdown_report, run_checks, summarise
+from stages.lib.data.checks import blocking_problems, group_split_check, markdown_report, run_checks, summarise
+from stages.lib.data.corrections import read_corrections
 from stages.lib.data.manifest import build_manifest, list_files
 
 log = logging.getLogger("validate")
@@ -32,6 +35,7 @@ def main() -> None:
     parser.add_argument("--manifest", type=Path, required=True, help="CSV to write: one row per file")
     parser.add_argument("--reports", type=Path, required=True, help="folder for validation.json/.md, gx_results.json")
     parser.add_argument("--metrics", type=Path, required=True, help="DVC metrics JSON to write")
+    parser.add_argument("--corrections", type=Path, help="the user's corrections CSV (path,action,label,note)")
     args = parser.parse_args()
     setup_stage()
     params = load_params()
@@ -42,11 +46,21 @@ def main() -> None:
 
         workers = worker_count(settings.workers)
         log.info("inspecting files with %d worker processes", workers)
-        manifest = build_manifest(list_files(params.data), settings.min_side, settings.max_pixels, workers)
+        corrections = read_corrections(args.corrections) if args.corrections else []
+        manifest = build_manifest(
+            list_files(params.data),
+            settings.min_side,
+            settings.max_pixels,
+            workers,
+            near_duplicates=settings.near_duplicates,
+            corrections=corrections,
+            images_dir=params.data.images_dir,
+        )
         args.manifest.parent.mkdir(parents=True, exist_ok=True)
         manifest.to_csv(args.manifest, index=False)
         summary = summarise(manifest)
         checks, gx_results = run_checks(manifest, settings) if summary["ok"] else ([], [])
+        checks.append(group_split_check(manifest, settings))
 
         args.reports.mkdir(parents=True, exist_ok=True)
         report = {"summary": summary, "checks": [check.as_dict() for check in checks]}
@@ -59,6 +73,7 @@ def main() -> None:
                 "images.files": summary["files"],
                 "images.excluded_fraction": summary["excluded_fraction"],
                 "classes": summary["classes"],
+                "near_copy_groups": summary["near_copy_groups"],
             }
         )
         mlflow.log_artifacts(str(args.reports), artifact_path="validation")

@@ -32,6 +32,7 @@ PROJECT_FILES = [
     ".dvcignore",
     ".gitignore",
     "ci",
+    "data/corrections.csv",
 ]
 
 # Small enough for CI on 2 cores: 12 images per class, 32 px, one epoch per phase.

@@ -6,11 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import dvc, mlflow_runs
 
-STAGES = ["validate", "split", "augment", "features", "finetune", "evaluate", "export"]
+SPLITS = ("train", "val", "test")
+STAGES = ["validate", "split", "augment", "features", "audit", "finetune", "evaluate", "export"]
 OUTS = [
     "data/manifest.csv",
     "reports/validation/validation.md",
@@ -39,6 +41,14 @@ OUTS = [
     "plots/evaluate/reliability.csv",
     "reports/evaluate/confusion_finetuned.png",
     "reports/evaluate/predictions.csv",
+    "reports/audit/label_issues.csv",
+    "reports/audit/near_duplicates.csv",
+    "reports/audit/outliers.csv",
+    "reports/audit/suggested_corrections.csv",
+    "reports/audit/label_issues.png",
+    "reports/audit/near_duplicates.png",
+    "reports/audit/outliers.png",
+    "metrics/audit.json",
 ]
 
 
@@ -63,7 +73,7 @@ def test_every_out_exists(tiny_pipeline):
 
 
 def test_metrics_files_hold_headline_numbers_only(tiny_pipeline):
-    """`dvc exp show` stays readable: at most 22 numbers, none of them a timing that changes on every run."""
+    """`dvc exp show` stays readable: at most 23 numbers, none of them a timing that changes on every run."""
     shown = json.loads(dvc(tiny_pipeline, "metrics", "show", "--json").stdout)
 
     def leaves(node, prefix=""):
@@ -72,7 +82,7 @@ def test_metrics_files_hold_headline_numbers_only(tiny_pipeline):
         return [prefix] if isinstance(node, (int, float)) and not isinstance(node, bool) else []
 
     names = leaves(shown)
-    assert 0 < len(names) <= 22, names
+    assert 0 < len(names) <= 23, names
     assert not [name for name in names if any(word in name for word in ("seconds", "latency", "_ms", "time"))]
 
 
@@ -105,6 +115,7 @@ def test_one_tagged_mlflow_run_per_stage_grouped_under_a_parent(tiny_pipeline):
     assert by_stage.loc["split", "tags.upstream.validate"] == by_stage.loc["validate", "run_id"]
     assert by_stage.loc["finetune", "tags.upstream.features"] == by_stage.loc["features", "run_id"]
     assert by_stage.loc["evaluate", "tags.upstream.finetune"] == by_stage.loc["finetune", "run_id"]
+    assert by_stage.loc["audit", "tags.upstream.features"] == by_stage.loc["features", "run_id"]
     # params sections are logged
     assert by_stage.loc["finetune", "params.finetune.phases.0.name"] == "head"
     # the parent shows the execution: every params section, the headline metrics, the run behind each stage
@@ -141,6 +152,18 @@ def test_finetune_change_reruns_only_finetune_and_downstream(tiny_pipeline, tmp_
     params["finetune"]["phases"][1]["lr"] = 2.0e-4
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(dvc(project, "repro").stdout) == ["finetune", "evaluate", "export"]
+
+
+def test_audit_change_reruns_only_the_audit(tiny_pipeline, tmp_path):
+    project = copy_project(tiny_pipeline, tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["audit"]["folds"] = 3
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(dvc(project, "repro").stdout) == ["audit"]
+    audit = json.loads((project / "metrics/audit.json").read_text())
+    assert set(audit) == {"label_issues", "leaks"} and audit["leaks"] == 0  # the split keeps near copies together
+    images = sum(json.loads((project / "metrics/split.json").read_text())[name] for name in SPLITS)
+    assert len(pd.read_csv(project / "reports/audit/outliers.csv")) == images  # every image scored
 
 
 def test_exp_run_in_a_temporary_copy_logs_to_the_root_store(tiny_pipeline, tmp_path):

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from stages.lib.core.errors import PipelineError
 from stages.lib.core.sections import (
     Abstain,
+    Audit,
     Augment,
     Candidate,
     Evaluate,
@@ -28,6 +29,7 @@ from stages.lib.core.sections import (
     GateCheck,
     Margin,
     Model,
+    NearDuplicates,
     Phase,
     Recipe,
     Section,
@@ -37,8 +39,8 @@ from stages.lib.core.sections import (
 )
 
 __all__ = [  # the section models, for `from stages.lib.core.params import ...`
-    "Abstain", "Augment", "Candidate", "Evaluate", "Export", "Features", "Finetune", "FusionHead", "Gate", "GateCheck",
-    "Margin", "Model", "Phase", "Recipe", "Select", "Split", "Validate",
+    "Abstain", "Audit", "Augment", "Candidate", "Evaluate", "Export", "Features", "Finetune", "FusionHead", "Gate",
+    "GateCheck", "Margin", "Model", "NearDuplicates", "Phase", "Recipe", "Select", "Split", "Validate",
 ]  # fmt: skip
 
 
@@ -65,6 +67,7 @@ class Params(Section):
     data: Data = Data()
     validate_: Validate = Field(Validate(), alias="validate")
     split: Split = Split()
+    audit: Audit = Audit()
     model: Model = Model()
     augment: Augment = Augment()
     features: Features = Features()

@@ -24,12 +24,30 @@ from pydantic import (
 from stages.lib.core.timm_names import timm_optimizer_names
 
 CheckName = Literal[
-    "label_set", "image_size", "unique_content", "min_images_per_class", "max_imbalance_ratio", "max_excluded_fraction"
+    "label_set",
+    "image_size",
+    "unique_content",
+    "min_images_per_class",
+    "max_imbalance_ratio",
+    "max_excluded_fraction",
+    "near_copies_one_split",
 ]
+AuditCheck = Literal["train_test_leak", "leak", "label_issues", "outliers"]
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NearDuplicates(Section):
+    """Near-copy groups in validate (stages/lib/data/signatures.py): a perceptual hash proposes pairs, a
+    pixel correlation after alignment verifies them, and groups stay small and tight."""
+
+    method: Literal["moments", "phash", "dhash", "ahash", "none"] = "moments"  # none: no signatures, no groups
+    hash_distance: int = Field(22, ge=0, le=64)  # phash/dhash/ahash: pairs farther apart (bits) are never compared
+    neighbours: int = Field(10, ge=1, le=64)  # each image is compared with at most this many nearest others
+    min_similarity: float = Field(0.95, gt=0.0, le=1.0)  # aligned pixel correlation that makes a pair copies
+    max_group_size: int = Field(8, ge=2)  # a group never grows beyond this many images
 
 
 class Validate(Section):
@@ -41,6 +59,22 @@ class Validate(Section):
     classes: list[str] | None = None
     fail_on: list[CheckName] = ["label_set", "unique_content", "min_images_per_class"]
     workers: int | None = Field(None, ge=0)  # processes inspecting files; None/0: every core this process may use
+    near_duplicates: NearDuplicates = NearDuplicates()
+
+
+class Audit(Section):
+    """The audit stage: out-of-sample probabilities from k-fold probes on the chosen backbone's cached
+    embeddings, then cleanlab's Datalab (stages/lib/audit)."""
+
+    folds: int = Field(5, ge=2, le=20)  # k of the k-fold probes (fewer when a class has fewer groups)
+    C: float = Field(0.1, gt=0.0)  # the probes' logistic-regression inverse regularisation
+    max_iter: int = Field(2000, ge=10)
+    components: int | None = Field(128, ge=2)  # the probes see this many principal components; None: all
+    near_duplicate_threshold: float = Field(0.13, gt=0.0)  # cleanlab: embedding distance below which two are copies
+    gallery: int = Field(36, ge=1, le=200)  # images per gallery PNG, worst first
+    max_label_issue_fraction: float = Field(0.05, ge=0.0, le=1.0)  # check label_issues: at most this share flagged
+    outlier_score: float = Field(0.01, ge=0.0, le=1.0)  # check outliers: a score below this is an outlier
+    fail_on: list[AuditCheck] = []  # these checks fail the stage; the others warn
 
 
 class Split(Section):

@@ -22,7 +22,7 @@ from stages.lib.data.images import REASONS, reason_code
 
 NOT_DATA = ("hidden or OS file", "symlink loop")  # left out, but not images a user lost: not in the fraction
 CHECK_NAMES = ("label_set", "image_size", "unique_content", "min_images_per_class",
-               "max_imbalance_ratio", "max_excluded_fraction")
+               "max_imbalance_ratio", "max_excluded_fraction", "near_copies_one_split")
 
 
 @dataclass
@@ -144,6 +144,18 @@ def _check_result(table: str, frame: pd.DataFrame, result, settings: Validate) -
     )
 
 
+def group_split_check(manifest: pd.DataFrame, settings) -> CheckResult:
+    """near_copies_one_split: no near-copy group whose members the manifest pins to different splits
+    (one line per group, naming its files); the split stage keeps every other group in one split."""
+    pinned = manifest[(manifest["status"] == "ok") & (manifest["group"] != "") & (manifest["split"] != "")]
+    straddling = [", ".join(f"{row.path} ({row.split})" for row in members.itertuples())
+                  for _, members in pinned.groupby("group", sort=True) if members["split"].nunique() > 1]
+    return CheckResult(name="near_copies_one_split", table="images", success=not straddling,
+                       severity="error" if "near_copies_one_split" in settings.fail_on else "warning",
+                       expectation="near copies pinned to one split", details={"column": "group"},
+                       unexpected=straddling[:50])
+
+
 # ---------------------------------------------------------------------------------- report
 def summarise(manifest: pd.DataFrame) -> dict:
     """Counts for metrics and the report: files, usable, left out, per reason, per class."""
@@ -161,6 +173,8 @@ def summarise(manifest: pd.DataFrame) -> dict:
         "excluded_by_reason": {str(code): int(count) for code, count in reasons.items()},
         "per_class": per_class,
         "notes": int((manifest["note"] != "").sum()),
+        "near_copy_groups": int(manifest.loc[usable & (manifest["group"] != ""), "group"].nunique()),
+        "in_near_copy_groups": int((usable & (manifest["group"] != "")).sum()),
     }
 
 

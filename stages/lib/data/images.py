@@ -20,12 +20,13 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from stages.lib.core.digest import bytes_sha256, file_sha256
+from stages.lib.data.signatures import thumbnail
 
 if TYPE_CHECKING:
     import pandas as pd
 
 MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "mode", "format", "bytes", "status", "reason",
-                    "split", "note"]
+                    "split", "note", "group"]
 
 # The code before the colon in `reason`; the report and metrics count files per code.
 REASONS = {
@@ -42,7 +43,8 @@ REASONS = {
     "too small": "shorter side below validate.min_side",
     "unsupported mode": "a pixel format that cannot be turned into RGB",
     "duplicate": "the same content (sha256) as an earlier file of the same class; kept once",
-    "label conflict": "the same content under two or more classes; every copy is left out",
+    "label conflict": "the same content, or a verified near copy (see `group`), under two or more classes; left out",
+    "corrected": "left out by a row of data/corrections.csv (its note follows)",
     "no label": "a manifest row without a label",
     "bad split": "a manifest split value other than train, val or test",
     "outside images folder": "a manifest path outside data.images_dir (DVC would not track it)",
@@ -67,7 +69,9 @@ class ManifestRow:
     status: str = "ok"
     reason: str = ""
     split: str = ""  # train/val/test when a CSV manifest pins it, else empty
-    note: str = ""   # what was normalised in a usable file (format, mode, orientation)
+    note: str = ""   # what was normalised in a usable file (format, mode, orientation), corrections applied
+    group: str = ""  # near-copy group (signatures.py): the same id for every member; empty when it has no near copy
+    signature: bytes = b""  # the perceptual signature (a thumbnail); kept in memory, not written
 
     def exclude(self, reason: str) -> "ManifestRow":
         self.status, self.reason = "excluded", reason
@@ -127,13 +131,14 @@ def _read_file(row: ManifestRow, path: str, in_memory_limit: int = 64 << 20) -> 
     return None
 
 
-def inspect_image(row: ManifestRow, min_side: int, max_pixels: int) -> ManifestRow:
+def inspect_image(row: ManifestRow, min_side: int, max_pixels: int, signature: bool = False) -> ManifestRow:
     """Fill size, mode, format and hash of one file; exclude it with a reason if unusable.
 
     min_side: shorter side, in pixels, below which a file is excluded.
     max_pixels: width x height above which a file is excluded from its header alone (never decoded).
     A usable file is decoded once, fully, to catch truncated or corrupt data, and converted to RGB
     when its mode is not RGB or L, so that the augment stage cannot fail on it later.
+    signature: also keep the decoded pixels' perceptual signature (`signatures.thumbnail`) in the row.
     """
     path = row.path  # a string: per file, pathlib's parsing would be a sizeable share of a small image's decode
     source = _read_file(row, path)
@@ -148,12 +153,15 @@ def inspect_image(row: ManifestRow, min_side: int, max_pixels: int) -> ManifestR
                                    f"> max_pixels {max_pixels} (not decoded)")
             image.load()
             orientation = _orientation(image)  # after load: PNG keeps EXIF after the pixel data
+            rgb = image
             if image.mode not in ("RGB", "L"):
                 try:
-                    to_rgb(image)
+                    rgb = to_rgb(image)
                 except (ValueError, OSError) as error:
                     return row.exclude(f"unsupported mode: {image.mode} ({error})")
                 row.add_note(f"{image.mode} converted to RGB")
+            if signature:
+                row.signature = thumbnail(rgb)
     except Image.UnidentifiedImageError:
         return row.exclude(f"not an image: no image format recognised ({_suffix(path) or 'no extension'})")
     except (OSError, SyntaxError, ValueError, EOFError) as error:

@@ -24,6 +24,8 @@ from tqdm import tqdm
 from stages.lib.core.errors import PipelineError
 from stages.lib.data.images import MANIFEST_COLUMNS, ManifestRow, inspect_image, is_within, read_labelled_csv
 from stages.lib.core.parallel import ordered_map
+from stages.lib.data.corrections import Correction, apply_corrections
+from stages.lib.data.signatures import as_array, near_copy_groups
 
 log = logging.getLogger(__name__)
 
@@ -139,18 +141,53 @@ def mark_duplicates(rows: list[ManifestRow]) -> None:
                         else f"duplicate: same content as {copies[0].path}")
 
 
+def mark_near_copies(rows: list[ManifestRow], settings) -> None:
+    """Group the usable rows' near copies (`signatures.near_copy_groups`; `settings`: the
+    `validate.near_duplicates` params): every member gets the group's id, the sha256 of its first member.
+    Two images verified as near copies of each other under different classes are a label conflict, like
+    the same bytes under two classes: both are left out (the rest of their group is kept, grouped)."""
+    usable = [row for row in rows if row.status == "ok" and row.signature]
+    sides = [min(row.width, row.height) for row in usable]
+    groups = near_copy_groups(as_array([row.signature for row in usable]), settings, sides)
+    for group in groups:
+        members = [usable[index] for index in group.members]
+        for row in members:
+            row.group = members[0].sha256[:16]
+        conflicting: dict[int, set[int]] = {}
+        for i, j in group.links:
+            if usable[i].label != usable[j].label:
+                conflicting.setdefault(i, set()).add(j)
+                conflicting.setdefault(j, set()).add(i)
+        for index, others in conflicting.items():
+            row = usable[index]
+            labels = sorted({row.label} | {usable[other].label for other in others})
+            also = ", ".join(usable[other].path for other in sorted(others))
+            row.exclude(f"label conflict: near copy in classes {', '.join(labels)} (also {also}; "
+                        f"similarity at least {group.similarity})")
+    if groups:
+        log.info("%d near-copy groups (%d images)", len(groups), sum(len(group.members) for group in groups))
+
+
 def build_manifest(rows: Iterable[ManifestRow], min_side: int, max_pixels: int, workers: int | None = 1,
-                   chunksize: int = 32) -> pd.DataFrame:
-    """Inspect each listed file (see `inspect_image`), mark repeated content; one row per file.
+                   chunksize: int = 32, near_duplicates=None, corrections: list[Correction] = (),
+                   images_dir: str | Path = "") -> pd.DataFrame:
+    """Inspect each listed file (see `inspect_image`), apply the user's corrections, mark repeated content
+    and near-copy groups; one row per file.
 
     workers: processes inspecting files (None/0: every available core); the table is the same for any
-    number, in the order of `rows`. Files are streamed: a worker holds one file's bytes at a time.
+    number, in the order of `rows`. Files are streamed: a worker holds one file's bytes at a time (and
+    keeps a 1 KB signature per usable file). near_duplicates: the `validate.near_duplicates` params (None or
+    method none: no signatures, no groups).
     """
     rows = list(rows)
+    signature = near_duplicates is not None and near_duplicates.method != "none"
     pending = [index for index, row in enumerate(rows) if row.status == "ok"]
-    inspect = functools.partial(inspect_image, min_side=min_side, max_pixels=max_pixels)
+    inspect = functools.partial(inspect_image, min_side=min_side, max_pixels=max_pixels, signature=signature)
     inspected = ordered_map(inspect, (rows[index] for index in pending), workers, chunksize)
     for index, row in zip(pending, tqdm(inspected, total=len(pending), desc="validate", unit="file", mininterval=2)):
         rows[index] = row
+    apply_corrections(rows, list(corrections), images_dir)
     mark_duplicates(rows)
+    if signature:
+        mark_near_copies(rows, near_duplicates)
     return pd.DataFrame({column: [getattr(row, column) for row in rows] for column in MANIFEST_COLUMNS})

@@ -1,8 +1,12 @@
 """Train/val/test assignment of the manifest's usable images: stratified, seeded, leak-free.
 
-Images with identical content (same sha256) form one group and land in one split together.
-Rows whose `split` column is set (a CSV manifest's own split) keep it; the other rows are split
-by `split.val_size` / `split.test_size`, stratified by label. Every class must end up in train.
+Images with identical content (same sha256) form one group and land in one split together, and so do
+the near copies validate grouped (the manifest's `group` column): a group is split as one unit, so no
+split ever separates it. Rows whose `split` column is set (a CSV manifest's own split) keep it (validate
+reports a group pinned to two splits); their unpinned near copies follow them. The other groups are split
+by `split.val_size` / `split.test_size`, stratified by label. Every class must end up in train. When no
+image has a near copy, each group is one image keyed by its sha256, as before groups existed: the same
+data and seed give the same split.
 """
 
 from __future__ import annotations
@@ -54,9 +58,15 @@ def split_manifest(manifest: pd.DataFrame, settings: Split, seed: int) -> dict[s
     split here, not to rows whose split the manifest pins).
     """
     usable = manifest[manifest["status"] == "ok"].copy()
-    if "split" not in usable:
-        usable["split"] = ""
-    groups = usable.groupby("sha256", sort=True).agg(label=("label", "first"), split=("split", "first")).reset_index()
+    for column in ("split", "group"):
+        if column not in usable:
+            usable[column] = ""
+    # the unit of splitting: a near-copy group, else the image's content hash (the column keeps its old name)
+    usable["unit"] = usable["group"].where(usable["group"] != "", usable["sha256"])
+    pinned_unit = usable[usable["split"] != ""].groupby("unit")["split"].first()
+    usable["split"] = usable["split"].where(usable["split"] != "", usable["unit"].map(pinned_unit).fillna(""))
+    groups = (usable.groupby("unit", sort=True).agg(label=("label", "first"), split=("split", "first"))
+              .reset_index().rename(columns={"unit": "sha256"}))
     pinned, free = groups[groups["split"] != ""], groups[groups["split"] == ""]
     if settings.max_per_class:
         free = free.sample(frac=1.0, random_state=seed).groupby("label").head(settings.max_per_class)
@@ -65,8 +75,9 @@ def split_manifest(manifest: pd.DataFrame, settings: Split, seed: int) -> dict[s
         assignment = pd.concat([assignment, random_split(free, settings.val_size, settings.test_size, seed)])
     if len(pinned):
         log.info("%d images keep the split the manifest gives them; %d are split by ratio", len(pinned), len(free))
-    usable = usable[usable["sha256"].isin(assignment.index)]
-    usable["split"] = usable["sha256"].map(assignment)
+    usable = usable[usable["unit"].isin(assignment.index)]
+    pinned_rows = usable["split"] != ""
+    usable["split"] = usable["split"].where(pinned_rows, usable["unit"].map(assignment))
     splits = {name: usable.loc[usable["split"] == name, ["path", "label", "sha256"]].sort_values("path")
               .reset_index(drop=True) for name in SPLITS}
     check_coverage(splits, sorted(set(usable["label"])))
