@@ -29,6 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
+from team.results import TrialResult, exp_ref, exps_prefix
+
 log = logging.getLogger("team.trial")
 
 # the watchdog: waits for the worker (argv[1]) to go, then kills the command's process group (argv[2])
@@ -69,8 +71,9 @@ class TrialFailed(Exception):
 def exp_ref_exists(remote: str, commit: str, name: str, env: dict | None = None) -> bool:
     """Whether the git remote holds the experiment `name` of baseline `commit`
     (DVC's layout: refs/exps/<commit[:2]>/<commit[2:]>/<name>)."""
-    ref = f"refs/exps/{commit[:2]}/{commit[2:]}/{name}"
-    result = subprocess.run(["git", "ls-remote", remote, ref], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        ["git", "ls-remote", remote, exp_ref(commit, name)], capture_output=True, text=True, env=env, timeout=120
+    )
     if result.returncode != 0:
         raise TrialFailed(f"git ls-remote {remote} failed: {_last_line(result.stderr)}")
     return bool(result.stdout.strip())
@@ -78,7 +81,7 @@ def exp_ref_exists(remote: str, commit: str, name: str, env: dict | None = None)
 
 def remote_experiments(remote: str, commit: str, env: dict | None = None) -> set[str]:
     """The names of every experiment of baseline `commit` on the git remote."""
-    prefix = f"refs/exps/{commit[:2]}/{commit[2:]}/"
+    prefix = exps_prefix(commit)
     result = subprocess.run(
         ["git", "ls-remote", remote, f"{prefix}*"], capture_output=True, text=True, env=env, timeout=120
     )
@@ -146,25 +149,15 @@ def _run(
     return output
 
 
-def run_trial(spec: dict) -> dict:
+def run_trial(spec: dict) -> TrialResult:
     """Run one trial (see the module's docstring). `spec`: remote, commit, name, params ({key: value}),
     env (variables for the stages: MLFLOW_*, PIPELINE_THREADS ...), objective ("file:key"), scratch_root,
-    timeout_s. Returns: name, params, status (ok | exists | failed), objective, error, node, duration_s."""
+    timeout_s. Returns its TrialResult (status ok | exists | failed)."""
     from team.overrides import Objective
 
     started = time.monotonic()
-    node = _node()
-    result = {
-        "name": spec["name"],
-        "params": spec["params"],
-        "status": "failed",
-        "objective": None,
-        "error": "",
-        "node": node,
-        "duration_s": 0.0,
-        "timings": {},
-    }
-    timings = result["timings"]
+    result = TrialResult.start(spec["name"], spec["params"], node=_node())
+    timings = result.timings
     root = Path(spec.get("scratch_root") or tempfile.gettempdir()) / "team-sweep"
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{spec['name']}-{uuid.uuid4().hex[:6]}-", dir=root))
@@ -183,7 +176,7 @@ def run_trial(spec: dict) -> dict:
         exists = exp_ref_exists(spec["remote"], spec["commit"], spec["name"], env)
         timings["git ls-remote"] = round(time.monotonic() - checked, 2)
         if exists:
-            result["status"] = "exists"
+            result.status = "exists"
             return result
         steps = [
             (["git", "clone", "-q", "--no-checkout", spec["remote"], str(repo)], scratch, "git clone"),
@@ -201,13 +194,13 @@ def run_trial(spec: dict) -> dict:
         for key, value in spec["params"].items():
             run += ["-S", f"{key}={value}"]
         _run(run, repo, env, scratch, "dvc exp run", timeout_s, timings)
-        result["objective"] = Objective.parse(spec["objective"]).read(repo) if spec.get("objective") else None
+        result.objective = Objective.parse(spec["objective"]).read(repo) if spec.get("objective") else None
         _run([dvc, "exp", "push", "--force", "origin", spec["name"]], repo, env, scratch, "dvc exp push", 1800, timings)
-        result["status"] = "ok"
+        result.status = "ok"
     except TrialFailed as error:
-        result["error"] = str(error)
+        result.error = str(error)
     finally:
-        result["duration_s"] = round(time.monotonic() - started, 1)
+        result.duration_s = round(time.monotonic() - started, 1)
         if not spec.get("keep_scratch"):
             shutil.rmtree(scratch, ignore_errors=True)
     return result
