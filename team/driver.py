@@ -24,7 +24,7 @@ from team import TeamError
 from team.overrides import Objective, grid, search_space, trial_name
 from team.refusals import Prerequisites
 from team.results import TrialResult, exp_ref, objective_from_ref
-from team.trial import remote_experiments
+from team.trial import TrialKilled, remote_experiments
 
 log = logging.getLogger("team.sweep")
 
@@ -47,6 +47,8 @@ class Sweep:
     seed: int = 0
     timeout_s: float = 7200
     scratch_root: str | None = None
+    local: bool = False
+    cache_dir: str | None = None
     repo: Path = field(default_factory=Path.cwd)
 
     def task_env(self, pre: Prerequisites, trial: str) -> dict:
@@ -67,7 +69,13 @@ class Sweep:
             "objective": str(self.objective) if self.objective else None,
             "scratch_root": self.scratch_root,
             "timeout_s": self.timeout_s,
+            "cache_dir": self.cache_dir,
         }
+
+    @property
+    def where(self) -> str:
+        """Where the trials' experiments go, in words."""
+        return "in the workspace" if self.local else "on origin"
 
     def existing(self, pre: Prerequisites) -> set[str]:
         """The experiments of this commit that already exist where trials push them."""
@@ -115,7 +123,8 @@ def connect(cpus: float, gpus: float) -> dict:
 
 class RayRunner:
     """Submits trials as Ray tasks (at most `limit` pending at once) and returns their results as they finish.
-    Ray retries a task whose worker or node died, up to `--retries` times."""
+    Ray retries a task whose worker or node died, and one whose command was killed by a signal
+    (`TrialKilled`), up to `--retries` times; a pipeline that failed by itself is not retried."""
 
     def __init__(self, sweep: Sweep, nodes: dict):
         import ray
@@ -128,8 +137,8 @@ class RayRunner:
             "num_cpus": sweep.cpus,
             "num_gpus": sweep.gpus,
             "max_retries": sweep.retries,
-            "retry_exceptions": False,
-        }  # a failed pipeline fails again: only lost workers retry
+            "retry_exceptions": [TrialKilled],
+        }  # a failed pipeline fails again: only lost workers and killed commands retry
         total_cpus = sum(r.get("CPU", 0) for r in nodes.values())
         self.limit = sweep.max_concurrent or max(1, int(total_cpus // max(sweep.cpus, 1e-9)))
         self.pending: dict = {}
@@ -151,6 +160,9 @@ class RayRunner:
         except self.ray.exceptions.RayError as error:
             line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
             return TrialResult.lost(spec["name"], spec["params"], f"{type(error).__name__}: {line}"), tag
+
+    def close(self) -> None:
+        """Nothing to stop here: Ray ends a driver's tasks when the driver goes."""
 
 
 def progress(done: int, total: int, result: TrialResult, objective: Objective | None) -> None:
@@ -178,10 +190,11 @@ def run_grid(sweep: Sweep, pre: Prerequisites, runner) -> list[TrialResult]:
     results = {name: TrialResult.found(name, params) for name, params in trials if name in existing}
     todo = [(name, params) for name, params in trials if name not in existing]
     log.info(
-        "sweep %s: %d trials, %d already on origin, %d to run (%g CPU, %g GPU each, at most %d at once)",
+        "sweep %s: %d trials, %d already %s, %d to run (%g CPU, %g GPU each, at most %d at once)",
         sweep.name,
         len(trials),
         len(results),
+        sweep.where,
         len(todo),
         sweep.cpus,
         sweep.gpus,
@@ -224,7 +237,8 @@ def run_optuna(sweep: Sweep, pre: Prerequisites, runner) -> list[TrialResult]:
     stale_numbers = set(study.user_attrs.get("stale", []))
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # a killed driver's trials
         name = stale.user_attrs.get("name")
-        log.info("trial %s of an earlier driver %s", name, "is on origin" if name in existing else "is lost: re-asked")
+        found = f"is {sweep.where}" if name in existing else "is lost: re-asked"
+        log.info("trial %s of an earlier driver %s", name, found)
         study.tell(stale.number, state=TrialState.FAIL)
         stale_numbers.add(stale.number)
         if name in existing:  # finished after all: asked again with its params and name, found on origin

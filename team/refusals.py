@@ -4,6 +4,9 @@ On a cluster (`check_prerequisites`): no git remote `origin`; no default DVC rem
 .dvc/config; no tracking server (MLFLOW_TRACKING_URI unset, SQLite or a local folder, or not answering);
 uncommitted changes; the commit not on `origin`. The resources a trial asks are checked against the
 cluster's nodes by the driver (team.driver.connect).
+
+On one machine (`check_workspace`, `check_machine`): uncommitted changes; a tracking URI that is neither
+the workspace's SQLite store nor a server; more CPUs or GPUs than the machine has.
 """
 
 from __future__ import annotations
@@ -86,14 +89,7 @@ def check_prerequisites(repo: Path, env: dict | None = None) -> Prerequisites:
             "(dvc remote add -d NAME URL, commit .dvc/config; not --local: clones do not see it)"
         )
     tracking = check_tracking_uri(env.get("MLFLOW_TRACKING_URI"))
-    status = _git(repo, "status", "--porcelain", "--untracked-files=all")
-    changes = [line for line in status.stdout.splitlines() if not line[3:].startswith(OWN_OUTPUTS)]
-    if status.returncode != 0 or changes:
-        raise TeamError(
-            f"uncommitted changes ({len(changes)} paths, e.g. {changes[0][3:] if changes else '?'}): "
-            "trials run the commit, not the workspace; commit (and push) or stash them first"
-        )
-    commit = _git(repo, "rev-parse", "HEAD").stdout.strip()
+    commit = check_committed(repo)
     fetched = _git(repo, "fetch", "-q", "origin")
     if fetched.returncode != 0:
         raise TeamError(
@@ -101,6 +97,23 @@ def check_prerequisites(repo: Path, env: dict | None = None) -> Prerequisites:
         )
     if not _git(repo, "branch", "-r", "--contains", commit).stdout.strip():
         raise TeamError(f"commit {commit[:7]} is not on origin: push it first (git push origin HEAD)")
+    return Prerequisites(remote_url, commit, tracking, experiment_name(repo))
+
+
+def check_committed(repo: Path) -> str:
+    """The commit trials run; TeamError when the workspace has changes that are not in it."""
+    status = _git(repo, "status", "--porcelain", "--untracked-files=all")
+    changes = [line for line in status.stdout.splitlines() if not line[3:].startswith(OWN_OUTPUTS)]
+    if status.returncode != 0 or changes:
+        raise TeamError(
+            f"uncommitted changes ({len(changes)} paths, e.g. {changes[0][3:] if changes else '?'}): "
+            "trials run the commit, not the workspace; commit (and push) or stash them first"
+        )
+    return _git(repo, "rev-parse", "HEAD").stdout.strip()
+
+
+def experiment_name(repo: Path) -> str:
+    """The MLflow experiment the pipeline logs to (params.yaml's mlflow.experiment)."""
     experiment = "transfer-learning"
     try:
         import yaml
@@ -108,4 +121,49 @@ def check_prerequisites(repo: Path, env: dict | None = None) -> Prerequisites:
         experiment = yaml.safe_load((repo / "params.yaml").read_text())["mlflow"]["experiment"] or experiment
     except (OSError, KeyError, TypeError):
         pass
-    return Prerequisites(remote_url, commit, tracking, experiment)
+    return experiment
+
+
+def has_origin(repo: Path) -> bool:
+    return _git(repo, "remote", "get-url", "origin").returncode == 0
+
+
+def check_workspace(repo: Path, env: dict | None = None) -> tuple[Prerequisites, Path | None]:
+    """One machine: trials clone this workspace and share its DVC cache, nothing else to set up.
+    Returns the prerequisites (the remote is the workspace itself) and the SQLite store to serve to the
+    trials (None when MLFLOW_TRACKING_URI names a server, which they then use)."""
+    env = os.environ if env is None else env
+    uri = env.get("MLFLOW_TRACKING_URI") or ""
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        store, tracking = None, check_tracking_uri(uri)
+    elif not uri or scheme == "sqlite":
+        store = Path(uri[len("sqlite:///") :]) if uri else repo / "mlflow.db"
+        store = store if store.is_absolute() else repo / store
+        tracking = "(a private server of the sweep)"
+    else:
+        raise TeamError(
+            f"MLFLOW_TRACKING_URI={uri}: a sweep on one machine logs to the workspace's SQLite store "
+            "(unset the variable) or a tracking server (http://...)"
+        )
+    commit = check_committed(repo)
+    top = _git(repo, "rev-parse", "--show-toplevel").stdout.strip()
+    return Prerequisites(top or str(repo.resolve()), commit, tracking, experiment_name(repo)), store
+
+
+def cache_dir(repo: Path) -> str:
+    """The workspace's DVC cache folder (absolute): trials on this machine share it."""
+    shown = subprocess.run([dvc_binary(), "cache", "dir"], cwd=repo, capture_output=True, text=True)
+    if shown.returncode != 0 or not shown.stdout.strip():
+        raise TeamError(f"dvc cache dir failed in {repo}: {(shown.stderr or shown.stdout).strip()[-200:]}")
+    return str((repo / shown.stdout.strip()).resolve())
+
+
+def check_machine(cpus: float, gpus: float, cores: int, devices: int) -> None:
+    """Refuse a trial that asks more CPUs or GPUs than this machine has (it would wait for ever)."""
+    if gpus > devices:
+        raise TeamError(f"a trial asks {gpus:g} GPUs but this machine has {devices}: lower --gpus")
+    if gpus > 1 and gpus != int(gpus):
+        raise TeamError(f"--gpus {gpus:g}: a fraction of one GPU, or whole GPUs")
+    if cpus > cores:
+        raise TeamError(f"a trial asks {cpus:g} CPUs but this machine has {cores}: lower --cpus")

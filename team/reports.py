@@ -63,7 +63,7 @@ def write_reports(
     ]
     lines += [
         "",
-        "`exists`: the experiment was already on origin (an earlier run of this sweep). "
+        "`exists`: the experiment was already made (by an earlier run of this sweep). "
         "See them all: `dvc exp show`; outputs of one: `dvc exp apply NAME && dvc pull`.",
     ]
     md_path = folder / f"{name}.md"

@@ -487,6 +487,7 @@ SCENARIOS = {
 
 
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: `finally` stops every server
     chosen = argv or ALL
     root = Path(tempfile.mkdtemp(prefix="cs-", dir="/tmp"))
     root.chmod(0o755)

@@ -307,3 +307,45 @@ def test_a_failed_commands_output_becomes_one_telling_line():
     )
     assert _last_line("Cloning...\nfatal: repository '/x' does not exist\n") == "fatal: repository '/x' does not exist"
     assert _last_line("") == "(no output)"
+
+
+# ------------------------------------------------------------------------------ on one machine
+def test_a_command_killed_by_a_signal_is_retryable_one_that_fails_is_not(tmp_path):
+    from team.trial import TrialFailed, TrialKilled, _run
+
+    env = {"PATH": "/usr/bin:/bin"}
+    with pytest.raises(TrialKilled, match=r"dvc exp run was killed \(signal 9\)"):
+        _run(["bash", "-c", "kill -9 $$"], tmp_path, env, tmp_path, "dvc exp run", 30)
+    stage_killed = "echo 'ERROR: failed to run: python -m stages.finetune, exited with -9'; exit 255"
+    with pytest.raises(TrialKilled, match="exited with -9"):  # a stage ended by the OOM killer, as DVC says it
+        _run(["bash", "-c", stage_killed], tmp_path, env, tmp_path, "dvc exp run", 30)
+    with pytest.raises(TrialFailed) as failed:
+        _run(["bash", "-c", "echo 'error: bad lr'; exit 1"], tmp_path, env, tmp_path, "dvc exp run", 30)
+    assert not isinstance(failed.value, TrialKilled) and "failed (1): error: bad lr" in str(failed.value)
+
+
+def test_one_machine_refuses_more_than_it_has_and_leases_its_gpus():
+    from team.local import LocalRunner
+    from team.refusals import check_machine
+
+    with pytest.raises(TeamError, match="asks 4 CPUs but this machine has 2"):
+        check_machine(4, 0, cores=2, devices=0)
+    with pytest.raises(TeamError, match="asks 1 GPUs but this machine has 0"):
+        check_machine(1, 1, cores=2, devices=0)
+    check_machine(1, 2, cores=2, devices=2)
+
+    def leases(gpus: float, devices: list[str]) -> list[str]:
+        """The devices each trial gets until the runner is full (no trial is run)."""
+        runner = LocalRunner(Sweep(name="s", overrides=[], gpus=gpus, cpus=1), 8, devices)
+        given = []
+        while not runner.full:
+            taken = runner.take()
+            runner.pending[len(given)] = ({}, None, taken)
+            given.append(",".join(taken))
+        runner.pool.shutdown()
+        return given
+
+    assert leases(1, ["0", "1"]) == ["0", "1"]  # one GPU each, two at once: as Ray gives them
+    assert leases(2, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
+    assert leases(0.5, ["0"]) == ["0", "0"]  # a fraction shares a device
+    assert LocalRunner(Sweep(name="s", overrides=[], cpus=1), 2, []).limit == 2  # cores / --cpus
