@@ -57,8 +57,7 @@ log = logging.getLogger("team.sweep")
 
 
 def pull_experiments(sweep: Sweep, pre: Prerequisites, results: list[TrialResult]) -> None:
-    """`dvc exp pull origin` the finished trials (refs only: `dvc pull` after `dvc exp apply` fetches outputs),
-    and fill in the objective of trials found on origin."""
+    """`dvc exp pull origin` the finished trials (refs only: `dvc pull` after `dvc exp apply` fetches outputs)."""
     names = [r.name for r in results if r.finished]
     if not names:
         return
@@ -70,10 +69,13 @@ def pull_experiments(sweep: Sweep, pre: Prerequisites, results: list[TrialResult
     )
     if pulled.returncode != 0:
         log.warning("dvc exp pull origin failed: %s", (pulled.stderr or pulled.stdout).strip()[-300:])
-    if sweep.objective:
-        for result in results:
-            if result.status == "exists" and result.objective is None:
-                result.objective = objective_from_ref(sweep.repo, exp_ref(pre.commit, result.name), sweep.objective)
+
+
+def fill_objectives(sweep: Sweep, pre: Prerequisites, results: list[TrialResult]) -> None:
+    """The objective of the trials an earlier run made, read from their refs in the workspace."""
+    for result in results:
+        if sweep.objective and result.status == "exists" and result.objective is None:
+            result.objective = objective_from_ref(sweep.repo, exp_ref(pre.commit, result.name), sweep.objective)
 
 
 def tag_parent_runs(sweep: Sweep, pre: Prerequisites, results: list[TrialResult]) -> int:
@@ -139,11 +141,7 @@ def _on_this_machine(sweep: Sweep) -> tuple[list[TrialResult], int]:
             pre.tracking_uri = server.start()
             ensure_experiment(pre.tracking_uri, pre.experiment, Path(pre.remote))
         results = _drive(sweep, pre, LocalRunner(sweep, cores, gpus))
-        if sweep.objective:
-            for result in results:
-                if result.status == "exists" and result.objective is None:
-                    ref = exp_ref(pre.commit, result.name)
-                    result.objective = objective_from_ref(sweep.repo, ref, sweep.objective)
+        fill_objectives(sweep, pre, results)
         return results, tag_parent_runs(sweep, pre, results)
     finally:
         if server:
@@ -174,6 +172,7 @@ def run_sweep(sweep: Sweep) -> list[TrialResult]:
         )
         results = _drive(sweep, pre, RayRunner(sweep, nodes))
         pull_experiments(sweep, pre, results)
+        fill_objectives(sweep, pre, results)
         tagged = tag_parent_runs(sweep, pre, results)
     csv_path, md_path = write_reports(sweep.name, sweep.search, sweep.objective, results, sweep.repo / REPORTS)
     top = best(results, sweep.objective)
