@@ -123,7 +123,7 @@ cluster-stop: | install ## stop what make cluster started (by PID, never `ray st
 cluster-status: | install ## is the local Ray cluster up (PIDs, alive nodes)
 	@$(PYTHON) -m team.cluster status $(CLUSTER_ARGS)
 
-sweep: | install ## a sweep on Ray (RAY_ADDRESS, else local): make sweep ARGS="--name x -S 'k=a,b'"
+sweep: | install ## a sweep of DVC experiments, on this machine or a Ray cluster: make sweep ARGS="--name x -S 'k=a,b'"
 	$(PYTHON) -m team.sweep $(ARGS)
 
 clean: ## remove pipeline outputs, caches and the local MLflow store (not data/images)

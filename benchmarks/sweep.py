@@ -1,7 +1,16 @@
-"""Sweeps on Ray against DVC's own queue: 4 fine-tuning experiments on the local 2-node cluster
-(`python -m team.sweep`) and through `dvc queue start -j 2` on one machine, in one run.
+"""Sweeps against DVC's own queue: 4 fine-tuning experiments through `python -m team.sweep` and through
+`dvc queue start -j 2`, in one run, on the local 2-node Ray cluster or (`--local`) on one machine.
 
     unshare -n -- bash -c 'ip link set lo up && exec .venv/bin/python benchmarks/sweep.py'   # as root on Linux
+    .venv/bin/python benchmarks/sweep.py --local
+
+`--local`: the tiny project (tests/local_scenario.py) with no remote and the workspace's SQLite store, copied
+once so that each round has its own DVC cache (no run-cache hits across rounds); the one-machine sweep of the
+4 learning rates, 2 at a time, 1 thread each (its wall time: the whole command, private MLflow server
+included), then `dvc queue start -j 2` on the copy (a hang shows as a lost trial: fewer than 4 finished).
+Writes benchmarks/results/sweep_local.json. Goal: the sweep within 1.05 x the queue's time, every trial finished.
+
+Without `--local`:
 
 Ray listens on every interface, so this runs only inside a loopback-only network namespace (or with
 ALLOW_NETWORK=1). The setup is the cluster tests' (tests/cluster_scenario.py): the team tracking server,
@@ -23,6 +32,7 @@ Writes benchmarks/results/sweep.json (with the load average before and after eac
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -104,9 +114,7 @@ def exp_refs(project: Path) -> set[str]:
     }
 
 
-def queue_round(setup: Setup, timeout_s: float) -> dict:
-    env = setup.env(ray=False, PIPELINE_THREADS="1")
-    project = setup.project
+def queue_round(project: Path, env: dict, timeout_s: float) -> dict:
     names = [f"queue-{i + 1:02d}" for i in range(len(RATES))]
 
     def dvc_env(*args: str) -> subprocess.CompletedProcess:
@@ -144,11 +152,108 @@ def queue_round(setup: Setup, timeout_s: float) -> dict:
     }
 
 
+def local_round(project: Path, env: dict) -> dict:
+    """The one-machine sweep (no remotes, the workspace's SQLite store): the whole command's wall time."""
+    before = load()
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "team.sweep", "--name", "bench", "-S", f"finetune.phases.1.lr={','.join(RATES)}"]
+        + ["--cpus", "1", "--max-concurrent", "2"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    wall = time.perf_counter() - started
+    print(result.stderr[-3000:], flush=True)
+    trials = json.loads((project / "reports/sweeps/bench.json").read_text()) if result.returncode in (0, 1) else []
+    return {
+        "wall_seconds": round(wall, 1),
+        "returncode": result.returncode,
+        "finished": sorted(t["name"] for t in trials if t["status"] == "ok"),
+        "trials": [{k: t[k] for k in ("name", "status", "duration_s", "timings")} for t in trials],
+        "load_before": before,
+        "load_after": load(),
+    }
+
+
+def write_local_rows(result_path: Path) -> Path:
+    """The rows for benchmarks/measured/sweep_local_vs_queue.csv from a `--local` result, beside it."""
+    result = json.loads(result_path.read_text())
+
+    def average(uptime: str) -> str:
+        return uptime.split("average:")[-1].split(",")[0].strip()
+
+    day = str(result["environment"].get("time", ""))[:10]
+    csv_path = result_path.with_name("sweep_local_vs_queue.csv")
+    with open(csv_path, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["side", "experiments", "at_once", "finished", "wall_s", "source"])
+        for side, key in (
+            ("python -m team.sweep on one machine (whole command)", "local"),
+            ("dvc queue start -j 2 until the 4 refs exist", "queue"),
+        ):
+            measured = result[key]
+            source = (
+                f"benchmarks/sweep.py --local {day}, tiny recipe, one epoch per phase, 1 thread per trial, "
+                f"2 shared cores, load {average(measured['load_before'])} -> {average(measured['load_after'])}"
+            )
+            finished = len(measured["finished"])
+            writer.writerow([side, len(result["rates"]), 2, finished, measured["wall_seconds"], source])
+    return csv_path
+
+
+def local_main(args: argparse.Namespace) -> int:
+    """--local: the one-machine sweep against `dvc queue start -j 2`, each on its own copy of one project."""
+    import shutil
+
+    from local_scenario import Project  # tests/local_scenario.py: the tiny project, no remotes, committed
+
+    root = Path(tempfile.mkdtemp(prefix="sbl-", dir="/tmp"))
+    try:
+        project = Project(root)
+        env = project.env() | {"PIPELINE_THREADS": "1"}
+        queue_copy = root / "queue-project"
+        shutil.copytree(project.path, queue_copy, symlinks=True)  # its own cache: no run-cache hits across rounds
+        local = local_round(project.path, env)
+        print(f"one machine: {local['wall_seconds']:.0f} s, {len(local['finished'])} of 4 finished", flush=True)
+        queue = queue_round(queue_copy, env, args.queue_timeout)
+        print(f"dvc queue -j 2: {queue['wall_seconds']:.0f} s, {len(queue['finished'])} of 4 finished", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    ratio = round(local["wall_seconds"] / queue["wall_seconds"], 3)
+    met = ratio <= 1.05 and len(local["finished"]) == len(RATES)
+    row = {
+        "name": "sweep on one machine: 4 trials 2 at a time vs dvc queue -j 2",
+        "unit": "s",
+        "pipeline": local["wall_seconds"],
+        "baseline": queue["wall_seconds"],
+        "baseline_name": "dvc queue start -j 2",
+        "ratio": round(queue["wall_seconds"] / local["wall_seconds"], 3),
+        "goal": "local <= 1.05 x queue, 4 of 4 finished",
+        "met": met,
+    }
+    path = write_result(
+        args.out_stem, {"rates": RATES, "local": local, "queue": queue, "ratio_local_over_queue": ratio}, [row]
+    )
+    print(f"local / queue wall time: {ratio} (goal <= 1.05, every trial finished: {met}) | {path}")
+    csv_path = write_local_rows(path)
+    print(f"rows: {csv_path}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queue-timeout", type=float, default=1200, help="seconds before the queue counts as hung")
-    parser.add_argument("--out-stem", default="sweep")
+    parser.add_argument("--out-stem", default=None, help="benchmarks/results/<stem>.json (sweep, sweep_local)")
+    parser.add_argument(
+        "--local", action="store_true", help="the one-machine sweep (no remotes, no server, no Ray) against the queue"
+    )
     args = parser.parse_args()
+    args.out_stem = args.out_stem or ("sweep_local" if args.local else "sweep")
+    if args.local:
+        return local_main(args)
     from team.cluster import check_loopback_only
 
     check_loopback_only(os.environ.get("ALLOW_NETWORK") in ("1", "yes"))
@@ -163,7 +268,7 @@ def main() -> int:
             f"{cluster['overhead_s_mean']:.1f} s ({cluster['overhead_fraction_mean']:.0%} of a trial)",
             flush=True,
         )
-        queue = queue_round(setup, args.queue_timeout)
+        queue = queue_round(setup.project, setup.env(ray=False, PIPELINE_THREADS="1"), args.queue_timeout)
         print(
             f"dvc queue -j 2: {queue['wall_seconds']:.0f} s ({queue['with_queueing_seconds']:.0f} s with queueing)"
             f"{' (HUNG)' if queue['hung'] else ''}",

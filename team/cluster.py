@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM as Ctrl-C: a start that is interrupted stops what it had started (its `except BaseException`)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.nodes < 1:
         parser.error("--nodes must be at least 1")
     cluster = LocalCluster(

@@ -359,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM as Ctrl-C: a start that is interrupted stops what it had started (its `except BaseException`)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     config = _config(args)
     try:
         if args.action == "start":

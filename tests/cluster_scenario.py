@@ -26,6 +26,8 @@ Scenarios (in this order; each prints `SCENARIO <name> OK <seconds>` or fails wi
             the sweep completes; each trial exactly once on origin, in `dvc exp show` and as a FINISHED
             MLflow parent run, the killed attempt's parent KILLED, both trials reported on the head node;
             then the worker node is started again for the next scenarios
+  killed    a trial's `dvc exp run` SIGKILLed mid-stage (its Ray worker alive, as after the OOM killer): the
+            trial is retried and finishes, once on origin
   failures  a trial with an invalid lr fails with one line while the other finishes (exit 1); the
             tracking server stopped while a trial runs: it fails with one line naming the server
 """
@@ -56,7 +58,7 @@ SWEEP_PARAMS = {
 }
 EXPERIMENT = "transfer-learning"
 OBJECTIVE = "metrics/evaluate.json:finetuned.val.accuracy"
-ALL = ["refusals", "grid", "resume", "optuna", "seeds", "node", "failures"]
+ALL = ["refusals", "grid", "resume", "optuna", "seeds", "node", "killed", "failures"]
 
 
 def free_port() -> int:
@@ -445,6 +447,28 @@ def node(s: Setup) -> None:
     assert len({r["node"] for r in rows}) == 1, f"the retry did not run on the head: {[r['node'] for r in rows]}"
 
 
+def killed(s: Setup) -> None:
+    """A trial's `dvc exp run` SIGKILLed while a stage runs (as the OOM killer would, its Ray worker alive):
+    the trial is retried (TrialKilled, Ray's retry_exceptions) and finishes; exactly once on origin."""
+    process = s.sweep("--name", "oom", "-S", "finetune.phases.1.lr=6e-4", "--objective", OBJECTIVE, background=True)
+    deadline = time.monotonic() + 400
+    victim = None
+    while victim is None and time.monotonic() < deadline and process.poll() is None:
+        table = processes()
+        for pid, _, cmdline in table:
+            if "exp run -n oom-01 " in cmdline and any(p == pid and "stages." in c for _, p, c in table):
+                os.kill(pid, signal.SIGKILL)
+                victim = pid
+                log(f"SIGKILLed oom-01's dvc exp run {pid} mid-stage")
+                break
+        time.sleep(0.3)
+    output, _ = process.communicate(timeout=900)
+    print(output, flush=True)
+    assert victim, "oom-01 never ran a stage"
+    assert process.returncode == 0 and "1 of 1 trials finished" in output, output[-3000:]
+    assert {n for n in s.remote_exps() if n.startswith("oom-")} == {"oom-01"}, s.remote_exps()
+
+
 def failures(s: Setup) -> None:
     """A trial that fails is one line in the report and the others go on; then the tracking server is
     stopped while a trial runs: that trial fails with one line naming the server (run last: no server after)."""
@@ -482,11 +506,13 @@ SCENARIOS = {
     "optuna": optuna,
     "seeds": seeds,
     "node": node,
+    "killed": killed,
     "failures": failures,
 }
 
 
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: `finally` stops every server
     chosen = argv or ALL
     root = Path(tempfile.mkdtemp(prefix="cs-", dir="/tmp"))
     root.chmod(0o755)

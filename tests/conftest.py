@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,11 @@ TINY_PARAMS = {
     },
     "evaluate": {"error_gallery": 4},
 }
+
+
+def pytest_configure(config) -> None:
+    """SIGTERM ends a test run as Ctrl-C does: fixtures are torn down and scenarios stop their servers."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def deep_merge(base: dict, override: dict) -> dict:

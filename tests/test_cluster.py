@@ -10,28 +10,16 @@ Skipped where a network namespace cannot be made (not root / no user namespaces)
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from namespace import namespace_unavailable, run_scenario
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ["refusals", "grid", "resume", "optuna", "seeds", "node", "failures"]
-
-
-def namespace_unavailable() -> str | None:
-    if not shutil.which("unshare") or not shutil.which("ip"):
-        return "needs unshare (util-linux) and ip (iproute2)"
-    probe = subprocess.run(["unshare", "-n", "--", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot make a private network namespace (unshare -n: {probe.stderr.strip()[:120]}); run as root"
-    return None
+SCENARIOS = ["refusals", "grid", "resume", "optuna", "seeds", "node", "killed", "failures"]
 
 
 def postgres_unavailable() -> str | None:
@@ -52,18 +40,9 @@ def test_sweeps_on_a_two_node_ray_cluster_complete_survive_faults_and_resume():
         if reason:
             pytest.skip(reason)
     started = time.monotonic()
-    command = f"ip link set lo up && exec {sys.executable} tests/cluster_scenario.py {' '.join(SCENARIOS)}"
-    result = subprocess.run(
-        ["unshare", "-n", "--", "bash", "-c", command],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))},
-    )
-    output = result.stdout + result.stderr
+    returncode, output = run_scenario("tests/cluster_scenario.py", *SCENARIOS, timeout_s=1800)
     print(output[-20000:])
     for name in SCENARIOS:
         assert f"SCENARIO {name} OK" in output, f"scenario {name} did not pass:\n{output[-8000:]}"
-    assert "LEFTOVER" not in output and "ALL OK" in output and result.returncode == 0, output[-4000:]
+    assert "LEFTOVER" not in output and "ALL OK" in output and returncode == 0, output[-4000:]
     print(f"cluster scenarios: {time.monotonic() - started:.0f} s")

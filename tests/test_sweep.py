@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from team import TeamError
+from team.driver import Sweep
 from team.overrides import Objective, grid, search_space, split_top_level, trial_name
-from team.sweep import Sweep, best, check_prerequisites, check_tracking_uri, write_reports
+from team.refusals import check_prerequisites, check_tracking_uri
+from team.reports import write_reports
+from team.results import TrialResult, best
 
 BIN = Path(sys.executable).parent
 
@@ -93,36 +96,12 @@ def test_the_reports_list_every_trial_and_the_best_by_the_objective(tmp_path):
     objective = Objective.parse("metrics/evaluate.json:finetuned.val.accuracy")
     sweep = Sweep(name="lr", overrides=[], objective=objective)
     results = [
-        {
-            "name": "lr-01",
-            "params": {"a": "1"},
-            "status": "ok",
-            "objective": 0.5,
-            "node": "n1",
-            "duration_s": 3.0,
-            "error": "",
-        },
-        {
-            "name": "lr-02",
-            "params": {"a": "2"},
-            "status": "exists",
-            "objective": 0.9,
-            "node": "",
-            "duration_s": 0.0,
-            "error": "",
-        },
-        {
-            "name": "lr-03",
-            "params": {"a": "3"},
-            "status": "failed",
-            "objective": None,
-            "node": "n2",
-            "duration_s": 1.0,
-            "error": "dvc exp run failed (1): ERROR: boom",
-        },
+        TrialResult("lr-01", {"a": "1"}, status="ok", objective=0.5, node="n1", duration_s=3.0),
+        TrialResult("lr-02", {"a": "2"}, status="exists", objective=0.9),
+        TrialResult("lr-03", {"a": "3"}, node="n2", duration_s=1.0, error="dvc exp run failed (1): ERROR: boom"),
     ]
-    assert best(results, objective)["name"] == "lr-02"
-    csv_path, md_path = write_reports(sweep, results, tmp_path)
+    assert best(results, objective).name == "lr-02"
+    csv_path, md_path = write_reports(sweep.name, sweep.search, sweep.objective, results, tmp_path)
     assert (
         csv_path.read_text().splitlines()[0]
         == "trial,a,metrics/evaluate.json:finetuned.val.accuracy,status,node,duration_s,error"
@@ -262,28 +241,25 @@ class FakeRunner:
         spec, tag = self.pending.pop(0)
         exists = spec["name"] in FakeRunner.existing
         lr = float(spec["params"]["finetune.phases.1.lr"])
-        return {
-            "name": spec["name"],
-            "params": spec["params"],
-            "status": "exists" if exists else "ok",
-            "objective": None if exists else -abs(math.log10(lr) + 3),
-            "error": "",
-            "node": "n",
-            "duration_s": 1.0,
-            "timings": {},
-        }, tag
+        return TrialResult(
+            spec["name"],
+            spec["params"],
+            status="exists" if exists else "ok",
+            objective=None if exists else -abs(math.log10(lr) + 3),
+            node="n",
+            duration_s=1.0,
+        ), tag
 
 
 def test_an_optuna_search_asks_tells_and_resumes_a_killed_drivers_study(tmp_path, monkeypatch):
     import optuna
 
-    from team import sweep as sweep_module
-    from team.sweep import Prerequisites, run_optuna
+    from team.driver import run_optuna
+    from team.refusals import Prerequisites
 
-    monkeypatch.setattr(sweep_module, "Runner", FakeRunner)
     monkeypatch.setattr(FakeRunner, "existing", set())
-    monkeypatch.setattr(sweep_module, "remote_experiments", lambda remote, commit: set(FakeRunner.existing))
-    monkeypatch.setattr(sweep_module, "_objective_from_remote", lambda sweep, pre, name: -0.5)
+    monkeypatch.setattr(Sweep, "existing", lambda sweep, pre: set(FakeRunner.existing))
+    monkeypatch.setattr(Sweep, "objective_of", lambda sweep, pre, name: -0.5)
     monkeypatch.setenv("TEAM_HOME", str(tmp_path / "team"))
     objective = Objective.parse("metrics/evaluate.json:finetuned.val.accuracy")
     pre = Prerequisites(remote="origin", commit="ab" * 20, tracking_uri="http://127.0.0.1:1")
@@ -295,8 +271,8 @@ def test_an_optuna_search_asks_tells_and_resumes_a_killed_drivers_study(tmp_path
         trials=3,
         repo=tmp_path,
     )
-    results = run_optuna(sweep, pre, {})
-    assert [r["name"] for r in results] == ["tpe-01", "tpe-02", "tpe-03"] and all(r["status"] == "ok" for r in results)
+    results = run_optuna(sweep, pre, FakeRunner(sweep, {}))
+    assert [r.name for r in results] == ["tpe-01", "tpe-02", "tpe-03"] and all(r.status == "ok" for r in results)
 
     # a driver killed with two trials in flight: tpe-04 had reached origin, tpe-05 had not
     storage = optuna.storages.JournalStorage(
@@ -309,13 +285,13 @@ def test_an_optuna_search_asks_tells_and_resumes_a_killed_drivers_study(tmp_path
         trial.set_user_attr("name", name)
     monkeypatch.setattr(FakeRunner, "existing", {"tpe-04"})
     sweep.trials = 5
-    results = run_optuna(sweep, pre, {})
-    names = [r["name"] for r in results]
+    results = run_optuna(sweep, pre, FakeRunner(sweep, {}))
+    names = [r.name for r in results]
     assert names[:3] == ["tpe-01", "tpe-02", "tpe-03"] and len(results) == 5, names
     assert "tpe-04" in names and "tpe-05" not in names  # on origin: reported; lost: asked again as a new trial
-    found = next(r for r in results if r["name"] == "tpe-04")
-    assert found["status"] == "exists" and found["objective"] == -0.5  # its value read from origin's ref
-    assert best(results, objective)["status"] == "ok"
+    found = next(r for r in results if r.name == "tpe-04")
+    assert found.status == "exists" and found.objective == -0.5  # its value read from origin's ref
+    assert best(results, objective).status == "ok"
 
 
 def test_a_failed_commands_output_becomes_one_telling_line():
@@ -331,3 +307,45 @@ def test_a_failed_commands_output_becomes_one_telling_line():
     )
     assert _last_line("Cloning...\nfatal: repository '/x' does not exist\n") == "fatal: repository '/x' does not exist"
     assert _last_line("") == "(no output)"
+
+
+# ------------------------------------------------------------------------------ on one machine
+def test_a_command_killed_by_a_signal_is_retryable_one_that_fails_is_not(tmp_path):
+    from team.trial import TrialFailed, TrialKilled, _run
+
+    env = {"PATH": "/usr/bin:/bin"}
+    with pytest.raises(TrialKilled, match=r"dvc exp run was killed \(signal 9\)"):
+        _run(["bash", "-c", "kill -9 $$"], tmp_path, env, tmp_path, "dvc exp run", 30)
+    stage_killed = "echo 'ERROR: failed to run: python -m stages.finetune, exited with -9'; exit 255"
+    with pytest.raises(TrialKilled, match="exited with -9"):  # a stage ended by the OOM killer, as DVC says it
+        _run(["bash", "-c", stage_killed], tmp_path, env, tmp_path, "dvc exp run", 30)
+    with pytest.raises(TrialFailed) as failed:
+        _run(["bash", "-c", "echo 'error: bad lr'; exit 1"], tmp_path, env, tmp_path, "dvc exp run", 30)
+    assert not isinstance(failed.value, TrialKilled) and "failed (1): error: bad lr" in str(failed.value)
+
+
+def test_one_machine_refuses_more_than_it_has_and_leases_its_gpus():
+    from team.local import LocalRunner
+    from team.refusals import check_machine
+
+    with pytest.raises(TeamError, match="asks 4 CPUs but this machine has 2"):
+        check_machine(4, 0, cores=2, devices=0)
+    with pytest.raises(TeamError, match="asks 1 GPUs but this machine has 0"):
+        check_machine(1, 1, cores=2, devices=0)
+    check_machine(1, 2, cores=2, devices=2)
+
+    def leases(gpus: float, devices: list[str]) -> list[str]:
+        """The devices each trial gets until the runner is full (no trial is run)."""
+        runner = LocalRunner(Sweep(name="s", overrides=[], gpus=gpus, cpus=1), 8, devices)
+        given = []
+        while not runner.full:
+            taken = runner.take()
+            runner.pending[len(given)] = ({}, None, taken)
+            given.append(",".join(taken))
+        runner.pool.shutdown()
+        return given
+
+    assert leases(1, ["0", "1"]) == ["0", "1"]  # one GPU each, two at once: as Ray gives them
+    assert leases(2, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
+    assert leases(0.5, ["0"]) == ["0", "0"]  # a fraction shares a device
+    assert LocalRunner(Sweep(name="s", overrides=[], cpus=1), 2, []).limit == 2  # cores / --cpus
