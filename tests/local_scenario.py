@@ -1,16 +1,19 @@
 """A sweep on one machine with nothing set up, end to end, inside a loopback-only network namespace.
 
-    unshare -n -- bash -c 'ip link set lo up && exec python tests/local_scenario.py'
+    unshare -n -- bash -c 'ip link set lo up && exec python tests/local_scenario.py [PROJECT]'
 
-tests/test_sweep_local.py runs it so. The tiny project (3 digit classes x 12 images, 32 px, one candidate,
-one epoch per phase, ONNX only) after one `dvc repro`, committed, with no git remote, no DVC remote, no
-RAY_ADDRESS and no MLFLOW_TRACKING_URI: the workspace's own SQLite store. Then, in this order:
+tests/test_sweep_local.py runs it so, on a copy of the session's `tiny_pipeline` (PROJECT: a tiny project
+after one complete `dvc repro`; without it, the cluster tests' tiny project is made and reproduced first),
+committed, with no git remote, no DVC remote, no RAY_ADDRESS and no
+MLFLOW_TRACKING_URI: the workspace's own SQLite store. The trials change only evaluate's params, so each
+runs the evaluate stage and takes every other stage's outputs from the shared DVC cache (run cache).
+Then, in this order:
   refusals  more CPUs or GPUs than the machine has, uncommitted changes: exit 2, one line, nothing runs
-  grid      a 4-trial grid (2 x 2 learning rates), 2 at once; one trial's `dvc exp run` SIGKILLed while a
-            stage runs (as the OOM killer would): retried; once two experiments are in the workspace
+  grid      a 4-trial grid (2 top_k x 2 error_gallery), 2 at once; one trial's `dvc exp run` SIGKILLed
+            while a stage runs (as the OOM killer would): retried; once two experiments are in the workspace
             the driver gets SIGINT (Ctrl-C): it exits 130 and every process it started is gone (trials,
             the private MLflow server)
-  resume    the same command again: the finished trial is not run again, the others are; then
+  resume    the same command again: the finished trials are not run again, the others are; then
             `dvc exp show` lists the 4 experiments, `dvc exp apply` brings one in, the store holds 4
             FINISHED parent runs tagged with the sweep (a retried trial's attempts share one) and no run
             RUNNING (the killed attempts' stage runs are marked KILLED)
@@ -42,9 +45,9 @@ GRID = [
     "--name",
     "local",
     "-S",
-    "finetune.phases.0.lr=2e-3,3e-3",  # none is the baseline's recipe: every trial runs finetune
+    "evaluate.top_k=2,4",  # none is the baseline's recipe (3, 4): every trial runs evaluate, and only evaluate
     "-S",
-    "finetune.phases.1.lr=7e-4,1e-3",
+    "evaluate.error_gallery=2,3",
     "--objective",
     "metrics/evaluate.json:finetuned.val.accuracy",
     "--max-concurrent",
@@ -55,13 +58,19 @@ GRID = [
 
 
 class Project:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, source: Path | None = None):
+        """A copy of `source` (a project after `dvc repro`: its DVC cache, run cache and MLflow store), or
+        without one the cluster tests' tiny project after `dvc repro`; committed."""
         self.root = root
-        self.path = make_project(root / "project", overrides=SWEEP_PARAMS, classes=3)
-        repro = subprocess.run(
-            [str(BIN / "dvc"), "repro"], cwd=self.path, capture_output=True, text=True, env=self.env()
-        )
-        assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+        self.path = root / "project"
+        if source:
+            shutil.copytree(source, self.path, symlinks=True)
+        else:
+            make_project(self.path, overrides=SWEEP_PARAMS, classes=3)
+            repro = subprocess.run(
+                [str(BIN / "dvc"), "repro"], cwd=self.path, capture_output=True, text=True, env=self.env()
+            )
+            assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
         run(self.path, "git", "add", "-A")
         run(self.path, "git", "commit", "-qm", "baseline results")
         assert run(self.path, "git", "remote").stdout.strip() == "", "the project must have no remote"
@@ -176,6 +185,7 @@ def grid(p: Project) -> None:
     print(output, flush=True)
     assert process.returncode == 130, f"the interrupted sweep exited {process.returncode}"
     assert "killed (signal 9); retry 1 of 1" in output, "the killed trial was not retried"
+    assert len(p.experiments()) < 4, "every trial finished before the interrupt: the resume would run none"
     assert "mlflow server" not in " ".join(c for _, _, c in processes() if str(p.path) in c)
     time.sleep(1)
     left = alive(started)
@@ -199,7 +209,7 @@ def resume(p: Project) -> None:
     rows = list(csv.DictReader((p.path / "reports/sweeps/local.csv").open()))
     assert [r["status"] for r in rows].count("ok") == 4 - len(done_before), rows
     dvc(p.path, "exp", "apply", "local-03")
-    assert "lr: 0.003" in (p.path / "params.yaml").read_text() or "3e-3" in (p.path / "params.yaml").read_text()
+    assert "top_k: 4" in (p.path / "params.yaml").read_text()
     status = dvc(p.path, "status").stdout
     assert "changed outs" not in status and "deleted" not in status, status  # its outputs came from the cache
 
@@ -207,15 +217,15 @@ def resume(p: Project) -> None:
 SCENARIOS = {"refusals": refusals, "grid": grid, "resume": resume}
 
 
-def main() -> int:
+def main(source: Path | None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the finally below runs
     root = Path(tempfile.mkdtemp(prefix="ls-", dir="/tmp"))
     failed = []
     project = None
     try:
         started = time.monotonic()
-        project = Project(root)
-        log(f"project after dvc repro, committed ({time.monotonic() - started:.0f} s)")
+        project = Project(root, source)
+        log(f"project ready and committed ({time.monotonic() - started:.0f} s)")
         for name, scenario in SCENARIOS.items():
             started = time.monotonic()
             log(f"SCENARIO {name} ...")
@@ -239,4 +249,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(Path(sys.argv[1]).resolve() if sys.argv[1:] else None))

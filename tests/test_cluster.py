@@ -19,7 +19,7 @@ from namespace import namespace_unavailable, run_scenario
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ["refusals", "grid", "resume", "optuna", "seeds", "node", "killed", "failures"]
+SCENARIOS = ["refusals", "grid", "resume", "optuna", "seeds", "node", "failures"]
 
 
 def postgres_unavailable() -> str | None:
