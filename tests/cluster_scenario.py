@@ -533,6 +533,8 @@ def main(argv: list[str]) -> int:
                 if name == "grid":
                     break  # resume needs grid's experiments
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         setup.stop()
         marks = [str(root)] + ([setup.cluster.temp_dir] if setup.cluster else [])
         leftovers = [
