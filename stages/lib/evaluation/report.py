@@ -73,7 +73,7 @@ class Evaluation:
         return {
             "baseline": {"test": {k: self.test["baseline"][k] for k in ("accuracy", "macro_f1")}},
             "finetuned": {
-                "test": {k: self.test["finetuned"][k] for k in ("accuracy", "macro_f1", "top_k_accuracy", "ece")}
+                "test": {k: self.test["finetuned"][k] for k in ("accuracy", "macro_f1", "ece")}
                 | {"abstain": self.selective.headline()},  # coverage, accepted accuracy, OOD rate
                 "val": {"accuracy": self.val["accuracy"]},
             },

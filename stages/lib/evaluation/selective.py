@@ -29,8 +29,9 @@ class SelectiveReport:
     images: int
 
     def headline(self) -> dict[str, float]:
-        """What metrics/evaluate.json shows (the rest is in reports/evaluate/metrics.json and MLflow)."""
-        return {key: round(getattr(self, key), 6) for key in ("coverage", "accepted_accuracy", "ood_rate")}
+        """What metrics/evaluate.json shows (the rates of each reason are in reports/evaluate/metrics.json and
+        MLflow)."""
+        return {key: round(getattr(self, key), 6) for key in ("coverage", "accepted_accuracy")}
 
     def details(self) -> dict[str, float]:
         return {key: round(value, 6) for key, value in asdict(self).items()}
