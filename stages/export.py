@@ -1,7 +1,8 @@
 """export: the fine-tuned model as deployable files, each checked against PyTorch on the test split.
 
 Writes models/export/ (model.onnx with the preprocessing in its metadata, model_fp16.onnx,
-model_int8.onnx calibrated on training images, model_torchscript.pt on request, preprocessing.json;
+model_int8.onnx calibrated on training images, model_torchscript.pt on request, preprocessing.json, the
+abstain rule: abstain.json, and the int8 file's own, refitted on its outputs;
 `export.variants` picks them; stages/lib/inference/export.py) and
 metrics/export.json: per variant, the deterministic parity figure the gate checks (top-1
 agreement with PyTorch on the test split). The rest (accuracy and its delta, max abs logit
@@ -49,16 +50,17 @@ def main() -> None:
 
         # torch, timm and onnx load after the MLflow run opened: an unreachable server fails first, and --help is fast
         from stages.lib.inference.abstain import write_export_rule
-        from stages.lib.inference.abstain_fit import answers_on, export_agreement
+        from stages.lib.inference.abstain_fit import answers_on, export_agreement, fit_own_rules
         from stages.lib.inference.classifier import ImageClassifier
         from stages.lib.inference.export import export_and_check, time_variants
 
         cores = available_cores()
         torch.set_num_threads(cores)  # parity runs on every core; latency at export.threads
         classifier = ImageClassifier.from_folder(args.finetuned)
-        test, (train, _) = load_split(args.prepared, "test"), load_split(args.prepared, "train")
-        results, files = export_and_check(args.out, classifier, settings, test, train, cores)
+        test, train = load_split(args.prepared, "test"), load_split(args.prepared, "train")
+        results, files = export_and_check(args.out, classifier, settings, test, train[0], cores)
         write_export_rule(args.out, args.finetuned, classifier.card)  # abstain.json + reference (docs/unknown.md)
+        fit_own_rules(args.out, files, classifier.card.abstain, train, load_split(args.prepared, "val"))  # int8's
         decisions = answers_on(classifier, test[0]).decisions
         for variant, agreement in export_agreement(args.out, files, decisions, test[0]).items():
             results[variant] |= agreement  # the export folder's abstain rule against PyTorch's, on test

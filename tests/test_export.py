@@ -203,6 +203,13 @@ def test_export_stage_outputs(tiny_pipeline):
     assert metrics["onnx.max_abs_logit_diff"] < 1e-2
     assert metrics["onnx.abstain_agreement"] == 1.0  # the export folder's abstain rule (abstain.json) on test
     assert (tiny_pipeline / "models/export/abstain.json").is_file()
+    # int8 has its own rule, fitted on its own embedding: it follows PyTorch's abstentions too
+    own = json.loads((tiny_pipeline / "models/export/abstain_int8.json").read_text())
+    assert (
+        own["reference"] == "abstain_reference_int8.npz"
+        and (tiny_pipeline / "models/export" / own["reference"]).is_file()
+    )
+    assert metrics["onnx_int8.abstain_agreement"] >= 0.8  # a float reference: ~0.04 on the demo
 
 
 def test_latency_timing_is_bounded_in_runs_and_time():
