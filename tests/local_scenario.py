@@ -31,14 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster_scenario import SWEEP_PARAMS, log, processes  # noqa: E402
+from cluster_scenario import SWEEP_PARAMS  # noqa: E402
 from conftest import BIN, dvc, make_project, pipeline_env, run  # noqa: E402
+from scenario import log, play, processes  # noqa: E402
 
 NAMES = ["local-01", "local-02", "local-03", "local-04"]
 GRID = [
@@ -218,34 +218,8 @@ SCENARIOS = {"refusals": refusals, "grid": grid, "resume": resume}
 
 
 def main(source: Path | None) -> int:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the finally below runs
     root = Path(tempfile.mkdtemp(prefix="ls-", dir="/tmp"))
-    failed = []
-    project = None
-    try:
-        started = time.monotonic()
-        project = Project(root, source)
-        log(f"project ready and committed ({time.monotonic() - started:.0f} s)")
-        for name, scenario in SCENARIOS.items():
-            started = time.monotonic()
-            log(f"SCENARIO {name} ...")
-            try:
-                scenario(project)
-                print(f"SCENARIO {name} OK {time.monotonic() - started:.0f}", flush=True)
-            except Exception:  # noqa: BLE001 - report every scenario
-                traceback.print_exc()
-                print(f"SCENARIO {name} FAILED {time.monotonic() - started:.0f}", flush=True)
-                failed.append(name)
-                break
-    finally:
-        leftovers = [(pid, cmd[:80]) for pid, _, cmd in processes() if str(root) in cmd]
-        if leftovers:
-            print(f"LEFTOVER processes: {leftovers}", flush=True)
-            failed.append("leftovers")
-        if not os.environ.get("KEEP"):
-            shutil.rmtree(root, ignore_errors=True)
-    print("ALL OK" if not failed else f"FAILED: {failed}", flush=True)
-    return 1 if failed else 0
+    return play(SCENARIOS, root, lambda: Project(root, source), lambda: None, lambda command: str(root) in command)
 
 
 if __name__ == "__main__":

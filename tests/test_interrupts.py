@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster_scenario import free_port, processes
+from cluster_scenario import free_port
 from local_scenario import descendants
+from scenario import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
