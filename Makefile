@@ -40,7 +40,8 @@ repro: install data ## run the pipeline (dvc repro): only what changed re-runs
 	@time dvc repro
 
 summary: | install ## print the last run's results and where to look in MLflow
-	@$(PYTHON) -m stages.summary --evaluate metrics/evaluate.json --finetune metrics/finetune.json --ui-port $(UI_PORT)
+	@$(PYTHON) -m stages.summary --evaluate reports/evaluate/metrics.json --finetune metrics/finetune.json \
+		--card models/finetuned/config.json --ui-port $(UI_PORT)
 
 demo: repro summary ## fresh machine: install, demo data, the whole pipeline, a summary
 

@@ -106,7 +106,7 @@ def main() -> None:
         save_finetuned(args.out, model, finetuned_card(baseline, classes, data_config, model, calibration, state))
         abstention = fit_abstention(args.out, args.prepared, params.evaluate.abstain)  # the rule the model carries
         write_history(args.history, state.history)
-        write_metrics(args.metrics, headline(state, calibration))
+        write_metrics(args.metrics, headline(state))
         log_outcome(state, calibration, seconds, dist)
         mlflow.log_metrics(abstention.metrics())
         learning_curves(state.history, args.out / "learning_curves.png")
@@ -117,7 +117,7 @@ def main() -> None:
         example = np.asarray(load_split(args.prepared, "val")[0][0])
         register_finetuned(args.out, example, params.mlflow.registered_model)
     checkpoint.path.unlink(missing_ok=True)
-    log.info("kept epoch %d of %d (%.0f s): %s", state.kept_epoch, state.epoch, seconds, headline(state, calibration))
+    log.info("kept epoch %d of %d (%.0f s): %s", state.kept_epoch, state.epoch, seconds, headline(state))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Print what the last pipeline run produced: baseline vs fine-tuned on the test split, the registry's
 aliases, and where to look in MLflow. `make demo` ends with this (`make summary`).
 
-    python -m stages.summary --evaluate metrics/evaluate.json --finetune metrics/finetune.json
+    python -m stages.summary --evaluate reports/evaluate/metrics.json --finetune metrics/finetune.json \
+        --card models/finetuned/config.json
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def registry_line(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--evaluate", type=Path, required=True, help="evaluate's metrics file")
+    parser.add_argument("--evaluate", type=Path, required=True, help="evaluate's full report (JSON)")
     parser.add_argument("--finetune", type=Path, required=True, help="finetune's metrics file")
+    parser.add_argument("--card", type=Path, required=True, help="the fine-tuned model's card (its temperature)")
     parser.add_argument("--ui-port", type=int, default=5000, help="the port `make ui` serves on")
     args = parser.parse_args(argv)
     if not args.evaluate.is_file():
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from stages.lib.core.store import tracking_uri
 
     results, finetune = json.loads(args.evaluate.read_text()), json.loads(args.finetune.read_text())
+    temperature = json.loads(args.card.read_text())["temperature"]
     params = load_params(timm_names=False)
     print("\n== transfer-learning pipeline: test split (reported only; choices were made on val) ==")
     print(f"{'model':<28}{'accuracy':>10}{'macro F1':>10}{'ECE':>8}")
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     val_accuracy = results["finetuned"]["val"]["accuracy"]
     print(
         f"\nfine-tuning: kept epoch {finetune['kept_epoch']}, val accuracy {val_accuracy:.4f}, "
-        f"temperature {finetune['temperature']:.3f}"
+        f"temperature {temperature:.3f}"
     )
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)

@@ -49,7 +49,7 @@ TINY_PARAMS = {
             {"name": "full", "trainable": "all", "epochs": 1, "lr": 5.0e-4},
         ],
     },
-    "evaluate": {"error_gallery": 4},
+    "evaluate": {"error_gallery": 4, "heatmaps": 2},
 }
 
 

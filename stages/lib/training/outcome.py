@@ -35,13 +35,12 @@ def finetuned_card(
     )
 
 
-def headline(state: TrainState, calibration: Calibration) -> dict[str, float]:
-    """metrics/finetune.json: the kept epoch, its val loss, the temperature."""
+def headline(state: TrainState) -> dict[str, float]:
+    """metrics/finetune.json: the kept epoch and its val loss (the temperature is in the card and MLflow)."""
     kept = state.history[state.kept_epoch - 1]
     return {
         "kept_epoch": state.kept_epoch,
         "kept_val_loss": round(kept["val_loss"], 6),
-        "temperature": round(calibration.temperature, 4),
     }
 
 
@@ -53,6 +52,7 @@ def log_outcome(state: TrainState, calibration: Calibration, seconds: float, dis
     mlflow.log_metrics(
         {
             "kept/val_accuracy": state.history[state.kept_epoch - 1]["val_accuracy"],
+            "calibration/temperature": calibration.temperature,
             "calibration/val_nll_before": calibration.val_nll_before,
             "calibration/val_nll_after": calibration.val_nll_after,
             "time/train_seconds": round(seconds, 1),
