@@ -106,6 +106,7 @@ def signature_cost(count: int, repeats: int, workers: int) -> None:
         for _ in range(repeats):
             for kind in runs:  # interleaved: contention hits both sides alike
                 runs[kind].append(measure(f"signatures_{kind}", folder, workers=workers)["seconds"])
+            print(f"without {runs['without'][-1]:.2f} s, with {runs['with'][-1]:.2f} s", flush=True)
     import statistics
 
     without, with_ = statistics.median(runs["without"]), statistics.median(runs["with"])
