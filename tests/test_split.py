@@ -89,3 +89,26 @@ def test_excluded_rows_are_never_split():
     table.loc[[0, 10], ["status", "reason"]] = ["excluded", "corrupt image: truncated"]
     paths = set(pd.concat(split_manifest(table, Split(), seed=0).values())["path"])
     assert table.loc[0, "path"] not in paths and len(paths) == 18
+
+
+def test_near_copy_groups_stay_whole_and_the_split_keeps_its_proportions_in_images():
+    table = manifest({"a": 120, "b": 80, "c": 40})
+    table["group"] = ""
+    for label, count in (("a", 120), ("b", 80), ("c", 40)):  # groups of 2 to 8 images: a third of each class
+        rows = table.index[table["label"] == label][: count // 3]
+        sizes = [2, 8, 3, 6, 2, 4, 5, 2, 8, 3][: len(rows)]
+        start = 0
+        for number, size in enumerate(sizes):
+            table.loc[rows[start : start + size], "group"] = f"{label}-group-{number}"
+            start += size
+    settings = Split(val_size=0.15, test_size=0.15)
+    splits = split_manifest(table, settings, seed=3)
+    placed = pd.concat([frame.assign(split=name) for name, frame in splits.items()]).merge(table[["path", "group"]])
+    assert sorted(placed["path"]) == sorted(table["path"])
+    grouped = placed[placed["group"] != ""]
+    assert (grouped.groupby("group")["split"].nunique() == 1).all()  # no group straddles two splits
+    for label, frame in placed.groupby("label"):
+        shares = frame["split"].value_counts(normalize=True)
+        assert abs(shares["val"] - 0.15) <= 0.03 and abs(shares["test"] - 0.15) <= 0.03, (label, shares)
+    again = split_manifest(table.sample(frac=1.0, random_state=5), settings, seed=3)
+    assert all(splits[name].equals(again[name]) for name in SPLITS)

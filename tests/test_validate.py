@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import dvc, make_project, run
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 from test_images import tree_digest, write_bad_folder, write_png
 
 from stages.lib.core.errors import PipelineError
-from stages.lib.core.params import Validate
+from stages.lib.core.params import NearDuplicates, Validate
 from stages.lib.data.checks import blocking_problems, markdown_report, run_checks, summarise
 from stages.lib.data.images import reason_code
 from stages.lib.data.manifest import build_manifest, read_manifest_csv, scan_image_folder
+from stages.lib.data.signatures import as_array, near_copy_groups, thumbnail
 
 
 def manifest_of(rows) -> pd.DataFrame:
@@ -200,3 +205,60 @@ def test_a_csv_manifest_with_a_split_column_through_dvc(tmp_path):
     dvc(project, "add", "-q", "data/images")
     status = json.loads(dvc(project, "status", "--json").stdout)
     assert "validate" in status and "split" not in status
+
+
+# ------------------------------------------------------------------------------ near copies: alike is not a copy
+
+
+def _copy_of(image, rng):
+    """A near copy as users make them: cropped 1-4 px per side, resized to 48-96 px, brighter or darker, JPEG."""
+    left, top, right, bottom = (int(value) for value in rng.integers(1, 5, size=4))
+    cropped = image.crop((left, top, image.width - right, image.height - bottom))
+    scale = int(rng.integers(48, 97)) / min(cropped.size)
+    resized = cropped.resize((round(cropped.width * scale), round(cropped.height * scale)), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    ImageEnhance.Brightness(resized).enhance(float(rng.choice([0.85, 1.15]))).save(buffer, "JPEG", quality=70)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def _groups(images):
+    """The near-copy groups (indexes) validate finds among in-memory images, at the default params."""
+    thumbs, sides = as_array([thumbnail(image) for image in images]), np.array([min(image.size) for image in images])
+    return [group.members for group in near_copy_groups(thumbs, NearDuplicates(), sides)]
+
+
+def test_one_letter_in_four_fonts_is_four_images_and_only_its_copies_are_grouped():
+    import matplotlib
+
+    fonts = [
+        ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), 48)
+        for name in ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf")
+    ]
+    rng = np.random.default_rng(0)
+    for letter in "AEGR":
+        renders = []
+        for font in fonts:
+            canvas = Image.new("RGB", (64, 64), "white")
+            draw = ImageDraw.Draw(canvas)
+            left, top, right, bottom = draw.textbbox((0, 0), letter, font=font)
+            draw.text(((64 - right - left) / 2, (64 - bottom - top) / 2), letter, font=font, fill="black")
+            renders.append(canvas)
+        assert _groups(renders + [_copy_of(renders[0], rng), _copy_of(renders[3], rng)]) == [[0, 4], [3, 5]], letter
+
+
+def test_a_burst_of_one_scene_is_not_grouped_while_copies_of_its_frames_are():
+    rng = np.random.default_rng(1)
+    frames = []
+    for scene in range(3):
+        backdrop = Image.fromarray(rng.uniform(0, 255, (5, 6, 3)).astype(np.uint8)).resize((200, 150), Image.BICUBIC)
+        colours = [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(3)]
+        for frame in range(3):  # the camera moves 3 px a frame, the three subjects 6 px
+            canvas = backdrop.copy()
+            draw = ImageDraw.Draw(canvas)
+            for subject in range(3):
+                x, y = 30 + 50 * subject + 6 * frame, 40 + 20 * subject + ((scene + subject) % 2) * 6 * frame
+                draw.ellipse((x, y, x + 36, y + 48), fill=colours[subject])
+            view = np.asarray(canvas.crop((8 + 3 * frame, 8, 168 + 3 * frame, 128)), np.float32)
+            frames.append(Image.fromarray(np.clip(view + rng.normal(0, 6, view.shape), 0, 255).astype(np.uint8)))
+    groups = _groups(frames + [_copy_of(frames[0], rng), _copy_of(frames[4], rng)])
+    assert groups == [[0, 9], [4, 10]]

@@ -45,9 +45,9 @@ class NearDuplicates(Section):
 
     method: Literal["moments", "phash", "dhash", "ahash", "none"] = "moments"  # none: no signatures, no groups
     hash_distance: int = Field(22, ge=0, le=64)  # phash/dhash/ahash: pairs farther apart (bits) are never compared
-    neighbours: int = Field(10, ge=1, le=64)  # each image is compared with at most this many nearest others
+    neighbours: int = Field(20, ge=1, le=64)  # each image is compared with at most this many nearest others
     min_similarity: float = Field(0.95, gt=0.0, le=1.0)  # aligned pixel correlation that makes a pair copies
-    max_group_size: int = Field(8, ge=2)  # a group never grows beyond this many images
+    max_group_size: int = Field(12, ge=2)  # a group never grows beyond this many images
 
 
 class Validate(Section):

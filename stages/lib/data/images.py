@@ -151,6 +151,10 @@ def inspect_image(row: ManifestRow, min_side: int, max_pixels: int, signature: b
             if row.width * row.height > max_pixels:
                 return row.exclude(f"too large: {row.width}x{row.height} = {row.width * row.height} pixels "
                                    f"> max_pixels {max_pixels} (not decoded)")
+            if signature and row.format == "JPEG":
+                # the signature is grayscale: libjpeg then skips the colour conversion (every block is still
+                # decoded, so broken or truncated data fails alike), and the thumbnail needs no conversion
+                image.draft("L", None)
             image.load()
             orientation = _orientation(image)  # after load: PNG keeps EXIF after the pixel data
             rgb = image

@@ -4,9 +4,9 @@ Images with identical content (same sha256) form one group and land in one split
 the near copies validate grouped (the manifest's `group` column): a group is split as one unit, so no
 split ever separates it. Rows whose `split` column is set (a CSV manifest's own split) keep it (validate
 reports a group pinned to two splits); their unpinned near copies follow them. The other groups are split
-by `split.val_size` / `split.test_size`, stratified by label. Every class must end up in train. When no
-image has a near copy, each group is one image keyed by its sha256, as before groups existed: the same
-data and seed give the same split.
+by `split.val_size` / `split.test_size`, stratified by label, counted in images (`grouped_split`: a group of
+eight counts eight). Every class must end up in train. When no image has a near copy, each group is one
+image keyed by its sha256, split as before groups existed: the same data and seed give the same split.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def check_class_sizes(groups: pd.DataFrame, val_size: float, test_size: float) -
     too_small = counts[counts < needed].sort_index()
     if len(too_small):
         listed = ", ".join(f"{label} ({count})" for label, count in too_small.items())
-        raise SplitError(f"split: classes too small for val_size={val_size}, test_size={test_size} "
-                         f"(need {needed} distinct images each): {listed}")
+        raise SplitError(
+            f"split: classes too small for val_size={val_size}, test_size={test_size} "
+            f"(need {needed} distinct images each): {listed}"
+        )
 
 
 def random_split(groups: pd.DataFrame, val_size: float, test_size: float, seed: int) -> pd.Series:
@@ -45,10 +47,44 @@ def random_split(groups: pd.DataFrame, val_size: float, test_size: float, seed: 
     groups = groups.sort_values("sha256").reset_index(drop=True)
     check_class_sizes(groups, val_size, test_size)
     rest, test = train_test_split(groups, test_size=test_size, stratify=groups["label"], random_state=seed)
-    train, val = train_test_split(rest, test_size=val_size / (1 - test_size), stratify=rest["label"],
-                                  random_state=seed)
-    return pd.concat([part["sha256"].to_frame().assign(split=name)
-                      for name, part in zip(SPLITS, (train, val, test))]).set_index("sha256")["split"]
+    train, val = train_test_split(rest, test_size=val_size / (1 - test_size), stratify=rest["label"], random_state=seed)
+    return pd.concat(
+        [part["sha256"].to_frame().assign(split=name) for name, part in zip(SPLITS, (train, val, test))]
+    ).set_index("sha256")["split"]
+
+
+def grouped_split(groups: pd.DataFrame, sizes: pd.Series, val_size: float, test_size: float, seed: int) -> pd.Series:
+    """Units (sha256 = a near-copy group or one image, label) of `sizes` images each -> their split name,
+    so that each class's val and test hold their share of its *images*, not of its units.
+
+    Per class, in a seeded order: the two smallest units open val and test (so that every class is in every
+    split), then the others, largest first, each go to the split furthest below its target number of
+    images. A split ends within one unit of its target: with units of a few images, within a point or two of
+    `val_size` / `test_size` on any class of some size."""
+    import numpy as np
+
+    groups = groups.sort_values("sha256").reset_index(drop=True)
+    check_class_sizes(groups, val_size, test_size)
+    shares = {"train": 1 - val_size - test_size, "val": val_size, "test": test_size}
+    groups = groups.assign(
+        images=sizes[groups["sha256"]].to_numpy(), order=np.random.default_rng(seed).permutation(len(groups))
+    )
+    assignment = {}
+    for _, units in groups.groupby("label", sort=True):
+        total, held = int(units["images"].sum()), dict.fromkeys(SPLITS, 0)
+        smallest = units.sort_values(["images", "order"])
+        rest = smallest.iloc[2:].sort_values(["images", "order"], ascending=[False, True])
+        for position, (unit, images) in enumerate(
+            pd.concat([smallest.iloc[:2], rest])[["sha256", "images"]].itertuples(index=False)
+        ):
+            name = (
+                ("val", "test")[position]
+                if position < 2
+                else max(SPLITS, key=lambda split: shares[split] * total - held[split])
+            )
+            assignment[unit] = name
+            held[name] += int(images)
+    return pd.Series(assignment, name="split").rename_axis("sha256")
 
 
 def split_manifest(manifest: pd.DataFrame, settings: Split, seed: int) -> dict[str, pd.DataFrame]:
@@ -65,21 +101,34 @@ def split_manifest(manifest: pd.DataFrame, settings: Split, seed: int) -> dict[s
     usable["unit"] = usable["group"].where(usable["group"] != "", usable["sha256"])
     pinned_unit = usable[usable["split"] != ""].groupby("unit")["split"].first()
     usable["split"] = usable["split"].where(usable["split"] != "", usable["unit"].map(pinned_unit).fillna(""))
-    groups = (usable.groupby("unit", sort=True).agg(label=("label", "first"), split=("split", "first"))
-              .reset_index().rename(columns={"unit": "sha256"}))
+    groups = (
+        usable.groupby("unit", sort=True)
+        .agg(label=("label", "first"), split=("split", "first"))
+        .reset_index()
+        .rename(columns={"unit": "sha256"})
+    )
     pinned, free = groups[groups["split"] != ""], groups[groups["split"] == ""]
     if settings.max_per_class:
         free = free.sample(frac=1.0, random_state=seed).groupby("label").head(settings.max_per_class)
     assignment = pinned.set_index("sha256")["split"]
     if len(free):
-        assignment = pd.concat([assignment, random_split(free, settings.val_size, settings.test_size, seed)])
+        sizes = usable.groupby("unit").size()
+        if (sizes[free["sha256"]] > 1).any():
+            ratio_split = grouped_split(free, sizes, settings.val_size, settings.test_size, seed)
+        else:
+            ratio_split = random_split(free, settings.val_size, settings.test_size, seed)
+        assignment = pd.concat([assignment, ratio_split])
     if len(pinned):
         log.info("%d images keep the split the manifest gives them; %d are split by ratio", len(pinned), len(free))
     usable = usable[usable["unit"].isin(assignment.index)]
     pinned_rows = usable["split"] != ""
     usable["split"] = usable["split"].where(pinned_rows, usable["unit"].map(assignment))
-    splits = {name: usable.loc[usable["split"] == name, ["path", "label", "sha256"]].sort_values("path")
-              .reset_index(drop=True) for name in SPLITS}
+    splits = {
+        name: usable.loc[usable["split"] == name, ["path", "label", "sha256"]]
+        .sort_values("path")
+        .reset_index(drop=True)
+        for name in SPLITS
+    }
     check_coverage(splits, sorted(set(usable["label"])))
     return splits
 
@@ -88,12 +137,15 @@ def check_coverage(splits: dict[str, pd.DataFrame], classes: list[str]) -> None:
     """Every class in train and no split empty (errors); a class missing from val or test (warning)."""
     empty = [name for name in SPLITS if splits[name].empty]
     if empty:
-        raise SplitError(f"split: no images in {', '.join(empty)}; give some rows that split in the manifest's "
-                         f"split column, or leave it empty for some rows")
+        raise SplitError(
+            f"split: no images in {', '.join(empty)}; give some rows that split in the manifest's "
+            f"split column, or leave it empty for some rows"
+        )
     untrained = sorted(set(classes) - set(splits["train"]["label"]))
     if untrained:
-        raise SplitError(f"split: classes with no training image: {', '.join(untrained)} (check the manifest's "
-                         f"split column)")
+        raise SplitError(
+            f"split: classes with no training image: {', '.join(untrained)} (check the manifest's split column)"
+        )
     for name in ("val", "test"):
         absent = sorted(set(classes) - set(splits[name]["label"]))
         if absent:
@@ -103,6 +155,8 @@ def check_coverage(splits: dict[str, pd.DataFrame], classes: list[str]) -> None:
 def split_counts(splits: dict[str, pd.DataFrame]) -> dict:
     """metrics/split.json: images per split and per class per split."""
     metrics: dict = {name: len(frame) for name, frame in splits.items()}
-    metrics["per_class"] = {name: {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()}
-                            for name, frame in splits.items()}
+    metrics["per_class"] = {
+        name: {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()}
+        for name, frame in splits.items()
+    }
     return metrics
