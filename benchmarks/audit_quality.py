@@ -1,16 +1,21 @@
 """How well validate's near-copy groups and the audit find what is wrong, on sets with known defects.
 
-    python benchmarks/audit_quality.py [--fonts 174] [--skip-digits]
+    python benchmarks/audit_quality.py [--fonts 174] [--skip-digits] [--compare]
 
-Two sets, neither in the tests:
+Sets the tests do not contain:
 - letters in fonts (benchmarks/letters.py): 130 near copies (cropped, resized, JPEG, brighter or darker),
   5.5 % wrong labels, 12 strays from another set;
-- the demo digits (python -m stages.demo_data), which are clean.
-Each goes through the pipeline's own code: validate's `build_manifest` (signatures and groups at the params'
-defaults), the split, embeddings of every image from the first features candidate (tf_efficientnet_lite0,
-offline weights) at `model.image_size` with `features.fusion_stages`, as the features stage computes them,
-and the audit (k-fold probes, cleanlab's Datalab) at the params' defaults. Prints the issue's measured goals
-and appends rows to benchmarks/measured/audit_quality.csv.
+- the demo digits (python -m stages.demo_data), which are clean, and the same digits with 5 % of the labels
+  moved to another class.
+Each goes through the pipeline's own code: validate's `build_manifest`, the split, embeddings of every image
+from the first features candidate (tf_efficientnet_lite0, offline weights) at `model.image_size` with
+`features.fusion_stages`, as the features stage computes them, and the audit (k-fold probes, cleanlab's
+Datalab) at the params' defaults. The letters go through validate twice: at its defaults for the near-copy
+rows, and with `near_duplicates.method: none` for the audit's rows, so that validate leaves out no wrong label
+as a conflict and the audit is measured on all of them. `--compare` adds the audit's rows with the logistic
+probe alone on 128 principal components (the defaults before the nearest-neighbour probe), alone on every
+dimension, and with 40 neighbours instead of 20. Prints the
+measured goals and appends rows to benchmarks/measured/audit_quality.csv.
 """
 
 from __future__ import annotations
@@ -59,11 +64,13 @@ def embeddings(paths: list[str], params) -> np.ndarray:
     return extract_embeddings(model, images, config.mean, config.std, 128, params.features.fusion_stages)
 
 
-def run(folder: Path, params) -> tuple[pd.DataFrame, dict, object, float]:
-    """validate -> split -> embeddings -> audit; returns the manifest, the splits, the findings, audit seconds."""
-    manifest = build_manifest(
-        scan_image_folder(folder), 8, 40_000_000, workers=None, near_duplicates=params.validate_.near_duplicates
-    )
+def prepare(folder: Path, params, method: str | None = None) -> tuple[pd.DataFrame, dict, AuditSet]:
+    """validate -> split -> embeddings: the manifest, the splits and the audit's input (method: validate's
+    near-copy method instead of the params')."""
+    near_duplicates = params.validate_.near_duplicates
+    if method:
+        near_duplicates = near_duplicates.model_copy(update={"method": method})
+    manifest = build_manifest(scan_image_folder(folder), 8, 40_000_000, workers=None, near_duplicates=near_duplicates)
     splits = split_manifest(manifest, params.split, params.base.seed)
     table = pd.concat([splits[name].assign(split=name) for name in SPLITS], ignore_index=True)
     table["row"] = table.groupby("split").cumcount()
@@ -77,22 +84,40 @@ def run(folder: Path, params) -> tuple[pd.DataFrame, dict, object, float]:
         classes=classes,
         backbone=params.features.candidates[0].name,
     )
+    return manifest, splits, data
+
+
+def audit(data: AuditSet, params, labels: np.ndarray | None = None):
+    """The audit's findings at the params' `audit` settings (labels: given instead of data.labels), seconds."""
+    if labels is not None:
+        table = data.table.assign(label=np.asarray(data.classes)[labels])
+        data = AuditSet(table=table, features=data.features, labels=labels, classes=data.classes, backbone="")
     started = time.perf_counter()
-    settings = params.audit
+    settings, seed = params.audit, params.base.seed
     probabilities = out_of_sample_probabilities(
-        data, settings.folds, settings.C, settings.max_iter, params.base.seed, settings.components
+        data, settings.folds, settings.C, settings.max_iter, seed, settings.components, settings.neighbours
     )
     found = findings(data, probabilities, settings.near_duplicate_threshold)
-    return manifest, splits, found, time.perf_counter() - started
+    return found, time.perf_counter() - started
 
 
-def letters_rows(fonts: int, params) -> list[dict]:
+def probes(params) -> str:
+    """The probes the audit ran, for the rows: 'logistic + 20 neighbours, all dims'."""
+    settings = params.audit
+    neighbours = f" + {settings.neighbours} neighbours" if settings.neighbours else ""
+    dims = f"{settings.components} components" if settings.components else "all dims"
+    return f"logistic{neighbours}, {dims}"
+
+
+def letters_rows(fonts: int, settings: list) -> list[dict]:
+    params = settings[0]
     with tempfile.TemporaryDirectory(prefix="bench-letters-") as temporary:
         folder = Path(temporary) / "letters"
         truth = write_letters(folder, fonts=fonts)
         truth["path"] = [(folder / path).as_posix() for path in truth["path"]]
         truth["copy_of"] = [(folder / path).as_posix() if path else "" for path in truth["copy_of"]]
-        manifest, splits, found, seconds = run(folder, params)
+        manifest, splits, _ = prepare(folder, params)
+        _, _, everything = prepare(folder, params, method="none")  # validate leaves no wrong label out
     images = len(truth)
     group = manifest.set_index("path")["group"]
     where = {path: name for name in SPLITS for path in splits[name]["path"]}
@@ -106,13 +131,9 @@ def letters_rows(fonts: int, params) -> list[dict]:
     sizes = manifest[manifest["group"] != ""].groupby("group").size()
     usable = sum(len(frame) for frame in splits.values())
     status = manifest.set_index("path")["reason"]
-    wrong_all = set(truth.loc[truth["kind"] == "wrong", "path"])
+    wrong = set(truth.loc[truth["kind"] == "wrong", "path"])
     conflicts = {path for path, reason in status.items() if reason.startswith("label conflict")}
-    wrong = wrong_all & set(where)
-    flagged = set(found.label_issues["path"])
-    strays = set(truth.loc[truth["kind"] == "stray", "path"])
-    top25 = set(found.outliers["path"].head(25))
-    return [
+    rows = [
         row("letters", "near-copy pairs grouped", grouped / len(copies), ">= 0.95", images),
         row("letters", "near-copy pairs across splits", across, "0", images),
         row("letters", "images in a near-copy group", round(float(sizes.sum()) / images, 3), "", images),
@@ -120,58 +141,86 @@ def letters_rows(fonts: int, params) -> list[dict]:
         row("letters", "val share", len(splits["val"]) / usable, "0.15 +- 0.03", images),
         row("letters", "test share", len(splits["test"]) / usable, "0.15 +- 0.03", images),
         row(
-            "letters",
-            "wrong labels left out by validate (conflicts)",
-            len(wrong_all & conflicts) / len(wrong_all),
-            "",
-            images,
+            "letters", "wrong labels left out by validate (conflicts)", len(wrong & conflicts) / len(wrong), "", images
         ),
-        row("letters", "right labels left out with them", len(conflicts - wrong_all), "", images),
-        row(
-            "letters",
-            "wrong labels kept, flagged by the audit (recall)",
-            len(flagged & wrong) / max(len(wrong), 1),
-            ">= 0.85",
-            images,
-        ),
-        row(
-            "letters", "flagged truly wrong (precision)", len(flagged & wrong) / max(len(flagged), 1), ">= 0.80", images
-        ),
-        row("letters", "strays among the 25 lowest outlier scores", len(top25 & strays), ">= 10 of 12", images),
-        row("letters", "audit seconds (probes + Datalab)", seconds, "", images),
+        row("letters", "right labels left out with them", len(conflicts - wrong), "", images),
     ]
+    strays = set(truth.loc[truth["kind"] == "stray", "path"])
+    for setting in settings:
+        found, seconds = audit(everything, setting)
+        flagged, kept = set(found.label_issues["path"]), wrong & set(everything.table["path"])
+        images = len(everything.table)
+        rows += [
+            row("letters", "wrong labels flagged (recall; validate: method none)", len(flagged & kept) / len(wrong)),
+            row("letters", "flagged truly wrong (precision)", len(flagged & kept) / max(len(flagged), 1)),
+            row("letters", "strays among the 25 lowest outlier scores", len(set(found.outliers["path"][:25]) & strays)),
+            row("letters", "audit seconds (probes + Datalab)", seconds),
+        ]
+        for item, goal in zip(rows[-4:], (">= 0.85", ">= 0.80", ">= 10 of 12", "")):
+            item |= {"images": images, "goal": goal, "probes": probes(setting)}
+    return rows
 
 
-def digits_rows(params) -> list[dict]:
+def digits_rows(settings: list, swapped: float = 0.05) -> list[dict]:
     from stages.demo_data import write_digits
 
     with tempfile.TemporaryDirectory(prefix="bench-digits-") as temporary:
         folder = Path(temporary) / "digits"
         write_digits(folder)
-        manifest, splits, found, seconds = run(folder, params)
-    images = sum(len(frame) for frame in splits.values())
-    return [
-        row("digits", "near-copy groups", int(manifest.loc[manifest["group"] != "", "group"].nunique()), "", images),
-        row("digits", "flagged as label issues (fraction)", len(found.label_issues) / images, "<= 0.01", images),
-        row("digits", "audit seconds (probes + Datalab)", seconds, "", images),
+        manifest, _, data = prepare(folder, settings[0])
+    images = len(data.table)
+    rows = [
+        row("digits", "near-copy groups", int(manifest.loc[manifest["group"] != "", "group"].nunique()), "", images)
     ]
+    rng = np.random.default_rng(0)
+    moved = rng.choice(images, round(swapped * images), replace=False)
+    labels = data.labels.copy()
+    labels[moved] = (labels[moved] + rng.integers(1, len(data.classes), len(moved))) % len(data.classes)
+    wrong = set(data.table["path"].iloc[moved])
+    for setting in settings:
+        found, seconds = audit(data, setting)
+        flagged = set(audit(data, setting, labels)[0].label_issues["path"])
+        named = f"digits, {swapped:.0%} moved"
+        rows += [
+            row("digits", "flagged as label issues (fraction)", len(found.label_issues) / images, "<= 0.01", images),
+            row("digits", "audit seconds (probes + Datalab)", seconds, "", images),
+            row(named, "wrong labels flagged (recall)", len(flagged & wrong) / len(wrong), ">= 0.85", images),
+            row(
+                named, "flagged truly wrong (precision)", len(flagged & wrong) / max(len(flagged), 1), ">= 0.80", images
+            ),
+        ]
+        for item in rows[-4:]:
+            item["probes"] = probes(setting)
+    return rows
 
 
-def row(dataset: str, measure: str, value: float, goal: str, images: int) -> dict:
-    return {"dataset": dataset, "images": images, "measure": measure, "value": round(float(value), 3), "goal": goal}
+def row(dataset: str, measure: str, value: float, goal: str = "", images: int = 0) -> dict:
+    return {
+        "dataset": dataset,
+        "images": images,
+        "measure": measure,
+        "value": round(float(value), 3),
+        "goal": goal,
+        "probes": "",
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fonts", type=int, default=174)
     parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--compare", action="store_true", help="also the probes before, and one change at a time")
     args = parser.parse_args()
     params = load_params(ROOT / "params.yaml")
-    rows = letters_rows(args.fonts, params) + ([] if args.skip_digits else digits_rows(params))
+    settings = [params]
+    if args.compare:  # the defaults before, then one change at a time
+        for change in ({"neighbours": 0, "components": 128}, {"neighbours": 0}, {"neighbours": 40}):
+            settings.append(params.model_copy(update={"audit": params.audit.model_copy(update=change)}))
+    rows = letters_rows(args.fonts, settings) + ([] if args.skip_digits else digits_rows(settings))
     load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
     for item in rows:
         item |= {"load_1_5_15_min": load, "date": datetime.date.today().isoformat()}
-        print(f"{item['dataset']:8} {item['measure']:45} {item['value']:>8} {item['goal']}")
+        print(f"{item['dataset']:16} {item['measure']:52} {item['value']:>8} {item['goal']:12} {item['probes']}")
     new = not MEASURED.exists()
     with MEASURED.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

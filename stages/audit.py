@@ -52,7 +52,13 @@ def main() -> None:
 
         data = load_audit_set(args.splits, args.baseline, args.manifest)
         probabilities = out_of_sample_probabilities(
-            data, settings.folds, settings.C, settings.max_iter, params.base.seed, settings.components
+            data,
+            settings.folds,
+            settings.C,
+            settings.max_iter,
+            params.base.seed,
+            settings.components,
+            settings.neighbours,
         )
         found = findings(data, probabilities, settings.near_duplicate_threshold)
         args.out.mkdir(parents=True, exist_ok=True)

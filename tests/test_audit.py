@@ -213,8 +213,8 @@ def audit_set(seed: int = 0, swapped: int = 0, foreign: int = 0, leaked: int = 0
     ), truth
 
 
-def audit(data: AuditSet):
-    probabilities = out_of_sample_probabilities(data, folds=5, C=0.1, max_iter=1000, seed=0)
+def audit(data: AuditSet, neighbours: int = 20):
+    probabilities = out_of_sample_probabilities(data, folds=5, C=0.1, max_iter=1000, seed=0, neighbours=neighbours)
     found = findings(data, probabilities, near_duplicate_threshold=0.13)
     return found, headline(found, len(data.table), outlier_score=0.01)
 
@@ -238,3 +238,19 @@ def test_swapped_labels_foreign_images_and_leaks_are_found():
 def test_a_clean_set_raises_few_false_alarms():
     found, counts = audit(audit_set(seed=1)[0])
     assert counts["label_issue_fraction"] <= 0.01 and counts["leaks"]["across_splits"] == 0
+
+
+def test_classes_made_of_several_clusters_keep_their_right_labels():
+    """Each class is four separate clusters (a letter in several fonts): one linear boundary per class errs,
+    and the nearest-neighbour vote keeps cleanlab from flagging the right labels those errors would accuse."""
+    rng = np.random.default_rng(0)
+    clusters = np.repeat(np.arange(16), 30)
+    features = rng.normal(0, 1, size=(16, 8))[clusters] * 3 + rng.normal(0, 0.5, size=(len(clusters), 8))
+    labels = clusters % 4
+    moved = rng.choice(len(labels), 24, replace=False)
+    labels[moved] = (labels[moved] + rng.integers(1, 4, len(moved))) % 4
+    paths = [f"img/{i:04d}.png" for i in range(len(labels))]
+    table = pd.DataFrame({"path": paths, "label": [f"c{v}" for v in labels], "split": "train", "row": 0, "group": ""})
+    data = AuditSet(table, features.astype(np.float32), labels, [f"c{i}" for i in range(4)], "test")
+    flagged, wrong = set(audit(data)[0].label_issues["path"]), {paths[i] for i in moved}
+    assert len(flagged & wrong) >= 0.75 * len(wrong) and len(flagged & wrong) >= 0.9 * len(flagged)

@@ -2,9 +2,12 @@
 
 Every image of every split is read with its embedding from the features stage's cache for the chosen
 backbone (`BaselineCard.features`), in the order of the split files (the prepared cache's order): nothing
-is decoded again. The probabilities come from k-fold probes (standardised embeddings, logistic
-regression): each image is scored by a probe that never saw it, nor any image of its near-copy group
-(the folds are grouped by the manifest's `group`), as cleanlab needs.
+is decoded again. The probabilities come from k-fold probes on the standardised embeddings: each image is
+scored by probes that never saw it, nor any image of its near-copy group (the folds are grouped by the
+manifest's `group`), as cleanlab needs. Two probes vote (scikit-learn's soft `VotingClassifier`): a
+logistic regression, and the distance-weighted vote of the nearest neighbours by cosine similarity. The
+neighbours follow classes that are several clusters (a letter in many fonts, a product photographed from
+several sides) where one linear boundary errs; their mean is the better-judged probability.
 """
 
 from __future__ import annotations
@@ -56,17 +59,26 @@ def standardised(features: np.ndarray) -> np.ndarray:
 
 
 def out_of_sample_probabilities(
-    data: AuditSet, folds: int, C: float, max_iter: int, seed: int, components: int | None = None
+    data: AuditSet,
+    folds: int,
+    C: float,
+    max_iter: int,
+    seed: int,
+    components: int | None = None,
+    neighbours: int = 20,
 ) -> np.ndarray:
-    """(n, classes) probabilities, each row from a probe fit on the folds without that image's group.
+    """(n, classes) probabilities, each row from probes fit on the folds without that image's group.
 
     components: the probes see the standardised embeddings' first principal components (fit within each
-    fold's training part), which makes the k fits several times cheaper; None: every dimension."""
+    fold's training part); None: every dimension. neighbours: the k of the nearest-neighbour probe, whose
+    probabilities are averaged with the logistic regression's; 0: the logistic regression alone."""
     from sklearn.decomposition import PCA
+    from sklearn.ensemble import VotingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import Normalizer, StandardScaler
 
     units = data.table["group"].where(data.table["group"] != "", data.table["path"]).to_numpy()
     per_class = pd.Series(units).groupby(data.labels).nunique()
@@ -77,5 +89,10 @@ def out_of_sample_probabilities(
     if components and components < min(data.features.shape):
         steps.append(PCA(n_components=components, random_state=seed))
     probe = make_pipeline(*steps, LogisticRegression(C=C, max_iter=max_iter))
+    neighbours = min(neighbours, len(data.labels) // 2)  # a training part holds about (k-1)/k of the images
+    if neighbours:
+        vote = KNeighborsClassifier(n_neighbors=neighbours, weights="distance")
+        nearest = make_pipeline(*steps, Normalizer(), vote)  # unit length: Euclidean order is cosine order
+        probe = VotingClassifier([("logistic", probe), ("neighbours", nearest)], voting="soft")
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return cross_val_predict(probe, data.features, data.labels, groups=units, cv=cv, method="predict_proba")

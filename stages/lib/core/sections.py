@@ -63,13 +63,15 @@ class Validate(Section):
 
 
 class Audit(Section):
-    """The audit stage: out-of-sample probabilities from k-fold probes on the chosen backbone's cached
-    embeddings, then cleanlab's Datalab (stages/lib/audit)."""
+    """The audit stage: out-of-sample probabilities from k-fold probes (a logistic regression and a
+    nearest-neighbour vote) on the chosen backbone's cached embeddings, then cleanlab's Datalab
+    (stages/lib/audit)."""
 
     folds: int = Field(5, ge=2, le=20)  # k of the k-fold probes (fewer when a class has fewer groups)
     C: float = Field(0.1, gt=0.0)  # the probes' logistic-regression inverse regularisation
     max_iter: int = Field(2000, ge=10)
-    components: int | None = Field(128, ge=2)  # the probes see this many principal components; None: all
+    components: int | None = Field(None, ge=2)  # the probes see this many principal components; None: all
+    neighbours: int = Field(20, ge=0)  # k of the nearest-neighbour probe voting with the logistic one; 0: none
     near_duplicate_threshold: float = Field(0.13, gt=0.0)  # cleanlab: embedding distance below which two are copies
     gallery: int = Field(36, ge=1, le=200)  # images per gallery PNG, worst first
     max_label_issue_fraction: float = Field(0.05, ge=0.0, le=1.0)  # check label_issues: at most this share flagged
