@@ -3,8 +3,8 @@
     python benchmarks/letters.py --out /tmp/letters   # writes the folder and /tmp/letters.truth.csv
 
 The letters A-J, each rendered in every font found (matplotlib's bundled TTFs and the system's fonts,
-`fc-list`; fonts that lack the letters or render two fonts identically are skipped), at 64x64, with the
-defects real photo folders have:
+`fc-list`; fonts that lack the letters, map them to symbols, or render two fonts identically are skipped),
+at 64x64, with the defects real photo folders have:
 - near copies: `copies` images get a copy in the same class, cropped by 1-4 px per side, resized,
   re-encoded as JPEG (quality 60-90) and made brighter or darker;
 - wrong labels: `wrong_fraction` of the images are written into another class's folder;
@@ -45,6 +45,21 @@ def font_files() -> list[Path]:
     return [by_name[name] for name in sorted(by_name)]
 
 
+def draws_letters(path: Path) -> bool:
+    """Whether the font's character map gives A-J glyphs named as those letters. A symbol or dingbat font
+    maps them to other glyphs (Standard Symbols: Alpha, Beta, Chi...; dingbats: a10, a29...; TeX's cmex10:
+    brackets): its "A" is not an A, so its renders would be strays labelled as letters. A font whose
+    glyphs carry no names (a post table without them) counts as drawing letters."""
+    from fontTools.ttLib import TTFont  # a matplotlib dependency
+
+    try:
+        cmap = TTFont(str(path), fontNumber=0, lazy=True).getBestCmap() or {}
+    except Exception:  # noqa: BLE001 - an unreadable font is skipped by the renderer anyway
+        return True
+    names = [cmap.get(ord(letter)) for letter in LETTERS]
+    return all(name in (None, letter) or name.startswith(("uni", "glyph")) for letter, name in zip(LETTERS, names))
+
+
 def render(letter: str, font: ImageFont.FreeTypeFont) -> np.ndarray:
     """The letter, black on white, centred in a SIDE x SIDE grayscale image."""
     canvas = Image.new("L", (SIDE, SIDE), 255)
@@ -63,6 +78,8 @@ def font_renders(limit: int, max_correlation: float = 0.97) -> list[tuple[str, l
     """
     kept, vectors = [], []
     for path in font_files():
+        if not draws_letters(path):
+            continue
         try:
             font = ImageFont.truetype(str(path), 44)
             letters = [render(letter, font) for letter in LETTERS]
