@@ -32,8 +32,16 @@ class RandomResizedCropSameSize:
         from torchvision.transforms import RandomResizedCrop
 
         top, left, height, width = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
-        return v2.functional.resized_crop(image, top, left, height, width, size=list(image.shape[-2:]),
-                                          interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        return v2.functional.resized_crop(
+            image,
+            top,
+            left,
+            height,
+            width,
+            size=list(image.shape[-2:]),
+            interpolation=v2.InterpolationMode.BILINEAR,
+            antialias=True,
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(scale={self.scale}, ratio={self.ratio})"
@@ -49,8 +57,14 @@ def train_transform(settings: Augment) -> v2.Compose:
     if settings.vflip:
         steps.append(v2.RandomVerticalFlip(p=settings.vflip))
     if settings.rotation or settings.translate or tuple(settings.scale) != (1.0, 1.0):
-        steps.append(v2.RandomAffine(degrees=settings.rotation, translate=(settings.translate, settings.translate),
-                                     scale=tuple(settings.scale), interpolation=v2.InterpolationMode.BILINEAR))
+        steps.append(
+            v2.RandomAffine(
+                degrees=settings.rotation,
+                translate=(settings.translate, settings.translate),
+                scale=tuple(settings.scale),
+                interpolation=v2.InterpolationMode.BILINEAR,
+            )
+        )
     if settings.auto_augment == "randaugment":
         steps.append(v2.RandAugment(num_ops=settings.randaugment_ops, magnitude=settings.randaugment_magnitude))
     elif settings.auto_augment == "trivialaugment":
@@ -68,8 +82,9 @@ def augment_batch(transform, images: torch.Tensor) -> torch.Tensor:
     return torch.stack([transform(image) for image in images])
 
 
-def preview_grid(images: np.ndarray, transform, count: int, path: Path, seed: int,
-                 indexes: np.ndarray | None = None) -> None:
+def preview_grid(
+    images: np.ndarray, transform, count: int, path: Path, seed: int, indexes: np.ndarray | None = None
+) -> None:
     """Save a grid of `count` augmented training images (uint8 NHWC in) as a PNG.
 
     indexes: the training index to draw from (e.g. the class-balanced one); all images when None.

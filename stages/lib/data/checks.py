@@ -21,8 +21,15 @@ from stages.lib.core.params import Validate
 from stages.lib.data.images import REASONS, reason_code
 
 NOT_DATA = ("hidden or OS file", "symlink loop")  # left out, but not images a user lost: not in the fraction
-CHECK_NAMES = ("label_set", "image_size", "unique_content", "min_images_per_class",
-               "max_imbalance_ratio", "max_excluded_fraction", "near_copies_one_split")
+CHECK_NAMES = (
+    "label_set",
+    "image_size",
+    "unique_content",
+    "min_images_per_class",
+    "max_imbalance_ratio",
+    "max_excluded_fraction",
+    "near_copies_one_split",
+)
 
 
 @dataclass
@@ -51,16 +58,26 @@ def _expectations(table: str, settings: Validate) -> list[tuple[str, object]]:
             ("unique_content", gxe.ExpectColumnValuesToBeUnique(column="sha256")),
         ]
         if settings.classes:
-            pairs.append(("label_set", gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(settings.classes))))
+            pairs.append(
+                ("label_set", gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(settings.classes)))
+            )
         return pairs
     if table == "classes":
-        return [("min_images_per_class", gxe.ExpectColumnValuesToBeBetween(
-            column="images", min_value=settings.min_images_per_class))]
+        return [
+            (
+                "min_images_per_class",
+                gxe.ExpectColumnValuesToBeBetween(column="images", min_value=settings.min_images_per_class),
+            )
+        ]
     return [
-        ("max_imbalance_ratio", gxe.ExpectColumnValuesToBeBetween(
-            column="imbalance_ratio", max_value=settings.max_imbalance_ratio)),
-        ("max_excluded_fraction", gxe.ExpectColumnValuesToBeBetween(
-            column="excluded_fraction", max_value=settings.max_excluded_fraction)),
+        (
+            "max_imbalance_ratio",
+            gxe.ExpectColumnValuesToBeBetween(column="imbalance_ratio", max_value=settings.max_imbalance_ratio),
+        ),
+        (
+            "max_excluded_fraction",
+            gxe.ExpectColumnValuesToBeBetween(column="excluded_fraction", max_value=settings.max_excluded_fraction),
+        ),
     ]
 
 
@@ -73,8 +90,13 @@ def class_counts(manifest: pd.DataFrame) -> pd.DataFrame:
     counted = manifest[(manifest["label"] != "") & (manifest["reason"].map(reason_code) != "hidden or OS file")]
     ok = (counted["status"] == "ok").groupby(counted["label"]).sum()
     total = counted.groupby("label").size()
-    return pd.DataFrame({"label": total.index.astype(str), "images": ok.reindex(total.index).to_numpy(dtype=int),
-                         "excluded": (total - ok.reindex(total.index)).to_numpy(dtype=int)})
+    return pd.DataFrame(
+        {
+            "label": total.index.astype(str),
+            "images": ok.reindex(total.index).to_numpy(dtype=int),
+            "excluded": (total - ok.reindex(total.index)).to_numpy(dtype=int),
+        }
+    )
 
 
 def excluded_fraction(manifest: pd.DataFrame) -> float:
@@ -88,10 +110,14 @@ def manifest_tables(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
     usable = manifest[manifest["status"] == "ok"]
     classes = class_counts(manifest)
     present = classes.loc[classes["images"] > 0, "images"]
-    summary = pd.DataFrame([{
-        "imbalance_ratio": float(present.max() / present.min()) if len(present) else 0.0,
-        "excluded_fraction": excluded_fraction(manifest),
-    }])
+    summary = pd.DataFrame(
+        [
+            {
+                "imbalance_ratio": float(present.max() / present.min()) if len(present) else 0.0,
+                "excluded_fraction": excluded_fraction(manifest),
+            }
+        ]
+    )
     return {"images": usable.reset_index(drop=True), "classes": classes[["label", "images"]], "summary": summary}
 
 
@@ -136,7 +162,9 @@ def _check_result(table: str, frame: pd.DataFrame, result, settings: Validate) -
     else:
         unexpected = [str(value) for value in result.result.get("unexpected_list") or []]
     return CheckResult(
-        name=name, table=table, success=bool(result.success),
+        name=name,
+        table=table,
+        success=bool(result.success),
         severity="error" if name in settings.fail_on else "warning",
         expectation=config.type,
         details={k: v for k, v in config.kwargs.items() if k != "batch_id"},
@@ -148,12 +176,20 @@ def group_split_check(manifest: pd.DataFrame, settings) -> CheckResult:
     """near_copies_one_split: no near-copy group whose members the manifest pins to different splits
     (one line per group, naming its files); the split stage keeps every other group in one split."""
     pinned = manifest[(manifest["status"] == "ok") & (manifest["group"] != "") & (manifest["split"] != "")]
-    straddling = [", ".join(f"{row.path} ({row.split})" for row in members.itertuples())
-                  for _, members in pinned.groupby("group", sort=True) if members["split"].nunique() > 1]
-    return CheckResult(name="near_copies_one_split", table="images", success=not straddling,
-                       severity="error" if "near_copies_one_split" in settings.fail_on else "warning",
-                       expectation="near copies pinned to one split", details={"column": "group"},
-                       unexpected=straddling[:50])
+    straddling = [
+        ", ".join(f"{row.path} ({row.split})" for row in members.itertuples())
+        for _, members in pinned.groupby("group", sort=True)
+        if members["split"].nunique() > 1
+    ]
+    return CheckResult(
+        name="near_copies_one_split",
+        table="images",
+        success=not straddling,
+        severity="error" if "near_copies_one_split" in settings.fail_on else "warning",
+        expectation="near copies pinned to one split",
+        details={"column": "group"},
+        unexpected=straddling[:50],
+    )
 
 
 # ---------------------------------------------------------------------------------- report
@@ -161,8 +197,9 @@ def summarise(manifest: pd.DataFrame) -> dict:
     """Counts for metrics and the report: files, usable, left out, per reason, per class."""
     usable = manifest["status"] == "ok"
     excluded = manifest[~usable]
-    per_class = {row.label: {"ok": int(row.images), "excluded": int(row.excluded)}
-                 for row in class_counts(manifest).itertuples()}
+    per_class = {
+        row.label: {"ok": int(row.images), "excluded": int(row.excluded)} for row in class_counts(manifest).itertuples()
+    }
     reasons = excluded["reason"].map(reason_code).value_counts().sort_index()
     return {
         "files": len(manifest),
@@ -198,22 +235,34 @@ def _describe(check: CheckResult) -> str:
 
 def markdown_report(summary: dict, checks: list[CheckResult], manifest: pd.DataFrame, max_listed: int = 500) -> str:
     """The human-readable validation report: checks, counts per class and per reason, the files left out."""
-    lines = ["# Validation report", "",
-             f"{summary['files']} files: **{summary['ok']} usable**, {summary['excluded']} left out, "
-             f"{summary['classes']} classes. {summary['excluded_fraction']:.1%} of the candidate images were "
-             f"left out (hidden/OS files and symlink loops are not candidates).", ""]
-    lines += ["## Checks (Great Expectations)", "", "| check | expectation | result | severity | offending |",
-              "|---|---|---|---|---|"]
+    lines = [
+        "# Validation report",
+        "",
+        f"{summary['files']} files: **{summary['ok']} usable**, {summary['excluded']} left out, "
+        f"{summary['classes']} classes. {summary['excluded_fraction']:.1%} of the candidate images were "
+        f"left out (hidden/OS files and symlink loops are not candidates).",
+        "",
+    ]
+    lines += [
+        "## Checks (Great Expectations)",
+        "",
+        "| check | expectation | result | severity | offending |",
+        "|---|---|---|---|---|",
+    ]
     for check in checks:
         shown = ", ".join(f"`{item}`" for item in check.unexpected[:5]) + (" ..." if len(check.unexpected) > 5 else "")
-        lines.append(f"| {check.name} | {check.expectation} ({_describe(check)}) | "
-                     f"{'pass' if check.success else '**FAIL**'} | {check.severity} | {shown} |")
+        lines.append(
+            f"| {check.name} | {check.expectation} ({_describe(check)}) | "
+            f"{'pass' if check.success else '**FAIL**'} | {check.severity} | {shown} |"
+        )
     if not checks:
         lines.append("| (not run: no usable images) | | | | |")
     lines += ["", "## Images per class", "", "| class | usable | left out |", "|---|---:|---:|"]
     lines += [f"| {label} | {counts['ok']} | {counts['excluded']} |" for label, counts in summary["per_class"].items()]
     lines += ["", "## Files left out, per reason", "", "| reason | files | meaning |", "|---|---:|---|"]
-    lines += [f"| {code} | {count} | {REASONS.get(code, '')} |" for code, count in summary["excluded_by_reason"].items()]
+    lines += [
+        f"| {code} | {count} | {REASONS.get(code, '')} |" for code, count in summary["excluded_by_reason"].items()
+    ]
     failing = [check for check in checks if not check.success]
     if failing:
         lines += ["", "## Failing checks", ""]

@@ -47,14 +47,21 @@ def read_corrections(path: str | Path) -> list[Correction]:
     missing = [column for column in ("path", "action") if column not in table]
     if missing:
         raise CorrectionError(f"{path}: no column {', '.join(missing)} (expected {','.join(COLUMNS)})")
-    return [Correction(line=line, path=str(record["path"]).strip().replace("\\", "/"),
-                       action=str(record["action"]).strip().lower(), label=str(record.get("label", "")).strip(),
-                       note=str(record.get("note", "")).strip())
-            for line, record in enumerate(table.to_dict("records"), start=2)]
+    return [
+        Correction(
+            line=line,
+            path=str(record["path"]).strip().replace("\\", "/"),
+            action=str(record["action"]).strip().lower(),
+            label=str(record.get("label", "")).strip(),
+            note=str(record.get("note", "")).strip(),
+        )
+        for line, record in enumerate(table.to_dict("records"), start=2)
+    ]
 
 
-def apply_corrections(rows: list[ManifestRow], corrections: list[Correction], images_dir: str | Path,
-                      source: str = "data/corrections.csv") -> None:
+def apply_corrections(
+    rows: list[ManifestRow], corrections: list[Correction], images_dir: str | Path, source: str = "data/corrections.csv"
+) -> None:
     """Exclude or relabel the rows the corrections name; the manifest's reason or note records each one."""
     by_path = {row.path: row for row in rows}
     classes = {row.label for row in rows if row.label}
@@ -73,7 +80,9 @@ def apply_corrections(rows: list[ManifestRow], corrections: list[Correction], im
                 row.exclude(f"corrected: excluded by {where}{said}")
             continue
         if fix.label not in classes:
-            raise CorrectionError(f"{where}: unknown class '{fix.label}' for relabel (classes: {', '.join(sorted(classes))})")
+            raise CorrectionError(
+                f"{where}: unknown class '{fix.label}' for relabel (classes: {', '.join(sorted(classes))})"
+            )
         if fix.label != row.label:
             row.add_note(f"relabelled {row.label} -> {fix.label} by {where}{said}")
             row.label = fix.label

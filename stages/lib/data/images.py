@@ -25,8 +25,21 @@ from stages.lib.data.signatures import thumbnail
 if TYPE_CHECKING:
     import pandas as pd
 
-MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "mode", "format", "bytes", "status", "reason",
-                    "split", "note", "group"]
+MANIFEST_COLUMNS = [
+    "path",
+    "label",
+    "sha256",
+    "width",
+    "height",
+    "mode",
+    "format",
+    "bytes",
+    "status",
+    "reason",
+    "split",
+    "note",
+    "group",
+]
 
 # The code before the colon in `reason`; the report and metrics count files per code.
 REASONS = {
@@ -51,8 +64,17 @@ REASONS = {
 }
 
 # What an extension promises; a mismatch is kept (the content decides) and noted.
-EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
-                     ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
+EXTENSION_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".jpe": "JPEG",
+    ".png": "PNG",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+}
 _TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
@@ -69,7 +91,7 @@ class ManifestRow:
     status: str = "ok"
     reason: str = ""
     split: str = ""  # train/val/test when a CSV manifest pins it, else empty
-    note: str = ""   # what was normalised in a usable file (format, mode, orientation), corrections applied
+    note: str = ""  # what was normalised in a usable file (format, mode, orientation), corrections applied
     group: str = ""  # near-copy group (signatures.py): the same id for every member; empty when it has no near copy
     signature: bytes = b""  # the perceptual signature (a thumbnail); kept in memory, not written
 
@@ -149,8 +171,10 @@ def inspect_image(row: ManifestRow, min_side: int, max_pixels: int, signature: b
             row.width, row.height = image.size
             row.mode, row.format = image.mode, image.format or ""
             if row.width * row.height > max_pixels:
-                return row.exclude(f"too large: {row.width}x{row.height} = {row.width * row.height} pixels "
-                                   f"> max_pixels {max_pixels} (not decoded)")
+                return row.exclude(
+                    f"too large: {row.width}x{row.height} = {row.width * row.height} pixels "
+                    f"> max_pixels {max_pixels} (not decoded)"
+                )
             if signature and row.format == "JPEG":
                 # the signature is grayscale: libjpeg then skips the colour conversion (every block is still
                 # decoded, so broken or truncated data fails alike), and the thumbnail needs no conversion

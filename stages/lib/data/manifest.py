@@ -15,16 +15,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 from tqdm import tqdm
 
 from stages.lib.core.errors import PipelineError
-from stages.lib.data.images import MANIFEST_COLUMNS, ManifestRow, inspect_image, is_within, read_labelled_csv
 from stages.lib.core.parallel import ordered_map
 from stages.lib.data.corrections import Correction, apply_corrections
+from stages.lib.data.images import MANIFEST_COLUMNS, ManifestRow, inspect_image, is_within, read_labelled_csv
 from stages.lib.data.signatures import as_array, near_copy_groups
 
 log = logging.getLogger(__name__)
@@ -51,19 +51,27 @@ def scan_image_folder(images_dir: str | Path) -> list[ManifestRow]:
     rows, seen_dirs = [], {}
 
     def unreadable(error: OSError) -> None:
-        rows.append(ManifestRow(path=Path(error.filename).as_posix(), label="")
-                    .exclude(f"unreadable folder: {(error.strerror or str(error)).lower()}"))
+        rows.append(
+            ManifestRow(path=Path(error.filename).as_posix(), label="").exclude(
+                f"unreadable folder: {(error.strerror or str(error)).lower()}"
+            )
+        )
 
     for folder, dirnames, filenames in os.walk(images_dir, followlinks=True, onerror=unreadable):
         real = os.path.realpath(folder)
         if real in seen_dirs:
-            rows.append(ManifestRow(path=Path(folder).as_posix(), label="")
-                        .exclude(f"symlink loop: same folder as {seen_dirs[real]}, scanned once"))
+            rows.append(
+                ManifestRow(path=Path(folder).as_posix(), label="").exclude(
+                    f"symlink loop: same folder as {seen_dirs[real]}, scanned once"
+                )
+            )
             dirnames[:] = []
             continue
         seen_dirs[real] = posix_folder = Path(folder).as_posix()
         dirnames.sort()
-        below = os.path.relpath(folder, images_dir)  # per file, string operations: pathlib parsing is a sizeable share of a small image
+        below = os.path.relpath(
+            folder, images_dir
+        )  # per file, string operations: pathlib parsing is a sizeable share of a small image
         folder_parts = () if below == os.curdir else tuple(below.split(os.sep))
         prefix = "" if posix_folder == "." else posix_folder + "/"
         for name in sorted(filenames):
@@ -85,8 +93,10 @@ def read_manifest_csv(csv_path: str | Path, images_dir: str | Path) -> list[Mani
     """
     csv_path, images_dir = Path(csv_path), Path(images_dir)
     if not is_within(csv_path, images_dir):
-        raise DataSourceError(f"data.manifest: {csv_path} must lie inside data.images_dir ({images_dir}) so that "
-                              f"DVC's dependency on that folder tracks it; move it, e.g. to {images_dir}/labels.csv")
+        raise DataSourceError(
+            f"data.manifest: {csv_path} must lie inside data.images_dir ({images_dir}) so that "
+            f"DVC's dependency on that folder tracks it; move it, e.g. to {images_dir}/labels.csv"
+        )
     try:
         table = read_labelled_csv(csv_path)
     except FileNotFoundError:
@@ -95,14 +105,17 @@ def read_manifest_csv(csv_path: str | Path, images_dir: str | Path) -> list[Mani
         raise DataSourceError(f"data.manifest: {csv_path} is not a readable CSV ({error})") from None
     missing = [column for column in ("path", "label") if column not in table]
     if missing:
-        raise DataSourceError(f"data.manifest: {csv_path} has no column {', '.join(missing)} "
-                              f"(expected path,label[,split]; found {', '.join(table.columns)})")
+        raise DataSourceError(
+            f"data.manifest: {csv_path} has no column {', '.join(missing)} "
+            f"(expected path,label[,split]; found {', '.join(table.columns)})"
+        )
     rows = []
     for line, record in enumerate(table.to_dict("records"), start=2):
         written = record["path"].strip().replace("\\", "/")  # paths written on Windows
         path = Path(written) if os.path.isabs(written) else images_dir / written
-        row = ManifestRow(path=path.as_posix(), label=record["label"].strip(),
-                          split=str(record.get("split", "")).strip().lower())
+        row = ManifestRow(
+            path=path.as_posix(), label=record["label"].strip(), split=str(record.get("split", "")).strip().lower()
+        )
         if not written:
             row.exclude(f"missing: no path on line {line}")
         elif not is_within(path, images_dir):
@@ -137,8 +150,11 @@ def mark_duplicates(rows: list[ManifestRow]) -> None:
                 row.exclude(f"label conflict: same image in classes {', '.join(labels)} (also {others})")
             continue
         for row in copies[1:]:
-            row.exclude("duplicate: listed twice" if row.path == copies[0].path
-                        else f"duplicate: same content as {copies[0].path}")
+            row.exclude(
+                "duplicate: listed twice"
+                if row.path == copies[0].path
+                else f"duplicate: same content as {copies[0].path}"
+            )
 
 
 def mark_near_copies(rows: list[ManifestRow], settings) -> None:
@@ -162,15 +178,24 @@ def mark_near_copies(rows: list[ManifestRow], settings) -> None:
             row = usable[index]
             labels = sorted({row.label} | {usable[other].label for other in others})
             also = ", ".join(usable[other].path for other in sorted(others))
-            row.exclude(f"label conflict: near copy in classes {', '.join(labels)} (also {also}; "
-                        f"similarity at least {group.similarity})")
+            row.exclude(
+                f"label conflict: near copy in classes {', '.join(labels)} (also {also}; "
+                f"similarity at least {group.similarity})"
+            )
     if groups:
         log.info("%d near-copy groups (%d images)", len(groups), sum(len(group.members) for group in groups))
 
 
-def build_manifest(rows: Iterable[ManifestRow], min_side: int, max_pixels: int, workers: int | None = 1,
-                   chunksize: int = 32, near_duplicates=None, corrections: list[Correction] = (),
-                   images_dir: str | Path = "") -> pd.DataFrame:
+def build_manifest(
+    rows: Iterable[ManifestRow],
+    min_side: int,
+    max_pixels: int,
+    workers: int | None = 1,
+    chunksize: int = 32,
+    near_duplicates=None,
+    corrections: list[Correction] = (),
+    images_dir: str | Path = "",
+) -> pd.DataFrame:
     """Inspect each listed file (see `inspect_image`), apply the user's corrections, mark repeated content
     and near-copy groups; one row per file.
 

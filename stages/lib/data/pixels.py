@@ -20,7 +20,9 @@ def to_float_batch(images: "np.ndarray | torch.Tensor") -> "torch.Tensor":
     """uint8 NHWC -> float NCHW in [0, 1], channels_last memory format."""
     import torch
 
-    batch = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images  # a copy: the cache is read-only
+    batch = (
+        torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images
+    )  # a copy: the cache is read-only
     return unit_float(batch.permute(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
 
 

@@ -37,14 +37,17 @@ def create_images(folder: Path, split: str, count: int, size: int) -> np.ndarray
     """An on-disk uint8 (count, size, size, 3) array to decode into, so a split never has to
     fit in memory. What is written is in the file (the page cache) for every reader at once; the
     kernel writes it to disk in its own time (no msync of the whole file while the stage waits)."""
-    return np.lib.format.open_memmap(Path(folder) / f"{split}_images.npy", mode="w+", dtype=np.uint8,
-                                     shape=(count, size, size, 3))
+    return np.lib.format.open_memmap(
+        Path(folder) / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(count, size, size, 3)
+    )
 
 
-def decode_into(images: np.ndarray, paths: list[str], interpolation: str, workers: int | None = 1,
-                chunksize: int = 16) -> None:
-    """Decode and resize each file (`preprocessing.decode`, the decoder that serving uses too) into row i of `images` (uint8 (N, size, size, 3), e.g. from
-    `create_images`), spread over `workers` processes (None/0: every available core).
+def decode_into(
+    images: np.ndarray, paths: list[str], interpolation: str, workers: int | None = 1, chunksize: int = 16
+) -> None:
+    """Decode and resize each file (`preprocessing.decode`, the decoder that serving uses too) into row i of
+    `images` (uint8 (N, size, size, 3), e.g. from `create_images`), spread over `workers` processes (None/0:
+    every available core).
 
     When `images` is an .npy memmap (as `create_images` makes), each worker writes its rows into the
     file itself: decoded pixels never travel back through a pipe. Each row is written by exactly one

@@ -57,14 +57,20 @@ class DataConfig:
 
     def as_dict(self) -> dict:
         """The form written to config.json (timm's key names)."""
-        return {"input_size": [3, self.size, self.size], "interpolation": self.interpolation,
-                "mean": list(self.mean), "std": list(self.std), "crop": "center"}
+        return {
+            "input_size": [3, self.size, self.size],
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop": "center",
+        }
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config.json") -> "DataConfig":
         try:
-            return cls(int(values["input_size"][-1]), values["interpolation"], tuple(values["mean"]),
-                       tuple(values["std"]))
+            return cls(
+                int(values["input_size"][-1]), values["interpolation"], tuple(values["mean"]), tuple(values["std"])
+            )
         except (KeyError, TypeError, IndexError) as error:
             raise PipelineError(f"{source}: data_config lacks {error} (input_size, interpolation, mean, std)") from None
 

@@ -15,8 +15,8 @@ import logging
 
 import pandas as pd
 
-from stages.lib.core.params import Split
 from stages.lib.core.errors import PipelineError
+from stages.lib.core.params import Split
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
