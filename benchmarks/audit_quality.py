@@ -21,9 +21,6 @@ measured goals and appends rows to benchmarks/measured/audit_quality.csv.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import os
 import sys
 import tempfile
 import time
@@ -37,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from letters import write_letters  # noqa: E402  (benchmarks/letters.py, beside this script)
+from machine import append_measured  # noqa: E402
 
 from stages.lib.audit.findings import findings  # noqa: E402
 from stages.lib.audit.probes import AuditSet, out_of_sample_probabilities  # noqa: E402
@@ -217,16 +215,8 @@ def main() -> None:
         for change in ({"neighbours": 0, "components": 128}, {"neighbours": 0}, {"neighbours": 40}):
             settings.append(params.model_copy(update={"audit": params.audit.model_copy(update=change)}))
     rows = letters_rows(args.fonts, settings) + ([] if args.skip_digits else digits_rows(settings))
-    load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
-    for item in rows:
-        item |= {"load_1_5_15_min": load, "date": datetime.date.today().isoformat()}
+    for item in append_measured(MEASURED, rows):
         print(f"{item['dataset']:16} {item['measure']:52} {item['value']:>8} {item['goal']:12} {item['probes']}")
-    new = not MEASURED.exists()
-    with MEASURED.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 if __name__ == "__main__":

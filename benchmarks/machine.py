@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import datetime
 import importlib.metadata
 import json
 import os
@@ -78,3 +80,17 @@ def write_result(stem: str, result: dict, rows: list[dict]) -> Path:
     )
     print(f"wrote {path.relative_to(RESULTS.parents[1])}")
     return path
+
+
+def append_measured(path: Path, rows: list[dict]) -> list[dict]:
+    """Append `rows` to a committed benchmarks/measured CSV (its header first, when the file is new), each
+    stamped with the load average (1, 5, 15 min) and today's date; returns the stamped rows."""
+    load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    rows = [row | {"load_1_5_15_min": load, "date": datetime.date.today().isoformat()} for row in rows]
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return rows

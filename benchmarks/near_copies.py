@@ -22,10 +22,7 @@ it left in two splits. Appends the rows to benchmarks/measured/near_copies.csv.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import io
-import os
 import sys
 import tempfile
 import time
@@ -41,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from letters import write_letters  # noqa: E402  (benchmarks/letters.py, beside this script)
+from machine import append_measured  # noqa: E402
 
 from stages.lib.core.params import Split, load_params  # noqa: E402
 from stages.lib.data.manifest import build_manifest, scan_image_folder  # noqa: E402
@@ -183,16 +181,8 @@ def main() -> None:
                             "value": round(float(value), 3),
                         }
                     )
-    load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
-    for item in rows:
-        item |= {"load_1_5_15_min": load, "date": datetime.date.today().isoformat()}
+    for item in append_measured(MEASURED, rows):
         print(f"{item['dataset']:8} {item['min_similarity']:5} {item['measure']:45} {item['value']:>8}")
-    new = not MEASURED.exists()
-    with MEASURED.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import headline, write_result  # noqa: E402  (benchmarks/machine.py, beside this script)
+from machine import append_measured, headline, write_result  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 SIDE = 64  # pixels: 12 KB decoded per image, so holding images would show in the memory figures
 
@@ -95,8 +95,6 @@ def signatures(folder: Path, workers: int, method: str) -> int:
 
 
 def signature_cost(count: int, repeats: int, workers: int) -> None:
-    import csv
-    import datetime
 
     with tempfile.TemporaryDirectory(prefix="bench-signatures-") as temporary:
         folder = Path(temporary) / "photos"
@@ -111,11 +109,6 @@ def signature_cost(count: int, repeats: int, workers: int) -> None:
 
     without, with_ = statistics.median(runs["without"]), statistics.median(runs["with"])
     ratio = statistics.median(w / o for w, o in zip(runs["with"], runs["without"]))  # each pair ran back to back
-    load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
-    print(
-        f"validate of {count} photo-like JPEGs, {workers} workers: {without:.2f} s without signatures, "
-        f"{with_:.2f} s with (medians of {repeats}): median ratio {ratio:.3f} (goal <= 1.2); load {load}"
-    )
     row = {
         "images": count,
         "workers": workers,
@@ -124,16 +117,13 @@ def signature_cost(count: int, repeats: int, workers: int) -> None:
         "ratio": round(ratio, 3),
         "goal": "<= 1.2",
         "goal_met": "yes" if ratio <= 1.2 else "no",
-        "load_1_5_15_min": load,
-        "date": datetime.date.today().isoformat(),
     }
-    measured = ROOT / "benchmarks" / "measured" / "validate_signatures.csv"
-    new = not measured.exists()
-    with measured.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    [row] = append_measured(ROOT / "benchmarks" / "measured" / "validate_signatures.csv", [row])
+    print(
+        f"validate of {count} photo-like JPEGs, {workers} workers: {without:.2f} s without signatures, "
+        f"{with_:.2f} s with (medians of {repeats}): median ratio {ratio:.3f} (goal <= 1.2); "
+        f"load {row['load_1_5_15_min']}"
+    )
 
 
 def plain_one(path: Path) -> str:

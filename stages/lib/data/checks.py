@@ -21,15 +21,6 @@ from stages.lib.core.params import Validate
 from stages.lib.data.images import REASONS, reason_code
 
 NOT_DATA = ("hidden or OS file", "symlink loop")  # left out, but not images a user lost: not in the fraction
-CHECK_NAMES = (
-    "label_set",
-    "image_size",
-    "unique_content",
-    "min_images_per_class",
-    "max_imbalance_ratio",
-    "max_excluded_fraction",
-    "near_copies_one_split",
-)
 
 
 @dataclass
