@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -25,6 +28,26 @@ def test_results_come_back_in_input_order_across_windows(workers):
     # 203 items through windows of 10: many windows, a short last one, chunks of unequal length
     assert list(ordered_map(square, range(203), workers, chunksize=4, window=10)) == [i * i for i in range(203)]
     assert list(ordered_map(square, [], workers)) == []
+
+
+def test_pools_end_when_the_caller_has_threads_writing_and_its_own_sigterm_handler():
+    # As in a long test run or a notebook: a thread writes to stderr while workers are forked (a fork can copy
+    # its held lock), and SIGTERM raises KeyboardInterrupt. Pools stopped as their workers start (no items, or
+    # the caller taking only the first result) used to hang in Pool.terminate() now and then.
+    script = textwrap.dedent("""
+        import itertools, signal, sys, threading
+        from stages.lib.core.parallel import ordered_map
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        def chatter():
+            while True:
+                sys.stderr.write("x" * 200 + "\\n")
+        threading.Thread(target=chatter, daemon=True).start()
+        for _ in range(150):
+            assert list(ordered_map(abs, [], 2)) == []
+            assert list(itertools.islice(ordered_map(abs, range(-9, 9), 2, chunksize=1, window=2), 1)) == [9]
+    """)
+    done = subprocess.run([sys.executable, "-c", script], stderr=subprocess.DEVNULL, timeout=90)
+    assert done.returncode == 0
 
 
 def test_null_or_zero_workers_mean_the_cores_this_process_may_use():

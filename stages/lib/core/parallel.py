@@ -10,14 +10,23 @@ process, without a pool.
 Workers are forked on Linux (nothing re-imported: they start in milliseconds); elsewhere the
 platform's default start method is used, which re-imports the caller's module in each worker.
 `function` must be picklable (a module-level function or a functools.partial of one).
+
+The caller may be a long-lived process with threads and signal handlers of its own (a test run, a
+notebook, a server), so a worker starts with SIGINT ignored and SIGTERM at its default action, and
+with stdout/stderr objects of its own (another thread may have held the caller's locks at the moment
+of the fork). The pool ends by closing: workers finish the chunks in flight and exit. Only an
+interrupt of the caller (Ctrl-C, or a SIGTERM it turns into one) kills them.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import itertools
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -41,6 +50,14 @@ def worker_count(workers: int | None) -> int:
 def _context() -> multiprocessing.context.BaseContext:
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if "fork" in methods else None)
+
+
+def _start_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        if getattr(sys, name) is not None:
+            setattr(sys, name, io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), line_buffering=True))
 
 
 def _apply(function: Callable[[Item], Result], chunk: list[Item]) -> list[Result]:
@@ -68,12 +85,20 @@ def ordered_map(
     in_flight = max(1, (window or workers * chunksize * 4) // chunksize)
     iterator = iter(items)
     chunks = iter(lambda: list(itertools.islice(iterator, chunksize)), [])
-    with _context().Pool(workers) as pool:
-        pending = collections.deque(
-            pool.apply_async(_apply, (function, chunk)) for chunk in itertools.islice(chunks, in_flight)
-        )
+    first = list(itertools.islice(chunks, in_flight))
+    if not first:
+        return
+    pool = _context().Pool(workers, initializer=_start_worker)
+    try:
+        pending = collections.deque(pool.apply_async(_apply, (function, chunk)) for chunk in first)
         while pending:
             results = pending.popleft().get()
             for chunk in itertools.islice(chunks, 1):
                 pending.append(pool.apply_async(_apply, (function, chunk)))
             yield from results
+    except KeyboardInterrupt:
+        pool.terminate()
+        raise
+    finally:
+        pool.close()  # also when the caller stops early or a worker raised: a window of chunks still runs
+        pool.join()
