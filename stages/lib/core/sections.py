@@ -85,6 +85,7 @@ class Split(Section):
     val_size: float = Field(0.15, gt=0.0, lt=1.0)
     test_size: float = Field(0.15, gt=0.0, lt=1.0)
     max_per_class: int | None = Field(None, ge=3)
+    max_unit: int = Field(24, ge=1)  # images a unit may reach by joining likely copies (splits.py); 1: none
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> "Split":
