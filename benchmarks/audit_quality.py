@@ -12,8 +12,9 @@ from the first features candidate (tf_efficientnet_lite0, offline weights) at `m
 `features.fusion_stages`, as the features stage computes them, and the audit (k-fold probes, cleanlab's
 Datalab) at the params' defaults. The letters go through validate twice: at its defaults for the near-copy
 rows, and with `near_duplicates.method: none` for the audit's rows, so that validate leaves out no wrong label
-as a conflict and the audit is measured on all of them. `--compare` adds the audit's rows with the logistic
-probe alone on 128 principal components (the defaults before the nearest-neighbour probe), alone on every
+as a conflict and the audit is measured on all of them. `--compare` adds the audit's rows with cleanlab's default
+label filter (prune_by_noise_rate, the default before prune_by_class), with the logistic probe alone on 128
+principal components and that filter (the defaults before the nearest-neighbour probe), alone on every
 dimension, and with 40 neighbours instead of 20. Prints the
 measured goals and appends rows to benchmarks/measured/audit_quality.csv.
 """
@@ -95,16 +96,18 @@ def audit(data: AuditSet, params, labels: np.ndarray | None = None):
     probabilities = out_of_sample_probabilities(
         data, settings.folds, settings.C, settings.max_iter, seed, settings.components, settings.neighbours
     )
-    found = findings(data, probabilities, settings.near_duplicate_threshold)
+    found = findings(data, probabilities, settings.near_duplicate_threshold, settings.label_filter)
     return found, time.perf_counter() - started
 
 
 def probes(params) -> str:
-    """The probes the audit ran, for the rows: 'logistic + 20 neighbours, all dims'."""
+    """The probes the audit ran and cleanlab's label filter, for the rows: 'logistic + 20 neighbours, all
+    dims' (and '; prune_by_noise_rate' where the filter is not prune_by_class)."""
     settings = params.audit
     neighbours = f" + {settings.neighbours} neighbours" if settings.neighbours else ""
     dims = f"{settings.components} components" if settings.components else "all dims"
-    return f"logistic{neighbours}, {dims}"
+    label_filter = f"; {settings.label_filter}" if settings.label_filter != "prune_by_class" else ""
+    return f"logistic{neighbours}, {dims}{label_filter}"
 
 
 def letters_rows(fonts: int, settings: list) -> list[dict]:
@@ -212,7 +215,12 @@ def main() -> None:
     params = load_params(ROOT / "params.yaml")
     settings = [params]
     if args.compare:  # the defaults before, then one change at a time
-        for change in ({"neighbours": 0, "components": 128}, {"neighbours": 0}, {"neighbours": 40}):
+        for change in (
+            {"label_filter": "prune_by_noise_rate"},
+            {"neighbours": 0, "components": 128, "label_filter": "prune_by_noise_rate"},
+            {"neighbours": 0},
+            {"neighbours": 40},
+        ):
             settings.append(params.model_copy(update={"audit": params.audit.model_copy(update=change)}))
     rows = letters_rows(args.fonts, settings) + ([] if args.skip_digits else digits_rows(settings))
     for item in append_measured(MEASURED, rows):

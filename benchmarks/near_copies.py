@@ -107,7 +107,8 @@ def measure(folder: Path, truth: pd.DataFrame, settings) -> dict:
     started = time.perf_counter()
     manifest = build_manifest(scan_image_folder(folder), 8, 40_000_000, workers=None, near_duplicates=settings)
     seconds = time.perf_counter() - started
-    manifest["path"] = [Path(path).relative_to(folder).as_posix() for path in manifest["path"]]
+    for column in ("path", "likely_copy_of"):  # relative to the folder, as the truth table names them
+        manifest[column] = [Path(path).relative_to(folder).as_posix() if path else "" for path in manifest[column]]
     group = manifest.set_index("path")["group"]
     copies = truth[truth["copy_of"] != ""]
     true_pairs = {frozenset(pair) for pair in zip(copies["path"], copies["copy_of"])}

@@ -60,7 +60,7 @@ def main() -> None:
             settings.components,
             settings.neighbours,
         )
-        found = findings(data, probabilities, settings.near_duplicate_threshold)
+        found = findings(data, probabilities, settings.near_duplicate_threshold, settings.label_filter)
         args.out.mkdir(parents=True, exist_ok=True)
         found.label_issues.to_csv(args.out / "label_issues.csv", index=False)
         found.near_duplicates.to_csv(args.out / "near_duplicates.csv", index=False)

@@ -112,3 +112,24 @@ def test_near_copy_groups_stay_whole_and_the_split_keeps_its_proportions_in_imag
         assert abs(shares["val"] - 0.15) <= 0.03 and abs(shares["test"] - 0.15) <= 0.03, (label, shares)
     again = split_manifest(table.sample(frac=1.0, random_state=5), settings, seed=3)
     assert all(splits[name].equals(again[name]) for name in SPLITS)
+
+
+def test_likely_copies_join_their_match_within_max_unit_and_never_across_labels():
+    table = manifest({"a": 60, "b": 60})
+    table["group"], table["likely_copy_of"] = "", ""
+    paths = list(table["path"])
+    table.loc[0:3, "group"] = "a-group"  # a group of four, full for max_unit 5 but for one more
+    table.loc[10, "likely_copy_of"] = paths[0]  # joins the group: five images
+    table.loc[11, "likely_copy_of"] = paths[1]  # would make six: stays apart
+    table.loc[20, "likely_copy_of"] = paths[21]  # two single images: one unit
+    table.loc[30, "likely_copy_of"] = paths[70]  # another class: ignored
+    settings = Split(val_size=0.15, test_size=0.15, max_unit=5)
+    for seed in range(6):
+        where = {path: name for name, frame in split_manifest(table, settings, seed).items() for path in frame["path"]}
+        assert len({where[paths[index]] for index in (0, 1, 2, 3, 10)}) == 1
+        assert where[paths[20]] == where[paths[21]]
+    apart = {
+        seed: {path: name for name, frame in split_manifest(table, settings, seed).items() for path in frame["path"]}
+        for seed in range(12)
+    }
+    assert any(where[paths[11]] != where[paths[0]] for where in apart.values())  # not held by the bound

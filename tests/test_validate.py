@@ -262,3 +262,24 @@ def test_a_burst_of_one_scene_is_not_grouped_while_copies_of_its_frames_are():
             frames.append(Image.fromarray(np.clip(view + rng.normal(0, 6, view.shape), 0, 255).astype(np.uint8)))
     groups = _groups(frames + [_copy_of(frames[0], rng), _copy_of(frames[4], rng)])
     assert groups == [[0, 9], [4, 10]]
+
+
+def test_a_copy_below_the_bar_is_not_grouped_but_is_its_originals_best_match():
+    import matplotlib
+
+    from stages.lib.data.signatures import near_copies
+
+    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 48)
+    rng = np.random.default_rng(2)
+    renders = []
+    for letter in "AEGR":
+        canvas = Image.new("RGB", (64, 64), "white")
+        draw = ImageDraw.Draw(canvas)
+        left, top, right, bottom = draw.textbbox((0, 0), letter, font=font)
+        draw.text(((64 - right - left) / 2, (64 - bottom - top) / 2), letter, font=font, fill="black")
+        renders.append(canvas)
+    images = renders + [_copy_of(renders[1], rng)]
+    thumbs, sides = as_array([thumbnail(image) for image in images]), np.array([min(image.size) for image in images])
+    strict = near_copies(thumbs, NearDuplicates(min_similarity=0.985), sides)  # the copy: 0.97, within 3 x 0.015
+    assert strict.groups == [] and strict.best_match[4] == 1 and strict.best_match[1] == 4
+    assert near_copies(thumbs, NearDuplicates(), sides).groups[0].members == [1, 4]

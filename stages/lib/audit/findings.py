@@ -1,7 +1,10 @@
 """cleanlab's Datalab on the audit set, turned into the reports a person reads and the checks that gate.
 
 Datalab gets the standardised embeddings and the out-of-sample probabilities and looks for four issue
-types: `label` (the given class disagrees with confident out-of-sample predictions), `outlier` (far from
+types: `label` (the given class disagrees with confident out-of-sample predictions; `label_filter` is
+cleanlab's `filter_by`: prune_by_class estimates, from the confident joint, how many of each given class's
+images are mislabelled and flags that many of its least confident ones; prune_by_noise_rate, cleanlab's
+default, estimates a count per pair of given and likely true class and flags that many by margin), `outlier` (far from
 its nearest neighbours in embedding space; a low score is unusual), `near_duplicate` (closer than
 `near_duplicate_threshold` x the median nearest-neighbour distance) and `class_imbalance`. The near copies
 validate grouped by their pixels are added (found by `signature`), and every near-copy set that spans two
@@ -29,13 +32,15 @@ class Findings:
     leaks: pd.DataFrame = field(default_factory=pd.DataFrame)  # group, splits, paths
 
 
-def run_datalab(data: AuditSet, probabilities: np.ndarray, near_duplicate_threshold: float):
+def run_datalab(
+    data: AuditSet, probabilities: np.ndarray, near_duplicate_threshold: float, label_filter: str = "prune_by_class"
+):
     """Datalab's findings for the four issue types (the `Datalab` object, for its tables and info)."""
     from cleanlab import Datalab
 
     lab = Datalab(data={"label": np.asarray(data.classes)[data.labels]}, label_name="label", verbosity=0)
     issue_types = {
-        "label": {},
+        "label": {"clean_learning_kwargs": {"find_label_issues_kwargs": {"filter_by": label_filter}}},
         "outlier": {},
         "near_duplicate": {"threshold": near_duplicate_threshold},
         "class_imbalance": {},
@@ -109,9 +114,11 @@ def leaks(near_duplicates: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["group", "splits", "paths"])
 
 
-def findings(data: AuditSet, probabilities: np.ndarray, near_duplicate_threshold: float) -> Findings:
-    """Datalab's issues as the audit's tables."""
-    lab = run_datalab(data, probabilities, near_duplicate_threshold)
+def findings(
+    data: AuditSet, probabilities: np.ndarray, near_duplicate_threshold: float, label_filter: str = "prune_by_class"
+) -> Findings:
+    """Datalab's issues as the audit's tables (label_filter: the `audit.label_filter` param)."""
+    lab = run_datalab(data, probabilities, near_duplicate_threshold, label_filter)
     issues, table = lab.get_issues(), data.table
     suggested = np.asarray(data.classes)[probabilities.argmax(axis=1)]
     flagged = issues["is_label_issue"].to_numpy()

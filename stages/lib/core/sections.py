@@ -73,6 +73,8 @@ class Audit(Section):
     components: int | None = Field(None, ge=2)  # the probes see this many principal components; None: all
     neighbours: int = Field(20, ge=0)  # k of the nearest-neighbour probe voting with the logistic one; 0: none
     near_duplicate_threshold: float = Field(0.13, gt=0.0)  # cleanlab: embedding distance below which two are copies
+    # cleanlab's filter_by: how many of a class's images are flagged and which (docs/audit.md)
+    label_filter: Literal["prune_by_class", "prune_by_noise_rate", "both", "confident_learning"] = "prune_by_class"
     gallery: int = Field(36, ge=1, le=200)  # images per gallery PNG, worst first
     max_label_issue_fraction: float = Field(0.05, ge=0.0, le=1.0)  # check label_issues: at most this share flagged
     outlier_score: float = Field(0.01, ge=0.0, le=1.0)  # check outliers: a score below this is an outlier
@@ -83,6 +85,7 @@ class Split(Section):
     val_size: float = Field(0.15, gt=0.0, lt=1.0)
     test_size: float = Field(0.15, gt=0.0, lt=1.0)
     max_per_class: int | None = Field(None, ge=3)
+    max_unit: int = Field(24, ge=1)  # images a unit may reach by joining likely copies (splits.py); 1: none
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> "Split":

@@ -39,6 +39,7 @@ MANIFEST_COLUMNS = [
     "split",
     "note",
     "group",
+    "likely_copy_of",
 ]
 
 # The code before the colon in `reason`; the report and metrics count files per code.
@@ -93,6 +94,7 @@ class ManifestRow:
     split: str = ""  # train/val/test when a CSV manifest pins it, else empty
     note: str = ""  # what was normalised in a usable file (format, mode, orientation), corrections applied
     group: str = ""  # near-copy group (signatures.py): the same id for every member; empty when it has no near copy
+    likely_copy_of: str = ""  # the path of its best match outside its group (signatures.py); the split follows it
     signature: bytes = b""  # the perceptual signature (a thumbnail); kept in memory, not written
 
     def exclude(self, reason: str) -> "ManifestRow":

@@ -25,7 +25,7 @@ from stages.lib.core.errors import PipelineError
 from stages.lib.core.parallel import ordered_map
 from stages.lib.data.corrections import Correction, apply_corrections
 from stages.lib.data.images import MANIFEST_COLUMNS, ManifestRow, inspect_image, is_within, read_labelled_csv
-from stages.lib.data.signatures import as_array, near_copy_groups
+from stages.lib.data.signatures import as_array, near_copies
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +161,13 @@ def mark_near_copies(rows: list[ManifestRow], settings) -> None:
     """Group the usable rows' near copies (`signatures.near_copy_groups`; `settings`: the
     `validate.near_duplicates` params): every member gets the group's id, the sha256 of its first member.
     Two images verified as near copies of each other under different classes are a label conflict, like
-    the same bytes under two classes: both are left out (the rest of their group is kept, grouped)."""
+    the same bytes under two classes: both are left out (the rest of their group is kept, grouped). A row
+    whose best match is outside its group gets that match's path in `likely_copy_of` (the split keeps the
+    two together where it can; no conflict rule reads it)."""
     usable = [row for row in rows if row.status == "ok" and row.signature]
     sides = [min(row.width, row.height) for row in usable]
-    groups = near_copy_groups(as_array([row.signature for row in usable]), settings, sides)
+    found = near_copies(as_array([row.signature for row in usable]), settings, sides)
+    groups = found.groups
     for group in groups:
         members = [usable[index] for index in group.members]
         for row in members:
@@ -182,6 +185,9 @@ def mark_near_copies(rows: list[ManifestRow], settings) -> None:
                 f"label conflict: near copy in classes {', '.join(labels)} (also {also}; "
                 f"similarity at least {group.similarity})"
             )
+    for row, match in zip(usable, found.best_match):
+        if match >= 0 and (not row.group or usable[match].group != row.group):
+            row.likely_copy_of = usable[match].path
     if groups:
         log.info("%d near-copy groups (%d images)", len(groups), sum(len(group.members) for group in groups))
 

@@ -20,6 +20,12 @@ letter in two similar fonts, a burst of photos of one scene) do not chain a clas
    past the bound: alike-but-distinct images can link a few images, never a whole class. (Requiring every
    pair in a group to be verified, complete linkage, left a fifth of the true copies on a letters-in-fonts
    set ungrouped: a copy's original often joins a near-identical font's render first.)
+Besides the groups, each image's best match: the image it is most alike among those it was aligned with,
+when that similarity is within LIKELY x what a verified pair may lack (1 - the similarity needed) and both
+are at least SIDE pixels on their shorter side (smaller ones correlate highly by chance). Where
+no group could take a copy (its similarity just below the bar, or both groups full) its best match is
+often its original; the split keeps the two in one split (see splits.py). Best matches are no near copies:
+the label-conflict rule does not use them.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ CANONICAL_SIDE = 8  # pixels of the moment-normalised view that proposes pairs
 CANONICAL_SPREAD = 0.22  # the contrast's standard deviation, as a fraction of that view's side
 COPY_SCALE, COPY_SHIFT = 0.75, 0.6  # the copy that self_similarity simulates: 3/4 of the size, shifted 0.6 px
 BORDER = 2  # pixels of the thumbnail left out of the correlation (what crops move in and out)
+LIKELY = 3.0  # a best match lacks at most this many times what a verified copy may lack of a correlation of 1
 
 
 def thumbnail(image: Image.Image) -> bytes:
@@ -275,13 +282,26 @@ def required_similarity(min_similarity: float, sides: np.ndarray) -> np.ndarray:
     return 1.0 - (1.0 - min_similarity) * np.clip(np.asarray(sides, dtype=np.float64) / SIDE, 0.0, 1.0) ** 2
 
 
+@dataclass(frozen=True)
+class NearCopies:
+    groups: list[NearCopyGroup]
+    best_match: list[int]  # per thumbnail: the index of its best match (see the module docstring), or -1
+
+
 def near_copy_groups(thumbs: np.ndarray, settings, sides: np.ndarray | None = None) -> list[NearCopyGroup]:
-    """Groups of two or more verified near copies (see the module docstring); `settings`: the
-    `validate.near_duplicates` params; `sides`: each image's shorter side in pixels (None: all at least
-    SIDE). Deterministic: the same thumbnails give the same groups."""
+    """Groups of two or more verified near copies (see `near_copies`)."""
+    return near_copies(thumbs, settings, sides).groups
+
+
+def near_copies(thumbs: np.ndarray, settings, sides: np.ndarray | None = None) -> NearCopies:
+    """Groups of two or more verified near copies and each image's best match (see the module docstring);
+    `settings`: the `validate.near_duplicates` params; `sides`: each image's shorter side in pixels (None:
+    all at least SIDE). Deterministic: the same thumbnails give the same groups and matches."""
+    unmatched = [-1] * len(thumbs)
     if settings.method == "none" or len(thumbs) < 2:
-        return []
-    need = required_similarity(settings.min_similarity, np.full(len(thumbs), SIDE) if sides is None else sides)
+        return NearCopies([], unmatched)
+    sides = np.full(len(thumbs), SIDE) if sides is None else np.asarray(sides)
+    need = required_similarity(settings.min_similarity, sides)
     verifier = Verifier(thumbs, refine_above=float(need.min()) - REFINE_WITHIN)
     if settings.method == "moments":
         (coarse,) = canonical(thumbs)
@@ -291,7 +311,7 @@ def near_copy_groups(thumbs: np.ndarray, settings, sides: np.ndarray | None = No
         pairs = np.array(candidate_pairs(bits, settings.hash_distance, settings.neighbours), int).reshape(-1, 2)
     # a cheap sieve before the alignment: the better of a finer moment-normalised view and the plain thumbnails
     if not len(pairs):
-        return []
+        return NearCopies([], unmatched)
     involved = np.unique(pairs)  # only these need the finer view and their own-copy similarity
     finer, own = np.zeros((len(thumbs), (2 * CANONICAL_SIDE) ** 2), np.float32), np.ones(len(thumbs))
     (finer[involved],) = canonical(thumbs[involved], (2 * CANONICAL_SIDE,))
@@ -318,7 +338,14 @@ def near_copy_groups(thumbs: np.ndarray, settings, sides: np.ndarray | None = No
         members[keep] += members.pop(gone)
         lowest[keep] = min([score] + [lowest.pop(g) for g in (a, b) if g in lowest])
         links[keep] = links.pop(a, []) + links.pop(b, []) + [(i, j)]
-    return sorted(
+    best_match = unmatched.copy()
+    for score, i, j in verified:  # best first: an image's first pair close enough is its best match
+        if 1.0 - score <= LIKELY * (1.0 - needed[i, j]) and min(sides[i], sides[j]) >= SIDE:
+            for one, other in ((i, j), (j, i)):
+                if best_match[one] < 0:
+                    best_match[one] = other
+    groups = sorted(
         (NearCopyGroup(sorted(m), round(lowest[g], 4), sorted(links[g])) for g, m in members.items() if len(m) > 1),
         key=lambda group: group.members,
     )
+    return NearCopies(groups, best_match)

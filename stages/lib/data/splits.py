@@ -2,11 +2,15 @@
 
 Images with identical content (same sha256) form one group and land in one split together, and so do
 the near copies validate grouped (the manifest's `group` column): a group is split as one unit, so no
-split ever separates it. Rows whose `split` column is set (a CSV manifest's own split) keep it (validate
-reports a group pinned to two splits); their unpinned near copies follow them. The other groups are split
-by `split.val_size` / `split.test_size`, stratified by label, counted in images (`grouped_split`: a group of
-eight counts eight). Every class must end up in train. When no image has a near copy, each group is one
-image keyed by its sha256, split as before groups existed: the same data and seed give the same split.
+split ever separates it. An image also joins the unit of its likely copy (the manifest's `likely_copy_of`,
+the image validate found most alike outside its group) when both have the same label, neither is pinned,
+and the joined unit stays within `split.max_unit` images: a copy that no group could take (its similarity
+just below the bar, or both groups full) then stays with its original all the same. Rows whose `split`
+column is set (a CSV manifest's own split) keep it (validate reports a group pinned to two splits); their
+unpinned near copies follow them. The other groups are split by `split.val_size` / `split.test_size`,
+stratified by label, counted in images (`grouped_split`: a group of eight counts eight). Every class must
+end up in train. When no image has a near or likely copy, each group is one image keyed by its sha256,
+split as before groups existed: the same data and seed give the same split.
 """
 
 from __future__ import annotations
@@ -87,18 +91,39 @@ def grouped_split(groups: pd.DataFrame, sizes: pd.Series, val_size: float, test_
     return pd.Series(assignment, name="split").rename_axis("sha256")
 
 
+def follow_likely_copies(usable: pd.DataFrame, max_unit: int) -> pd.Series:
+    """Each row's unit once every row, in path order, has joined its likely copy's unit (same label, neither
+    unit pinned by the manifest's split column, at most `max_unit` images joined)."""
+    unit = dict(zip(usable["path"], usable["unit"]))
+    members = usable.groupby("unit")["path"].apply(list).to_dict()
+    label = dict(zip(usable["path"], usable["label"]))
+    pinned = set(usable.loc[usable["split"] != "", "unit"])
+    for path, other in sorted(zip(usable["path"], usable["likely_copy_of"])):
+        if not other or other not in unit or label[other] != label[path]:
+            continue
+        a, b = unit[path], unit[other]
+        if a == b or a in pinned or b in pinned or len(members[a]) + len(members[b]) > max_unit:
+            continue
+        keep, gone = min(a, b), max(a, b)
+        for member in members[gone]:
+            unit[member] = keep
+        members[keep] += members.pop(gone)
+    return usable["path"].map(unit)
+
+
 def split_manifest(manifest: pd.DataFrame, settings: Split, seed: int) -> dict[str, pd.DataFrame]:
     """Usable rows -> {'train','val','test'}: DataFrames of path, label, sha256 sorted by path.
 
-    settings: the `split` params (val_size, test_size, max_per_class; the cap applies to the rows
-    split here, not to rows whose split the manifest pins).
+    settings: the `split` params (val_size, test_size, max_per_class: the cap applies to the rows split
+    here, not to rows whose split the manifest pins; max_unit: see `follow_likely_copies`).
     """
     usable = manifest[manifest["status"] == "ok"].copy()
-    for column in ("split", "group"):
+    for column in ("split", "group", "likely_copy_of"):
         if column not in usable:
             usable[column] = ""
     # the unit of splitting: a near-copy group, else the image's content hash (the column keeps its old name)
     usable["unit"] = usable["group"].where(usable["group"] != "", usable["sha256"])
+    usable["unit"] = follow_likely_copies(usable, settings.max_unit)
     pinned_unit = usable[usable["split"] != ""].groupby("unit")["split"].first()
     usable["split"] = usable["split"].where(usable["split"] != "", usable["unit"].map(pinned_unit).fillna(""))
     groups = (
